@@ -1,0 +1,47 @@
+# crosskv — one-command setup, assets, tests and figures. `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROFILE ?= cpu
+
+.PHONY: help setup assets test test-fast figures smoke lab bench clean
+.DEFAULT_GOAL := help
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	$(PY) -m ipykernel install --sys-prefix --name crosskv --display-name "crosskv (.venv)" >/dev/null
+	@touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv and install crosskv (editable); idempotent
+
+assets: setup  ## fetch, verify and convert the embedded model and essay corpus into data/assets
+	$(PY) -m crosskv assets
+
+test: setup assets  ## run the whole test suite (the CI command)
+	$(PY) -m pytest -q
+
+test-fast: setup  ## unit tests only (no model, no notebooks)
+	$(PY) -m pytest -q -m "not slow"
+
+figures: setup assets  ## execute every notebook on the embedded model (PROFILE=cpu) and regenerate figures/
+	$(PY) -m crosskv figures --profile $(PROFILE)
+
+smoke: setup assets  ## execute every notebook with the smoke profile into build/ (never touches figures/)
+	$(PY) -m crosskv figures --profile smoke
+
+bench: setup assets  ## print prefill/decode speed and KV bytes for full and the kvpress peers
+	$(PY) -m crosskv bench
+
+lab: setup assets  ## start JupyterLab with the project kernel
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+
+clean:  ## remove build products (never results, assets or figures)
+	rm -rf build .pytest_cache lib/*.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,3 @@
+from crosskv.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,5 @@
+"""Every method registers itself on import; :func:`make_method` builds one by name."""
+from crosskv.methods.base import REGISTRY, MethodConfig, Runner, kv_bytes, make_method, register, stored_tensors
+from crosskv.methods import full  # noqa: F401
+
+__all__ = ["REGISTRY", "MethodConfig", "Runner", "kv_bytes", "make_method", "register", "stored_tensors"]

@@ -1,0 +1,159 @@
+"""The method protocol: a config dataclass → a :class:`Runner` bound to a model → a ``Cache`` per run.
+
+A method is a frozen dataclass whose fields are its hyperparameters (validated in
+``__post_init__`` with a message naming the bad value) and whose :meth:`MethodConfig.bind`
+returns a :class:`Runner` for one model. The harness drives every method the same way::
+
+    runner = config.bind(model, tokenizer)          # expensive, once per model (search, weight SVD)
+    with runner.applied():                          # module replacements / hooks, undone on exit
+        cache = runner.new_cache()                  # a transformers Cache for this run
+        with runner.prefill(cache):                 # active while the compressible context runs
+            model(context_ids, past_key_values=cache)
+        runner.compress(cache)                      # post-prefill compression (exact prefill attention)
+        model(question_ids, past_key_values=cache)  # appended exactly, like decoded tokens
+        ...greedy decoding...
+
+Bytes are measured from what the cache holds: :func:`stored_tensors` yields every tensor a cache
+keeps (a custom cache defines ``stored_tensors()``), :func:`kv_bytes` sums them.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterator
+
+import torch
+from transformers import Cache, DynamicCache
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Base of every method's hyperparameters. Subclasses set ``name`` and implement :meth:`bind`."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    def bind(self, model, tokenizer) -> "Runner":
+        raise NotImplementedError
+
+    def params(self) -> dict[str, Any]:
+        """The hyperparameters as a plain dict (the method's identity in result keys)."""
+        return dataclasses.asdict(self)
+
+
+class Runner:
+    """A method bound to one model. The defaults are the plain-cache behaviour of ``full``."""
+
+    def __init__(self, config: MethodConfig, model, tokenizer=None):
+        self.config = config
+        self.model = model
+        self.tokenizer = tokenizer
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator["Runner"]:
+        """Install model transforms (module replacement, hooks) for a run; always undone on exit."""
+        yield self
+
+    def new_cache(self) -> Cache:
+        return DynamicCache(config=self.model.config)
+
+    @contextlib.contextmanager
+    def prefill(self, cache: Cache) -> Iterator[None]:
+        """Context active while the compressible prompt part runs through the model."""
+        yield
+
+    def compress(self, cache: Cache) -> None:
+        """Compress ``cache`` after the context prefill (no-op for methods that act online)."""
+
+
+REGISTRY: dict[str, type[MethodConfig]] = {}
+
+
+def register(cls: type[MethodConfig]) -> type[MethodConfig]:
+    """Class decorator adding a method config to :data:`REGISTRY` under ``cls.name``."""
+    if not cls.name or cls.name in REGISTRY:
+        raise ValueError(f"method name {cls.name!r} is empty or already registered")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def _coerce(value: Any, annotation: Any, field: str) -> Any:
+    """Convert a CLI string to the field's type (bool/int/float/str, Optional of those)."""
+    if not isinstance(value, str):
+        return value
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value.lower() in ("none", "null"):
+            return None
+        for arg in args:
+            try:
+                return _coerce(value, arg, field)
+            except ValueError:
+                continue
+        raise ValueError(f"parameter {field}={value!r} does not parse as {annotation}")
+    if annotation is bool:
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"parameter {field}={value!r} is not a boolean (true/false)")
+    if annotation in (int, float):
+        try:
+            return annotation(value)
+        except ValueError:
+            raise ValueError(f"parameter {field}={value!r} is not a valid {annotation.__name__}") from None
+    return value
+
+
+def method_fields(cls: type[MethodConfig]) -> dict[str, tuple[Any, Any]]:
+    """``{field: (type, default)}`` of a method config class."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: (hints[f.name], f.default if f.default is not dataclasses.MISSING else None)
+            for f in dataclasses.fields(cls)}
+
+
+def make_method(name: str, **params: Any) -> MethodConfig:
+    """Build a method config by registered name; unknown names/parameters raise ``ValueError``."""
+    from crosskv import methods  # noqa: F401  (imports every method module so REGISTRY is complete)
+
+    if name not in REGISTRY:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(sorted(REGISTRY))}")
+    cls = REGISTRY[name]
+    fields = method_fields(cls)
+    unknown = sorted(set(params) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {', '.join(unknown)} for method {name!r}; "
+                         f"it takes: {', '.join(fields) or 'none'}")
+    return cls(**{k: _coerce(v, fields[k][0], k) for k, v in params.items()})
+
+
+def stored_tensors(cache: Cache) -> Iterator[torch.Tensor]:
+    """Every tensor ``cache`` keeps. Custom caches define ``stored_tensors()``; plain caches hold K and V."""
+    if hasattr(cache, "stored_tensors"):
+        yield from cache.stored_tensors()
+        return
+    for layer in cache.layers:
+        for tensor in (layer.keys, layer.values):
+            if tensor is not None and tensor.numel():
+                yield tensor
+
+
+def kv_bytes(cache: Cache, float_bytes: int | None = None) -> int:
+    """Bytes held by ``cache`` (each storage counted once).
+
+    ``float_bytes=2`` counts every floating tensor as 16-bit (the papers' baseline) whatever its dtype;
+    integer tensors (packed quantized codes) always count at their real size.
+    """
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for tensor in stored_tensors(cache):
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if key in seen:
+            continue
+        seen.add(key)
+        size = float_bytes if (float_bytes and tensor.is_floating_point()) else tensor.element_size()
+        total += tensor.numel() * size
+    return total

@@ -1,0 +1,18 @@
+"""``full``: the uncompressed baseline, a plain transformers ``DynamicCache``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from crosskv.methods.base import MethodConfig, Runner, register
+
+
+@register
+@dataclass(frozen=True)
+class Full(MethodConfig):
+    """No compression: every layer stores every token's K and V."""
+
+    name = "full"
+    description = "plain DynamicCache (the reference every kept fraction is measured against)"
+
+    def bind(self, model, tokenizer=None) -> Runner:
+        return Runner(self, model, tokenizer)
