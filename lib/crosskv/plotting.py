@@ -1,0 +1,95 @@
+"""One figure style for every notebook; plotting functions take ``ax=None`` and return the axes.
+
+Multi-panel composition belongs to the notebooks; :func:`savefig` writes ``fig_NN_name.{png,pdf}``
+with TrueType fonts and stable bytes (no creation dates), so a re-run that changes nothing
+produces no diff.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg", force=False)
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#17becf"]
+
+
+def style() -> None:
+    """Apply the project style (call once per notebook)."""
+    plt.rcParams.update({
+        "figure.dpi": 110, "savefig.dpi": 150, "savefig.bbox": "tight",
+        "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8,
+        "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3,
+        "axes.prop_cycle": matplotlib.cycler(color=PALETTE),
+        "pdf.fonttype": 42, "ps.fonttype": 42, "svg.hashsalt": "crosskv",
+    })
+
+
+def _axes(ax, figsize=(4.5, 3.2)):
+    if ax is None:
+        _, ax = plt.subplots(figsize=figsize)
+    return ax
+
+
+def savefig(fig, name: str, figures_dir: str | Path) -> list[Path]:
+    """Save ``fig`` as ``<figures_dir>/<name>.png`` and ``.pdf`` with reproducible bytes; returns the paths."""
+    if not name.startswith("fig_"):
+        raise ValueError(f"figure name {name!r} must start with 'fig_NN_'")
+    out = Path(figures_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{name}.png", out / f"{name}.pdf"]
+    fig.savefig(paths[0], metadata={"Software": None})
+    fig.savefig(paths[1], metadata={"CreationDate": None, "ModDate": None, "Producer": None, "Creator": None})
+    return paths
+
+
+def heatmap(matrix, ax=None, title: str = "", cmap: str = "viridis", vmin=None, vmax=None,
+            label: str = "", tick_every: int = 5):
+    """Layer × layer matrix ``(L, L)`` as an image with a colour bar."""
+    ax = _axes(ax, (3.6, 3.2))
+    data = np.asarray(matrix, dtype=float)
+    im = ax.imshow(data, cmap=cmap, vmin=vmin, vmax=vmax, origin="upper")
+    ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label=label)
+    ticks = np.arange(0, data.shape[0], tick_every)
+    ax.set_xticks(ticks)
+    ax.set_yticks(ticks)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("layer")
+    ax.grid(False)
+    ax.set_title(title)
+    return ax
+
+
+def lines(df: pd.DataFrame, x: str, y: str, hue: str | None = None, ax=None, marker: str = "o",
+          title: str = "", xlabel: str | None = None, ylabel: str | None = None, logy: bool = False,
+          reference: float | None = None, reference_label: str = "full"):
+    """``y`` against ``x``, one line per ``hue`` value (sorted by ``x``); optional horizontal reference."""
+    ax = _axes(ax)
+    groups = [(None, df)] if hue is None else df.groupby(hue, sort=True)
+    for key, part in groups:
+        part = part.sort_values(x)
+        ax.plot(part[x], part[y], marker=marker, label=None if key is None else str(key))
+    if reference is not None:
+        ax.axhline(reference, color="k", ls="--", lw=0.8, label=reference_label)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel or x)
+    ax.set_ylabel(ylabel or y)
+    ax.set_title(title)
+    if hue is not None or reference is not None:
+        ax.legend(frameon=False)
+    return ax
+
+
+def bars(df: pd.DataFrame, x: str, y: str, ax=None, title: str = "", ylabel: str | None = None, rotate: int = 0):
+    """One bar per row of ``df``."""
+    ax = _axes(ax)
+    ax.bar(df[x].astype(str), df[y], color=PALETTE[0])
+    ax.set_ylabel(ylabel or y)
+    ax.set_title(title)
+    ax.tick_params(axis="x", rotation=rotate)
+    return ax
