@@ -27,3 +27,22 @@ def model16():
     import crosskv
 
     return crosskv.load_model("smollm2-135m", device="cpu", dtype=torch.bfloat16)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """A randomly initialised 2-layer Llama (float32, GQA 4/2 heads, head_dim 16) with the embedded tokenizer
+    → (model, tokenizer). Seconds to build; for harness plumbing tests where answers do not matter."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from crosskv import assets
+
+    tokenizer = AutoTokenizer.from_pretrained(str(assets.require(assets.embedded_model_dir(), "embedded model")))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+                         attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).eval()
+    model.crosskv_name = "tiny-random-llama"
+    return model, tokenizer

@@ -186,15 +186,17 @@ def run(profile: str = "cpu", only: list[str] | None = None, force: bool = False
     return [execute(nb, profile, force=force, build_root=build_root) for nb in selected]
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m crosskv figures [--profile cpu] [--only 02 ...] [--force]``."""
-    import argparse
 
-    parser = argparse.ArgumentParser(prog="crosskv figures", description="execute the notebooks and regenerate figures")
+def configure_cli(parser) -> None:
+    """Arguments of ``python -m crosskv figures``."""
     parser.add_argument("--profile", default="cpu", choices=PROFILES)
     parser.add_argument("--only", nargs="*", help="notebook number prefixes, e.g. 01 03")
-    parser.add_argument("--force", action="store_true", help="re-execute even when inputs are unchanged")
-    args = parser.parse_args(argv)
+    parser.add_argument("--force", action="store_true", help="re-execute even when inputs are unchanged (or FORCE=1)")
+
+
+def run_cli(args) -> int:
+    """``python -m crosskv figures [--profile cpu] [--only 02 ...] [--force]``."""
+    logging.getLogger("crosskv").setLevel(logging.INFO)
     for path in run(args.profile, args.only, args.force):
         log.info("done: %s", path)
     return 0

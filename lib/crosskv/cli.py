@@ -1,0 +1,254 @@
+"""``python -m crosskv <command>``: eval, list, assets, bench (and commands other modules add).
+
+Each command is a pair of functions — ``configure(parser)`` adds its arguments, ``run(args) -> int``
+does the work — listed in :data:`SUBCOMMANDS`; a new command is one more entry. Expected errors
+(unknown method/task/parameter, a context too long for the model, a bad jsonl line, a hub-only task
+offline) print one line on stderr and exit with code 2; the library itself only logs.
+
+``eval`` prints one JSON object per run as the last line of stdout (``--out FILE`` appends it to a
+jsonl file too). Under ``torchrun --nproc_per_node N python -m crosskv eval ...`` samples are
+sharded across ranks (gloo on CPU, nccl on GPU) and only rank 0 prints and writes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Callable
+
+from crosskv import figures
+
+log = logging.getLogger(__name__)
+
+SUMMARY_FIELDS = ("key", "model", "dtype", "method", "params", "task", "context", "samples", "seed", "options",
+                  "score", "metric", "kv_bytes", "kv_bytes_full", "kept", "factor", "kept_16bit", "kv_bytes_end",
+                  "kv_bytes_full_end", "kept_end", "prefill_s", "compress_s", "decode_tok_s", "peak_mem_bytes",
+                  "seconds", "world_size")
+PROMPT_SPLIT_NOTE = ("All methods compress only the context part of a prompt (chat prefix + instruction + "
+                     "haystack); the question, generation prompt and decoded tokens are appended exactly. "
+                     "kvpress presses prune during the context prefill (their default), crosskv methods in "
+                     "compress() right after it: like for like.")
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def _pairs(items: list[str] | None, flag: str) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{flag} expects key=value, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+# --- eval ------------------------------------------------------------------------------------------
+
+def configure_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="alias, local folder or hub id (default: %(default)s)")
+    p.add_argument("--method", required=True, help="registered method name (see `crosskv list`)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="method parameter (repeatable)")
+    p.add_argument("--task", required=True, help="task name, jsonl:PATH or longbench:<task>")
+    p.add_argument("--opt", action="append", metavar="KEY=VALUE", help="task option (repeatable), e.g. depth=50")
+    p.add_argument("--context", type=int, default=2048, help="prompt length in tokens (default: %(default)s)")
+    p.add_argument("--samples", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None, help="default: bfloat16")
+    p.add_argument("--device", default=None, help="default: cuda if available (cuda:LOCAL_RANK under torchrun)")
+    p.add_argument("--out", default=None, help="also append the JSON summary to this jsonl file")
+    p.add_argument("--results-dir", default=None, help="results store (default: $CROSSKV_RESULTS or data/results)")
+    p.add_argument("--force", action="store_true", help="recompute even if the run is stored")
+    p.add_argument("--no-store", action="store_true", help="neither read nor write the results store")
+    p.add_argument("--details", action="store_true", help="include per-sample details in the printed JSON")
+    add_threads(p)
+
+
+def add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (1 is fastest on a shared machine; default: torch's choice)")
+
+
+def set_threads(args: argparse.Namespace) -> None:
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def _init_distributed(device: str | None) -> str | None:
+    """Join the torchrun process group when WORLD_SIZE > 1; return the device this rank should use."""
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
+        return device
+    use_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+    torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return f"cuda:{local}"
+    return device or "cpu"
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from crosskv import harness
+    from crosskv.methods import make_method
+    from crosskv.models import load_model
+    from crosskv.tasks import make_task
+
+    method = make_method(args.method, **_pairs(args.set, "--set"))
+    task = make_task(args.task, args.context, args.samples, args.seed, **_pairs(args.opt, "--opt"))
+    set_threads(args)
+    device = _init_distributed(args.device)
+    try:
+        model, tokenizer = load_model(args.model, device=device, dtype=args.dtype)
+        record = harness.evaluate(model, tokenizer, method, task, force=args.force, store=not args.no_store,
+                                  results_dir=args.results_dir)
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if rank != 0:
+        return 0
+    summary = {k: record.get(k) for k in SUMMARY_FIELDS}
+    if args.details:
+        summary["details"] = record.get("details")
+    line = json.dumps(summary, default=str)
+    if args.out:
+        with open(args.out, "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+    print(line)
+    return 0
+
+
+# --- list ------------------------------------------------------------------------------------------
+
+def _type_name(annotation) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def configure_list(p: argparse.ArgumentParser) -> None:
+    p.add_argument("what", nargs="?", choices=("methods", "tasks", "all"), default="all")
+
+
+def run_list(args: argparse.Namespace) -> int:
+    from crosskv.methods import REGISTRY
+    from crosskv.methods.base import method_fields
+    from crosskv.tasks import FAMILIES, TASKS, get_task
+    from crosskv.tasks.longbench import LONGBENCH
+
+    lines = []
+    if args.what in ("methods", "all"):
+        lines += ["Methods (--method NAME, --set key=value):", f"  note: {PROMPT_SPLIT_NOTE}"]
+        for name in sorted(REGISTRY):
+            cls = REGISTRY[name]
+            lines.append(f"  {name}: {cls.description}")
+            for field, (annotation, default) in method_fields(cls).items():
+                lines.append(f"      {field}: {_type_name(annotation)} = {default!r}")
+    if args.what in ("tasks", "all"):
+        get_task("ppl")  # loads every task module
+        lines.append("Tasks (--task NAME, --opt key=value; --context is the prompt length in tokens):")
+        for name in sorted(TASKS):
+            spec = TASKS[name]
+            opts = ", ".join(f"{k}: {_type_name(t)} = {d!r}" for k, (t, d) in spec.options.items())
+            lines.append(f"  {name} [{spec.kind}, {spec.metric}{'' if spec.higher_is_better else ', lower is better'}]"
+                         f": {spec.description}")
+            if opts:
+                lines.append(f"      options: {opts}")
+        for prefix in sorted(FAMILIES):
+            lines.append(f"  {prefix}:{'PATH' if prefix == 'jsonl' else '<task>'}")
+        for prefix, example in (("jsonl", "jsonl:PATH"), ("longbench", "longbench:hotpotqa")):
+            opts = ", ".join(f"{k}: {_type_name(t)} = {d!r}" for k, (t, d) in get_task(example).options.items())
+            lines.append(f"      {prefix} options: {opts}")
+        lines.append(f"      longbench tasks (need the hub): {', '.join(LONGBENCH)}; max_new_tokens = 0 means "
+                     "LongBench's own length")
+    print("\n".join(lines))
+    return 0
+
+
+# --- assets, bench ---------------------------------------------------------------------------------
+
+def configure_assets(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+def run_assets(args: argparse.Namespace) -> int:
+    from crosskv.assets import ensure_assets
+
+    for name, path in ensure_assets().items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def configure_bench(p: argparse.ArgumentParser) -> None:
+    from crosskv.bench import DEFAULT_METHODS
+
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096])
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
+                   help="method names; kvpress peers run at --ratio")
+    p.add_argument("--ratio", type=float, default=0.5, help="compression_ratio of the kvpress peers")
+    p.add_argument("--samples", type=int, default=2)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None)
+    add_threads(p)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from crosskv.bench import bench_table
+    from crosskv.models import load_model
+
+    set_threads(args)
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    table = bench_table(model, tokenizer, args.contexts, args.methods, ratio=args.ratio, samples=args.samples,
+                        new_tokens=args.new_tokens)
+    print(table.to_markdown(index=False, floatfmt=".3g"))
+    return 0
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "eval": Subcommand("score one method on one task (one JSON line on stdout)", configure_eval, run_eval),
+    "list": Subcommand("list methods (parameters, defaults) and tasks (options)", configure_list, run_list),
+    "assets": Subcommand("fetch, verify and convert the embedded model and corpus", configure_assets, run_assets),
+    "bench": Subcommand("prefill/decode speed, KV bytes and peak memory of full and the kvpress peers",
+                        configure_bench, run_bench),
+    "figures": Subcommand("execute the notebooks under a parameter profile and regenerate figures/",
+                          figures.configure_cli, figures.run_cli),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="crosskv", description="Cross-layer KV-cache compression: run and measure.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, command in SUBCOMMANDS.items():
+        command.configure(sub.add_parser(name, help=command.help, description=command.help))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m crosskv`` and the ``crosskv`` script; returns the exit code."""
+    from crosskv.assets import AssetError
+    from crosskv.tasks import TaskUnavailableError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return SUBCOMMANDS[args.command].run(args)
+    except (ValueError, OSError, AssetError, TaskUnavailableError) as err:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"crosskv {args.command}: error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,145 @@
+"""Low-rank helpers shared by the xKV/SVD cache and the notebooks: grouped matrices, truncated SVD, spectra.
+
+A "group matrix" stacks G layers' K (or V) of one sequence side by side along the feature axis,
+``(B, T, G·H_kv·d)``; xKV's premise is that such a matrix has a faster-decaying spectrum than each
+layer's ``(B, T, H_kv·d)`` matrix alone, so one shared token basis serves the whole group.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def group_matrix(kv: torch.Tensor) -> torch.Tensor:
+    """Stack layers along features: ``(G, B, H, T, d)`` → ``(B, T, G·H·d)`` (layer-major, then head, then dim)."""
+    g, b, h, t, d = kv.shape
+    return kv.permute(1, 3, 0, 2, 4).reshape(b, t, g * h * d)
+
+
+def split_group_matrix(x: torch.Tensor, layers: int, heads: int) -> torch.Tensor:
+    """Inverse of :func:`group_matrix`: ``(B, T, G·H·d)`` → ``(G, B, H, T, d)``."""
+    b, t, f = x.shape
+    return x.reshape(b, t, layers, heads, f // (layers * heads)).permute(2, 0, 3, 1, 4)
+
+
+def truncated_svd(x: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-``rank`` factorisation of each batch element, computed in float32.
+
+    ``x``: ``(B, T, F)`` → ``basis`` ``(B, T, r)`` (orthonormal columns) and ``factor`` ``(B, r, F)``
+    (singular values folded in) with ``basis @ factor`` ≈ ``x``; ``r = min(rank, T, F)``.
+    """
+    u, s, vh = torch.linalg.svd(x.float(), full_matrices=False)
+    r = min(rank, s.shape[-1])
+    return u[..., :r], s[..., :r, None] * vh[..., :r, :]
+
+
+def spectrum(x: torch.Tensor) -> torch.Tensor:
+    """Singular values of each batch element of ``x`` ``(B, T, F)`` → ``(B, min(T, F))``, descending."""
+    return torch.linalg.svdvals(x.float())
+
+
+def energy_captured(singular_values: torch.Tensor) -> torch.Tensor:
+    """Fraction of squared Frobenius norm captured by the top-r components, for r = 1…n: ``(..., n)``."""
+    energy = singular_values.float().pow(2)
+    return energy.cumsum(-1) / energy.sum(-1, keepdim=True)
+
+
+def relative_error(x: torch.Tensor, approx: torch.Tensor) -> float:
+    """``‖x − approx‖_F / ‖x‖_F`` over all elements."""
+    return float((x.float() - approx.float()).norm() / x.float().norm())
+
+
+def rank_error(x: torch.Tensor, rank: int) -> float:
+    """Relative Frobenius error of the best rank-``rank`` approximation of ``x`` ``(B, T, F)``.
+
+    Uses the Eckart–Young identity (error² = energy of the discarded singular values).
+    """
+    energy = spectrum(x).pow(2)
+    return float((energy[..., rank:].sum() / energy.sum()).sqrt())
+
+
+def factored_elements(tokens: int, rank: int, layers: int, width: int) -> int:
+    """Elements of one group stored as a ``tokens × rank`` basis plus ``layers`` factors of ``rank × width``."""
+    rank = min(rank, tokens, layers * width)
+    return tokens * rank + layers * rank * width
+
+
+def rank_for_elements(budget: int, tokens: int, layers: int, width: int) -> int:
+    """Largest rank whose :func:`factored_elements` stays within ``budget`` (at least 1)."""
+    return max(1, min(budget // (tokens + layers * width), tokens, layers * width))
+
+
+def grouped_vs_single_error(kv: torch.Tensor, group_size: int, single_rank: int) -> dict[str, float]:
+    """Reconstruction error of per-layer SVD vs one grouped SVD holding the same number of elements.
+
+    ``kv``: ``(G, B, H, T, d)`` for G = ``group_size`` consecutive layers (pre-RoPE keys or values).
+    Per-layer SVD keeps ``single_rank`` per layer; the grouped SVD gets the largest rank whose stored
+    elements (shared basis + G factors) do not exceed the G per-layer factorisations. Returns
+    ``{"single": err, "grouped": err, "single_rank": r1, "grouped_rank": rG, "elements": n}`` where
+    each error is the relative Frobenius error over the whole group.
+    """
+    g, b, h, t, d = kv.shape
+    if g != group_size:
+        raise ValueError(f"kv holds {g} layers but group_size={group_size}")
+    width = h * d
+    budget = g * factored_elements(t, single_rank, 1, width)
+    grouped_rank = rank_for_elements(budget, t, g, width)
+    single_sq = sum(rank_error(group_matrix(kv[i:i + 1]), single_rank) ** 2 * float(kv[i].float().pow(2).sum())
+                    for i in range(g))
+    single = (single_sq / float(kv.float().pow(2).sum())) ** 0.5
+    grouped = rank_error(group_matrix(kv), grouped_rank)
+    return {"single": single, "grouped": grouped, "single_rank": single_rank,
+            "grouped_rank": grouped_rank, "elements": budget}
+
+
+def group_energy(kv: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Energy captured vs rank for every full group of ``group_size`` consecutive layers.
+
+    ``kv``: ``(L, N, H, T, d)`` (one field of a :class:`crosskv.capture.Capture`). Returns
+    ``(groups, N, min(T, G·H·d))``: for each group and sequence, the cumulative energy fraction of its
+    grouped matrix's top-r singular values, r = 1…; the last ``L mod G`` layers are left out.
+    """
+    groups = kv.shape[0] // group_size
+    return torch.stack([energy_captured(spectrum(group_matrix(kv[g * group_size:(g + 1) * group_size])))
+                        for g in range(groups)])
+
+
+def energy_table(fields: dict[str, torch.Tensor], group_sizes: list[int]) -> "pandas.DataFrame":
+    """Tidy energy-vs-rank curves: one row per (field, G, rank) with the mean energy over groups and sequences.
+
+    ``fields`` maps a label (e.g. "keys (pre-RoPE)") to ``(L, N, H, T, d)``. Columns: field,
+    group_size, rank, rank_fraction (rank / min(T, G·H·d)), energy.
+    """
+    import pandas as pd
+
+    rows = []
+    for label, kv in fields.items():
+        for g in group_sizes:
+            curve = group_energy(kv, g).mean(dim=(0, 1))  # (n,)
+            n = curve.shape[0]
+            rows += [{"field": label, "group_size": g, "rank": r + 1, "rank_fraction": (r + 1) / n,
+                      "energy": float(curve[r])} for r in range(n)]
+    return pd.DataFrame(rows)
+
+
+def grouped_error_table(fields: dict[str, torch.Tensor], group_sizes: list[int], single_ranks: list[int],
+                        sequence: int = 0) -> "pandas.DataFrame":
+    """Per-layer vs grouped SVD error at equal stored elements, for every full group of each size.
+
+    ``fields`` maps a label to ``(L, N, H, T, d)``; sequence ``sequence`` is used. One row per
+    (field, G, single rank, group) with columns field, group_size, first_layer, single_rank,
+    grouped_rank, single, grouped (relative Frobenius errors), kept (stored / uncompressed elements).
+    """
+    import pandas as pd
+
+    rows = []
+    for label, kv in fields.items():
+        kv = kv[:, sequence:sequence + 1]
+        _, _, h, t, d = kv.shape
+        for g in group_sizes:
+            for r in single_ranks:
+                for first in range(0, kv.shape[0] - g + 1, g):
+                    result = grouped_vs_single_error(kv[first:first + g], g, r)
+                    rows.append({"field": label, "group_size": g, "first_layer": first, "single_rank": r,
+                                 "grouped_rank": result["grouped_rank"], "single": result["single"],
+                                 "grouped": result["grouped"], "kept": result["elements"] / (g * t * h * d)})
+    return pd.DataFrame(rows)

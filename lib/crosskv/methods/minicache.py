@@ -1,0 +1,223 @@
+"""``minicache``: SLERP merge of adjacent layer pairs' K/V from the middle layer up (MiniCache, re-implemented).
+
+After the context prefill, layers ``(s, s+1), (s+2, s+3), …`` within ``[start_layer, end_layer)``
+(default ``[L/2, L)``; an odd last layer stays plain) are merged per token and KV head: each vector
+is split into magnitude and direction, the two directions are SLERP-ed with ``t`` (``t=0`` gives
+the lower layer's direction, ``t=1`` the upper's), and the cache stores the shared direction
+``(B, H_kv, T, d)`` once per pair, each layer's magnitudes ``(B, H_kv, T)``, and the **retained**
+rows ``(N, d)`` of both layers unmerged together with their flat indices ``(N,)`` (int32 into
+``B·H_kv·T``). Keys are merged post-RoPE (both layers share positions). K and V are merged and
+retained independently. Tokens appended later (question, decoded) are stored exactly.
+
+Retention compares each row's angle Ω between the two layers' vectors with the range
+``[Ω_min, Ω_max]`` over the prompt tokens of that (batch, head), the attention-sink token
+(position 0) excluded from the min/max and always retained:
+
+- ``retention="paper"`` (the paper's prose: keep the pairs that are hard to merge) retains rows with
+  ``Ω ≥ Ω_max − γ·(Ω_max − Ω_min)``, the most dissimilar γ of the range;
+- ``retention="xkv"`` (xKV's re-implementation) retains rows with ``Ω ≤ Ω_min + γ·(Ω_max − Ω_min)``,
+  the most similar ones.
+
+With ``gamma=1`` both readings retain every row, so the cache is exact (and larger than a plain one).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from crosskv.capture import KVShape, kv_shape
+from crosskv.methods.base import MethodConfig, Runner, register
+from crosskv.methods.prefixcache import PrefixCache, PrefixLayer
+
+log = logging.getLogger(__name__)
+
+RETENTION = ("paper", "xkv")
+
+
+@register
+@dataclass(frozen=True)
+class MiniCache(MethodConfig):
+    """Merge layer pairs from ``start_layer`` by SLERP (``t``), keep rows selected by ``gamma`` unmerged."""
+
+    name = "minicache"
+    description = "MiniCache: SLERP-merged directions of adjacent layer pairs + per-layer magnitudes + retained rows"
+
+    start_layer: int | None = None  # default L // 2
+    end_layer: int | None = None    # exclusive; default L
+    t: float = 0.6
+    gamma: float = 0.05
+    retention: str = "paper"        # "paper" | "xkv" (see the module docstring)
+
+    def __post_init__(self):
+        for field in ("t", "gamma"):
+            value = getattr(self, field)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{field}={value} must be in [0, 1]")
+        if self.retention not in RETENTION:
+            raise ValueError(f"retention={self.retention!r} must be one of {', '.join(RETENTION)}")
+        if self.start_layer is not None and self.start_layer < 0:
+            raise ValueError(f"start_layer={self.start_layer} must be ≥ 0")
+
+    def pairs(self, shape: KVShape) -> list[tuple[int, int]]:
+        """The merged layer pairs, checked against the model's layer count."""
+        start = shape.layers // 2 if self.start_layer is None else self.start_layer
+        end = shape.layers if self.end_layer is None else self.end_layer
+        if end > shape.layers:
+            raise ValueError(f"end_layer={end} exceeds the model's {shape.layers} layers")
+        if start >= shape.layers:
+            raise ValueError(f"start_layer={start} is outside the model's {shape.layers} layers")
+        if end - start < 2:
+            raise ValueError(f"layer range [{start}, {end}) holds no pair of layers")
+        return [(i, i + 1) for i in range(start, end - 1, 2)]
+
+    def bind(self, model, tokenizer=None) -> "MiniCacheRunner":
+        self.pairs(kv_shape(model))
+        return MiniCacheRunner(self, model, tokenizer)
+
+
+def slerp_directions(a: torch.Tensor, b: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit SLERP of the directions of ``a`` and ``b`` ``(..., d)`` → (direction ``(..., d)``, angle Ω ``(...)``)."""
+    ua = a.float() / a.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    ub = b.float() / b.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    cos = (ua * ub).sum(-1).clamp(-1.0, 1.0)
+    omega = torch.arccos(cos)
+    sin = torch.sin(omega)
+    near = sin < 1e-6  # parallel (or antiparallel) directions: fall back to linear interpolation
+    safe = torch.where(near, torch.ones_like(sin), sin)
+    wa = torch.where(near, torch.full_like(sin, 1 - t), torch.sin((1 - t) * omega) / safe)
+    wb = torch.where(near, torch.full_like(sin, t), torch.sin(t * omega) / safe)
+    direction = wa[..., None] * ua + wb[..., None] * ub
+    return direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12), omega
+
+
+def retained_mask(omega: torch.Tensor, gamma: float, retention: str) -> torch.Tensor:
+    """Rows kept unmerged, ``(B, H, T)`` bool from angles ``(B, H, T)``; token 0 (the sink) always kept.
+
+    The range [Ω_min, Ω_max] is taken per (batch, head) over tokens 1…T−1.
+    """
+    keep = torch.zeros_like(omega, dtype=torch.bool)
+    keep[..., 0] = True
+    if omega.shape[-1] < 2:
+        return keep
+    rest = omega[..., 1:]
+    low, high = rest.amin(-1, keepdim=True), rest.amax(-1, keepdim=True)
+    if retention == "paper":
+        keep[..., 1:] = rest >= high - gamma * (high - low)
+    else:
+        keep[..., 1:] = rest <= low + gamma * (high - low)
+    return keep
+
+
+@dataclass
+class MergedTensor:
+    """One merged pair of K (or V): shared direction, per-layer magnitudes, retained rows and their indices."""
+
+    direction: torch.Tensor     # (B, H, T, d)
+    magnitudes: torch.Tensor    # (2, B, H, T)
+    indices: torch.Tensor       # (N,) int32 into B·H·T
+    rows: torch.Tensor          # (2, N, d)
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        yield from (self.direction, self.magnitudes, self.indices, self.rows)
+
+    def rebuild(self, which: int) -> torch.Tensor:
+        """Layer ``which`` (0 = lower, 1 = upper) of the pair, ``(B, H, T, d)``."""
+        x = self.magnitudes[which].unsqueeze(-1) * self.direction
+        flat = x.reshape(-1, x.shape[-1])
+        flat[self.indices.long()] = self.rows[which]
+        return flat.view_as(x)
+
+
+def merge_pair(a: torch.Tensor, b: torch.Tensor, t: float, gamma: float, retention: str) -> MergedTensor:
+    """Merge two layers' K (or V) ``(B, H, T, d)`` into a :class:`MergedTensor` (stored in ``a.dtype``)."""
+    direction, omega = slerp_directions(a, b, t)
+    keep = retained_mask(omega, gamma, retention)
+    indices = keep.flatten().nonzero().squeeze(-1)
+    d = a.shape[-1]
+    rows = torch.stack([a.reshape(-1, d)[indices], b.reshape(-1, d)[indices]])
+    magnitudes = torch.stack([a.float().norm(dim=-1), b.float().norm(dim=-1)])
+    return MergedTensor(direction.to(a.dtype), magnitudes.to(a.dtype), indices.to(torch.int32), rows)
+
+
+class MergedPair:
+    """The merged K and V of one layer pair (``None`` until compressed)."""
+
+    def __init__(self, layers: tuple[int, int]):
+        self.layers = layers
+        self.keys: MergedTensor | None = None
+        self.values: MergedTensor | None = None
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        if self.keys is not None:
+            yield from self.keys.tensors()
+            yield from self.values.tensors()
+
+    def retained_rows(self) -> tuple[int, int]:
+        """Retained rows ``(N_k, N_v)`` (0, 0 before compression)."""
+        if self.keys is None:
+            return 0, 0
+        return self.keys.indices.numel(), self.values.indices.numel()
+
+
+class MergedLayer(PrefixLayer):
+    """One layer of a merged pair (``which`` = 0 lower, 1 upper); everything it holds lives in the pair."""
+
+    def __init__(self, pair: MergedPair, which: int):
+        super().__init__()
+        self.pair = pair
+        self.which = which
+
+    def prefix_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.pair.keys.rebuild(self.which), self.pair.values.rebuild(self.which)
+
+
+class MiniCacheCache(PrefixCache):
+    """``MergedLayer`` for the merged pairs, plain ``DynamicLayer`` elsewhere."""
+
+    def __init__(self, config: MiniCache, shape: KVShape):
+        self.config = config
+        self.pairs = [MergedPair(p) for p in config.pairs(shape)]
+        layers: list = [DynamicLayer() for _ in range(shape.layers)]
+        for pair in self.pairs:
+            layers[pair.layers[0]] = MergedLayer(pair, 0)
+            layers[pair.layers[1]] = MergedLayer(pair, 1)
+        super().__init__(layers)
+        self.shared = self.pairs
+
+    def compress(self) -> None:
+        """Merge every pair not yet merged (idempotent)."""
+        for pair in self.pairs:
+            if pair.keys is None:
+                self.merge(pair)
+
+    def merge(self, pair: MergedPair) -> None:
+        lower, upper = (self.layers[i] for i in pair.layers)
+        (ka, va), (kb, vb) = lower.take_tail(), upper.take_tail()
+        cfg = self.config
+        pair.keys = merge_pair(ka, kb, cfg.t, cfg.gamma, cfg.retention)
+        pair.values = merge_pair(va, vb, cfg.t, cfg.gamma, cfg.retention)
+        lower.prefix_len = upper.prefix_len = ka.shape[-2]
+        log.debug("merged layers %s: T=%d retained K/V rows %s", pair.layers, ka.shape[-2], pair.retained_rows())
+
+    def retained_rows(self) -> tuple[int, int]:
+        """Total retained rows over all pairs, ``(N_k, N_v)``."""
+        counts = [pair.retained_rows() for pair in self.pairs]
+        return sum(k for k, _ in counts), sum(v for _, v in counts)
+
+
+class MiniCacheRunner(Runner):
+    """Binds a :class:`MiniCache` config; merging happens in :meth:`compress` after the prefill."""
+
+    def __init__(self, config: MiniCache, model, tokenizer=None):
+        super().__init__(config, model, tokenizer)
+        self.shape = kv_shape(model)
+
+    def new_cache(self) -> MiniCacheCache:
+        return MiniCacheCache(self.config, self.shape)
+
+    def compress(self, cache: MiniCacheCache) -> None:
+        cache.compress()

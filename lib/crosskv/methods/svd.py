@@ -1,0 +1,378 @@
+"""``xkv`` (cross-layer SVD of the KV cache, groups of G layers) and ``svd`` (the same with G=1, Single SVD).
+
+After the context prefill, each group of G consecutive layers in ``[start_layer, end_layer)``
+stacks its layers' **pre-RoPE** keys side by side, ``(B, T, G·H_kv·d)``, takes a float32 thin SVD
+per batch element and keeps rank ``rank_k``; values likewise with ``rank_v``. The cache then holds
+only the group's token basis ``(B, T, r)`` once and one factor ``(B, r, H_kv·d)`` per layer
+(singular values folded into the factors), plus tokens appended later (question, decoded) stored
+exactly. Keys are rebuilt as ``RoPE(basis @ factor)`` at their original absolute positions.
+
+Ranks are per group. When G does not divide the range, the last group has G' < G layers and ranks
+``round(r·G'/G)`` (so a lossless rank G·H_kv·d stays lossless). With ``kept`` instead of ranks, the
+ranks are derived at compression time from the actual context length T (see :func:`ranks_for_kept`).
+With no ranks and no ``kept``, ``rank_k = ⌈G·H_kv·d/8⌉`` (the xKV README's 512 of 4096 for
+Llama-3.1-8B G=4, and Single SVD's 128 of 1024) and ``rank_v = round(1.5·rank_k)``.
+
+Attention paths (``attention``): ``reconstruct`` rebuilds K and V of the prefix and hands them to
+the model's own attention; ``factored`` rebuilds K (RoPE differs per token, so q·Kᵀ cannot skip it
+cheaply) but applies values in factored form, ``(softmax(qKᵀ)·basis)·factor``, via the
+``crosskv_lowrank`` attention function (never materialising V of the prefix).
+
+Strict mode (``strict=True``, labelled "strict" in figures): a group is compressed inside the
+prefill forward as soon as its **last** layer's K/V arrive; that layer (and every later forward)
+attends on the reconstruction, and later layers' K/V are computed from the perturbed stream. The
+group's first G−1 layers already attended on their exact K/V in that forward (their inputs to the
+SVD are exact). For G=1 this means every layer in range attends on its own rank-r reconstruction.
+Strict mode needs the whole context in one prefill forward.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from crosskv.capture import KVShape, Rotary, kv_shape
+from crosskv.lowrank import group_matrix, split_group_matrix, truncated_svd
+from crosskv.methods.base import MethodConfig, Runner, register
+from crosskv.methods.prefixcache import PrefixCache, PrefixLayer
+
+log = logging.getLogger(__name__)
+
+ATTENTION = "crosskv_lowrank"
+V_OVER_K = 1.5  # rank_v / rank_k in the xKV papers
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """One group: its layer indices and per-group ranks (before capping at the context length)."""
+
+    layers: tuple[int, ...]
+    rank_k: int
+    rank_v: int
+
+    def effective(self, tokens: int) -> tuple[int, int]:
+        """Ranks actually kept for ``tokens`` prompt tokens: at most min(T, G·H_kv·d) components exist."""
+        return min(self.rank_k, tokens), min(self.rank_v, tokens)
+
+
+@register
+@dataclass(frozen=True)
+class XKV(MethodConfig):
+    """Cross-layer SVD: one shared token basis per group of ``group_size`` layers, per-layer factors."""
+
+    name = "xkv"
+    description = "xKV: shared low-rank token basis per group of G layers (pre-RoPE K, V), per-layer factors"
+
+    group_size: int = 4
+    rank_k: int | None = None    # per-group rank of K; G·H_kv·d is lossless
+    rank_v: int | None = None    # per-group rank of V; default round(1.5·rank_k)
+    kept: float | None = None    # target kept fraction of the range's bytes (instead of ranks)
+    start_layer: int = 0
+    end_layer: int | None = None  # exclusive; default: all layers
+    strict: bool = False         # compress inside the prefill forward (see module docstring)
+    attention: str = "factored"  # "factored" | "reconstruct"
+
+    def __post_init__(self):
+        if self.group_size <= 0:
+            raise ValueError(f"group_size={self.group_size} must be positive")
+        for field in ("rank_k", "rank_v"):
+            value = getattr(self, field)
+            if value is not None and value <= 0:
+                raise ValueError(f"{field}={value} must be positive")
+        if self.kept is not None:
+            if not 0.0 < self.kept <= 1.0:
+                raise ValueError(f"kept={self.kept} must be in (0, 1]")
+            if self.rank_k is not None or self.rank_v is not None:
+                raise ValueError(f"kept={self.kept} derives the ranks; do not also set rank_k/rank_v")
+        if self.start_layer < 0:
+            raise ValueError(f"start_layer={self.start_layer} must be ≥ 0")
+        if self.end_layer is not None and self.end_layer <= self.start_layer:
+            raise ValueError(f"end_layer={self.end_layer} must exceed start_layer={self.start_layer}")
+        if self.attention not in ("factored", "reconstruct"):
+            raise ValueError(f"attention={self.attention!r} must be 'factored' or 'reconstruct'")
+
+    def layer_range(self, shape: KVShape) -> tuple[int, int]:
+        """``(start, end)`` checked against the model's layer count."""
+        end = shape.layers if self.end_layer is None else self.end_layer
+        if end > shape.layers:
+            raise ValueError(f"end_layer={end} exceeds the model's {shape.layers} layers")
+        if self.start_layer >= shape.layers:
+            raise ValueError(f"start_layer={self.start_layer} is outside the model's {shape.layers} layers")
+        if self.group_size > end - self.start_layer:
+            raise ValueError(f"group_size={self.group_size} exceeds the layer range [{self.start_layer}, {end}) "
+                             f"of {end - self.start_layer} layers")
+        return self.start_layer, end
+
+    def check(self, shape: KVShape) -> None:
+        """Validate against the model geometry (layer range, ranks ≤ group width)."""
+        self.layer_range(shape)
+        width = self.group_size * shape.width
+        for field in ("rank_k", "rank_v"):
+            value = getattr(self, field)
+            if value is not None and value > width:
+                raise ValueError(f"{field}={value} exceeds the group width {width} "
+                                 f"(group_size {self.group_size} × {shape.kv_heads} heads × {shape.head_dim})")
+
+    def groups(self, shape: KVShape) -> list[tuple[int, ...]]:
+        """Layer indices of each group: consecutive runs of ``group_size`` over the range, the last maybe shorter."""
+        start, end = self.layer_range(shape)
+        return [tuple(range(first, min(first + self.group_size, end))) for first in range(start, end, self.group_size)]
+
+    def plan(self, shape: KVShape, tokens: int | None = None) -> list[GroupPlan]:
+        """The groups and their ranks; ``kept`` needs the prompt length ``tokens``."""
+        self.check(shape)
+        rank_k, rank_v = self.full_group_ranks(shape, tokens)
+        return [GroupPlan(layers, scale_rank(rank_k, len(layers), self.group_size),
+                          scale_rank(rank_v, len(layers), self.group_size)) for layers in self.groups(shape)]
+
+    def full_group_ranks(self, shape: KVShape, tokens: int | None) -> tuple[int, int]:
+        """``(rank_k, rank_v)`` of a group of ``group_size`` layers."""
+        width = self.group_size * shape.width
+        if self.kept is not None:
+            if tokens is None:
+                raise ValueError(f"kept={self.kept} needs the prompt length to derive ranks")
+            return ranks_for_kept(self.kept, tokens, self.group_size, shape.width)
+        rank_k = self.rank_k if self.rank_k is not None else math.ceil(width / 8)
+        rank_v = self.rank_v if self.rank_v is not None else min(width, round(V_OVER_K * rank_k))
+        return rank_k, rank_v
+
+    def bind(self, model, tokenizer=None) -> "LowRankRunner":
+        self.check(kv_shape(model))
+        return LowRankRunner(self, model, tokenizer)
+
+
+@register
+@dataclass(frozen=True)
+class SingleSVD(XKV):
+    """Single SVD (Palu-like): xKV with one layer per group."""
+
+    name = "svd"
+    description = "Single SVD: per-layer low-rank token basis of pre-RoPE K and V (xKV with G=1)"
+
+    group_size: int = 1
+
+    def __post_init__(self):
+        if self.group_size != 1:
+            raise ValueError(f"group_size={self.group_size}: svd is xkv with group_size=1; use xkv for groups")
+        super().__post_init__()
+
+
+def scale_rank(rank: int, layers: int, group_size: int) -> int:
+    """Rank of a group of ``layers`` < ``group_size`` layers: round(rank·layers/group_size), at least 1."""
+    return max(1, (rank * layers + group_size // 2) // group_size)
+
+
+def ranks_for_kept(kept: float, tokens: int, group_size: int, width: int) -> tuple[int, int]:
+    """Per-group ``(rank_k, rank_v)`` so a full group holds ≈ ``kept`` of its uncompressed bytes.
+
+    A group of G layers stores ``T·(r_k + r_v)`` (bases) + ``G·(r_k + r_v)·W`` (factors) elements
+    against ``2·G·T·W`` uncompressed (W = H_kv·d), so ``r_k + r_v = kept·2·G·T·W / (T + G·W)``;
+    split as ``r_v = 1.5·r_k`` (floor), each capped at the lossless ``min(T, G·W)``. Tokens appended
+    later are not part of the target.
+    """
+    total = kept * 2 * group_size * tokens * width / (tokens + group_size * width)
+    cap = min(tokens, group_size * width)
+    rank_k = max(1, min(cap, math.floor(total / (1 + V_OVER_K))))
+    rank_v = max(1, min(cap, math.floor(V_OVER_K * rank_k)))
+    return rank_k, rank_v
+
+
+class LowRankGroup:
+    """A group's shared token bases ``(B, T_c, r_k)`` and ``(B, T_c, r_v)`` (``None`` until compressed)."""
+
+    def __init__(self, layers: tuple[int, ...]):
+        self.layers = layers
+        self.basis_k: torch.Tensor | None = None
+        self.basis_v: torch.Tensor | None = None
+
+    @property
+    def compressed(self) -> bool:
+        return self.basis_k is not None
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        if self.compressed:
+            yield self.basis_k
+            yield self.basis_v
+
+
+class LowRankLayer(PrefixLayer):
+    """A layer of a group: its factors ``(B, r, H_kv·d)`` for K and V, the group's bases, exact tail."""
+
+    def __init__(self, cache: "LowRankCache", group: LowRankGroup):
+        super().__init__()
+        self.cache = cache
+        self.group = group
+        self.factor_k: torch.Tensor | None = None
+        self.factor_v: torch.Tensor | None = None
+
+    def prefix_tensors(self) -> Iterator[torch.Tensor]:
+        if self.factor_k is not None:
+            yield self.factor_k
+            yield self.factor_v
+
+    def _rebuild(self, basis: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        """``(B, T_c, r) @ (B, r, H·d)`` → ``(B, H, T_c, d)``."""
+        b, t, _ = basis.shape
+        return (basis @ factor).view(b, t, self.cache.shape.kv_heads, -1).transpose(1, 2)
+
+    def prefix_keys(self) -> torch.Tensor:
+        keys = self._rebuild(self.group.basis_k, self.factor_k)  # (B, H, T_c, d), pre-RoPE
+        return self.cache.rotary.rotate(keys, torch.arange(self.prefix_len, device=keys.device))
+
+    def prefix_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.prefix_keys(), self._rebuild(self.group.basis_v, self.factor_v)
+
+    def attend_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.prefix_len or not self.cache.factored:
+            return super().attend_kv()
+        keys = torch.cat([self.prefix_keys().to(self.keys.dtype), self.keys], dim=-2)
+        values = self.values.view_as(self.values)  # a fresh tensor object carrying the factored prefix
+        values.crosskv_prefix = (self.group.basis_v, self.factor_v)
+        return keys, values
+
+    def on_append(self) -> None:
+        if self.cache.strict_now() and not self.group.compressed and self is self.cache.last_of(self.group):
+            self.cache.compress_group(self.group)
+
+
+class LowRankCache(PrefixCache):
+    """xKV/SVD cache: ``LowRankLayer`` for layers in groups, plain ``DynamicLayer`` elsewhere."""
+
+    def __init__(self, config: XKV, shape: KVShape, rotary: Rotary):
+        self.config = config
+        self.shape = shape
+        self.rotary = rotary
+        self.factored = config.attention == "factored"
+        self.groups: list[LowRankGroup] = []
+        layers: list = [DynamicLayer() for _ in range(shape.layers)]
+        for group_layers in config.groups(shape):
+            group = LowRankGroup(group_layers)
+            self.groups.append(group)
+            for index in group_layers:
+                layers[index] = LowRankLayer(self, group)
+        super().__init__(layers)
+        self.shared = self.groups
+
+    def strict_now(self) -> bool:
+        return self.config.strict and self.in_prefill
+
+    def last_of(self, group: LowRankGroup) -> LowRankLayer:
+        return self.layers[group.layers[-1]]
+
+    def compress(self) -> None:
+        """Compress every group not yet compressed (idempotent)."""
+        for group in self.groups:
+            if not group.compressed:
+                self.compress_group(group)
+
+    def compress_group(self, group: LowRankGroup) -> None:
+        """Replace the group's exact prompt tokens by a shared basis and per-layer factors."""
+        members = [self.layers[i] for i in group.layers]
+        tails = [layer.take_tail() for layer in members]
+        tokens = tails[0][0].shape[-2]
+        if any(k.shape[-2] != tokens for k, _ in tails) or any(layer.prefix_len for layer in members):
+            raise RuntimeError(f"group {group.layers} has unequal or already-compressed prompts")
+        positions = torch.arange(tokens, device=tails[0][0].device)
+        keys = torch.stack([self.rotary.unrotate(k.float(), positions) for k, _ in tails])  # (G, B, H, T, d)
+        values = torch.stack([v.float() for _, v in tails])                                 # (G, B, H, T, d)
+        plan = {p.layers: p for p in self.config.plan(self.shape, tokens)}[group.layers]
+        rank_k, rank_v = plan.effective(tokens)
+        dtype = tails[0][0].dtype
+        group.basis_k, factor_k = truncated_svd(group_matrix(keys), rank_k)    # (B, T, r_k), (B, r_k, G·W)
+        group.basis_v, factor_v = truncated_svd(group_matrix(values), rank_v)  # (B, T, r_v), (B, r_v, G·W)
+        group.basis_k, group.basis_v = group.basis_k.to(dtype).contiguous(), group.basis_v.to(dtype).contiguous()
+        for i, layer in enumerate(members):
+            layer.factor_k = factor_k[..., i * self.shape.width:(i + 1) * self.shape.width].to(dtype).contiguous()
+            layer.factor_v = factor_v[..., i * self.shape.width:(i + 1) * self.shape.width].to(dtype).contiguous()
+            layer.prefix_len = tokens
+        log.debug("compressed layers %s: T=%d rank_k=%d rank_v=%d", group.layers, tokens, rank_k, rank_v)
+
+
+class LowRankRunner(Runner):
+    """Binds an :class:`XKV` config: installs the factored attention function when asked."""
+
+    def __init__(self, config: XKV, model, tokenizer=None):
+        super().__init__(config, model, tokenizer)
+        self.shape = kv_shape(model)
+        self.rotary = Rotary(model)
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator["LowRankRunner"]:
+        if self.config.attention != "factored":
+            yield self
+            return
+        previous = self.model.config._attn_implementation
+        self.model.set_attn_implementation(ATTENTION)
+        try:
+            yield self
+        finally:
+            self.model.set_attn_implementation(previous)
+
+    def new_cache(self) -> LowRankCache:
+        return LowRankCache(self.config, self.shape, self.rotary)
+
+    @contextlib.contextmanager
+    def prefill(self, cache: LowRankCache) -> Iterator[None]:
+        cache.in_prefill = True
+        try:
+            yield
+        finally:
+            cache.in_prefill = False
+
+    def compress(self, cache: LowRankCache) -> None:
+        cache.compress()
+
+
+def _causal_bias(attention_mask, q_len: int, kv_len: int, like: torch.Tensor) -> torch.Tensor | None:
+    """An additive ``(B|1, 1, q, kv)`` float bias from a bool/float mask, or causal when no mask is given."""
+    if attention_mask is None:
+        if q_len == 1:
+            return None
+        attention_mask = torch.ones(1, 1, q_len, kv_len, dtype=torch.bool, device=like.device).tril(kv_len - q_len)
+    if attention_mask.dtype == torch.bool:
+        return torch.zeros(attention_mask.shape, dtype=like.dtype, device=like.device).masked_fill(
+            ~attention_mask, float("-inf"))
+    return attention_mask.to(like.dtype)
+
+
+def lowrank_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """Attention where the prefix of V is ``basis @ factor``: ``out = (P_prefix @ basis) @ factor + P_tail @ V_tail``.
+
+    ``query`` ``(B, Hq, q, d)``, ``key`` ``(B, H_kv, T, d)`` (prefix rebuilt + tail), ``value`` the exact
+    tail ``(B, H_kv, t, d)`` carrying ``crosskv_prefix = (basis (B, T_c, r), factor (B, r, H_kv·d))``.
+    Without that attribute this is the model's SDPA attention. Returns ``((B, q, Hq, d), None)``.
+    """
+    prefix = getattr(value, "crosskv_prefix", None)
+    if prefix is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    basis, factor = prefix
+    b, hq, q_len, d = query.shape
+    h_kv, kv_len = key.shape[1], key.shape[2]
+    groups = hq // h_kv
+    scale = scaling if scaling is not None else d ** -0.5
+    q = query.reshape(b, h_kv, groups * q_len, d)
+    scores = (q @ key.transpose(-1, -2)).float() * scale                   # (B, H_kv, g·q, T)
+    bias = _causal_bias(attention_mask, q_len, kv_len, scores)
+    scores = scores.view(b, h_kv, groups, q_len, kv_len)
+    if bias is not None:
+        scores = scores + bias.view(bias.shape[0], 1, 1, q_len, kv_len)
+    probs = scores.softmax(-1).to(query.dtype).view(b, h_kv, groups * q_len, kv_len)
+    prefix_len = basis.shape[1]
+    factor = factor.view(b, -1, h_kv, d).transpose(1, 2)                    # (B, H_kv, r, d)
+    out = (probs[..., :prefix_len] @ basis.unsqueeze(1)) @ factor         # (B, H_kv, g·q, d)
+    if kv_len > prefix_len:
+        out = out + probs[..., prefix_len:] @ value
+    return out.view(b, hq, q_len, d).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION, lowrank_attention)
+AttentionMaskInterface.register(ATTENTION, sdpa_mask)

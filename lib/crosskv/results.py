@@ -1,0 +1,152 @@
+"""The results store: one JSON record per completed run, keyed by a hash of what determines the run.
+
+The key is the sha256 of (model name, dtype, method name + parameters, task config, schema
+version); the file is ``<results dir>/<key>.json``. The results dir is ``data/results/`` unless
+``results_dir=`` or the environment variable ``CROSSKV_RESULTS`` says otherwise. Writes go to a
+temporary file in the same folder and are renamed into place (``os.replace``), so an interrupted run
+leaves no record and a reader never sees half a file.
+
+A record holds the run's identity, its scores, measured bytes and timings, versions, git commit,
+device, and the per-sample ``details`` list. :func:`load_records` gives one tidy row per run
+(method parameters flattened as ``param.<name>`` columns, task options as ``option.<name>``,
+versions as ``version.<package>``; ``details`` left out); :func:`load_samples` one row per sample.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from crosskv.assets import PROJECT_ROOT
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+ENV_VAR = "CROSSKV_RESULTS"
+
+
+def results_dir(path: str | Path | None = None) -> Path:
+    """``path``, else ``$CROSSKV_RESULTS``, else ``data/results`` in the project."""
+    return Path(path or os.environ.get(ENV_VAR) or PROJECT_ROOT / "data" / "results")
+
+
+def identity(model: str, dtype: str, method: str, params: dict[str, Any], task: dict[str, Any]) -> dict[str, Any]:
+    """What determines a run's result (the hashed part of a record)."""
+    return {"model": model, "dtype": dtype, "method": method, "params": params, "task": task,
+            "schema": SCHEMA_VERSION}
+
+
+def run_key(ident: dict[str, Any]) -> str:
+    """sha256 hex digest of the canonical JSON of :func:`identity`."""
+    blob = json.dumps(ident, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def record_path(key: str, path: str | Path | None = None) -> Path:
+    return results_dir(path) / f"{key}.json"
+
+
+def load_record(key: str, path: str | Path | None = None) -> dict[str, Any] | None:
+    """The stored record of run ``key``, or ``None``."""
+    file = record_path(key, path)
+    if not file.is_file():
+        return None
+    return json.loads(file.read_text(encoding="utf-8"))
+
+
+def save_record(record: dict[str, Any], path: str | Path | None = None) -> Path:
+    """Write ``record`` atomically as ``<key>.json`` (tmp file in the same folder, then ``os.replace``)."""
+    folder = results_dir(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    final = record_path(record["key"], folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{record['key'][:12]}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(record, handle, indent=1, sort_keys=True, default=str)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    log.info("saved %s", final)
+    return final
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def git_commit() -> str | None:
+    """The project's HEAD commit (suffixed ``+dirty`` when tracked files changed), or ``None``."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+def environment() -> dict[str, Any]:
+    """Versions (read from package metadata; kvpress is not imported), git commit, python and platform."""
+    return {"versions": {p: _version(p) for p in ("torch", "transformers", "kvpress", "crosskv")},
+            "git_commit": git_commit(), "python": platform.python_version(), "platform": platform.platform()}
+
+
+def _records(path: str | Path | None) -> list[dict[str, Any]]:
+    folder = results_dir(path)
+    if not folder.is_dir():
+        return []
+    return [json.loads(f.read_text(encoding="utf-8")) for f in sorted(folder.glob("*.json"))]
+
+
+def _flat(record: dict[str, Any]) -> dict[str, Any]:
+    row = {k: v for k, v in record.items() if k not in ("params", "options", "versions", "details")}
+    row.update({f"param.{k}": v for k, v in record.get("params", {}).items()})
+    row.update({f"option.{k}": v for k, v in record.get("options", {}).items()})
+    row.update({f"version.{k}": v for k, v in record.get("versions", {}).items()})
+    return row
+
+
+def _filter(df, filters: dict[str, Any]):
+    for column, wanted in filters.items():
+        if column not in df.columns:
+            return df.iloc[0:0]
+        values = wanted if isinstance(wanted, (list, tuple, set)) else [wanted]
+        df = df[df[column].isin(values)]
+    return df.reset_index(drop=True)
+
+
+def load_records(results_dir: str | Path | None = None, **filters: Any):
+    """One row per stored run as a ``pandas.DataFrame``; ``filters`` keep rows whose column equals the value
+    (or is in a list), e.g. ``load_records(method="full", task="niah_single_2")`` or
+    ``load_records(**{"param.compression_ratio": 0.5})``. Method parameters are ``param.<name>`` columns."""
+    import pandas as pd
+
+    return _filter(pd.DataFrame([_flat(r) for r in _records(results_dir)]), filters)
+
+
+def load_samples(results_dir: str | Path | None = None, **filters: Any):
+    """One row per sample of every stored run (run identity columns + the sample's details)."""
+    import pandas as pd
+
+    rows = []
+    for record in _records(results_dir):
+        run = {k: record.get(k) for k in ("key", "model", "dtype", "method", "task", "context", "seed")}
+        run.update({f"param.{k}": v for k, v in record.get("params", {}).items()})
+        for detail in record.get("details", []):
+            rows.append({**run, **{k: v for k, v in detail.items() if k != "info"}, **{
+                f"info.{k}": v for k, v in detail.get("info", {}).items()}})
+    return _filter(pd.DataFrame(rows), filters)

@@ -1,0 +1,214 @@
+"""CommonKV: weight sharing exactness, latent cache, adaptive merge, accounting, measurements, bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, Qwen2Config
+
+from crosskv import accounting, budget
+from crosskv.capture import attention_modules, kv_shape
+from crosskv.methods import commonkv, kv_bytes, make_method
+from crosskv.methods.commonkv import (CommonKVCache, LatentKeyProj, key_noise_sensitivity, merge_groups,
+                                      value_fisher)
+
+
+def tiny_model(arch: str, layers: int = 6):
+    """A random float32 Llama/Qwen2 (D=64, 4 heads, 2 KV heads, d=16); Qwen2 gets non-zero q/k/v biases."""
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    config = LlamaConfig(**common) if arch == "llama" else Qwen2Config(**common)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    if arch == "qwen2":
+        with torch.no_grad():
+            for attn in attention_modules(model):
+                for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    return model
+
+
+def ids(n: int, seed: int = 1, vocab: int = 128) -> torch.Tensor:
+    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def plain_logits(model, tokens: torch.Tensor, split: int) -> torch.Tensor:
+    cache = DynamicCache(config=model.config)
+    first = model(tokens[:, :split], past_key_values=cache).logits
+    rest = [model(tokens[:, i:i + 1], past_key_values=cache).logits for i in range(split, tokens.shape[1])]
+    return torch.cat([first, *rest], dim=1)
+
+
+@torch.no_grad()
+def run(runner, model, tokens: torch.Tensor, split: int, after_compress=None):
+    """Prefill ``tokens[:split]``, compress, then feed the rest one token at a time → (logits, cache)."""
+    with runner.applied():
+        cache = runner.new_cache()
+        with runner.prefill(cache):
+            first = model(tokens[:, :split], past_key_values=cache).logits
+        runner.compress(cache)
+        if after_compress:
+            after_compress(cache)
+        rest = [model(tokens[:, i:i + 1], past_key_values=cache).logits for i in range(split, tokens.shape[1])]
+    return torch.cat([first, *rest], dim=1), cache
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("attend", ["buffer", "rebuild"])
+def test_full_rank_equals_plain_cache(arch, attend):
+    model = tiny_model(arch)
+    tokens = ids(40)
+    ref = plain_logits(model, tokens, 32)
+    runner = make_method("commonkv", unmerged_ratio="1", attend=attend).bind(model)
+    assert runner.ranks == [64, 64]  # D = 64 = the full rank of each group
+    got, cache = run(runner, model, tokens, 32)
+    assert torch.allclose(got, ref, atol=1e-4), (got - ref).abs().max()
+    assert cache.get_seq_length() == 40
+
+
+def test_modules_replaced_inside_and_restored_after():
+    model = tiny_model("llama")
+    originals = [(a.k_proj, a.v_proj) for a in attention_modules(model)]
+    runner = make_method("commonkv", rank="32", unmerged_ratio="1").bind(model)
+    with runner.applied():
+        attns = attention_modules(model)
+        assert all(isinstance(a.k_proj, LatentKeyProj) for a in attns)
+        assert attns[0].k_proj.down is attns[3].v_proj.down  # one shared down-projection per group
+        assert attns[0].k_proj.down is not attns[4].k_proj.down
+    assert [(a.k_proj, a.v_proj) for a in attention_modules(model)] == originals
+
+
+def test_lower_rank_is_lossy_and_error_shrinks_with_rank():
+    model = tiny_model("llama")
+    tokens = ids(24)
+    ref = plain_logits(model, tokens, 24)
+    errors = [(run(make_method("commonkv", rank=str(r), unmerged_ratio="1").bind(model), model, tokens, 24)[0]
+               - ref).abs().max().item() for r in (16, 48, 64)]
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 1e-4
+
+
+def test_merge_with_ratio_one_equals_unmerged_cache():
+    model = tiny_model("llama")
+    tokens = ids(60)
+    runner = make_method("commonkv", rank="40", unmerged_ratio="1").bind(model)
+    plain, _ = run(runner, model, tokens, 50)
+    counts = []
+    merged, cache = run(runner, model, tokens, 50, after_compress=lambda c: counts.extend(
+        merge_groups(c, runner.weights, 1.0, sinks=4, recent=8)))
+    assert counts == [0, 0]
+    assert torch.equal(merged, plain)
+
+
+def test_merge_drops_bytes_and_matches_accounting():
+    model = tiny_model("llama")
+    tokens = ids(70)
+    runner = make_method("commonkv", rank="48", unmerged_ratio="0.4", weights="uniform", sink_tokens="4",
+                         recent_tokens="8").bind(model)
+    _, cache = run(runner, model, tokens, 64)
+    counts = runner.merged_counts
+    candidates = 64 - 4 - 8
+    assert sum(counts) == 2 * candidates - round(0.4 * 2 * candidates)  # global bottom-k over both groups
+    sizes = [len(g) for g in runner.groups]
+    expected = accounting.commonkv_bytes(runner.ranks, sizes, 70, counts, float_bytes=4)
+    assert kv_bytes(cache) == expected
+    unmerged = accounting.commonkv_bytes(runner.ranks, sizes, 70, [0, 0], float_bytes=4)
+    assert kv_bytes(cache) < unmerged
+    for store, count in zip(cache.stores, counts):  # merged entries stored once per group
+        assert store.lat.shape == (1, count, 48)
+
+
+def test_rebuild_and_buffer_agree_after_merge():
+    model = tiny_model("qwen2")
+    tokens = ids(56)
+    outs = []
+    for attend in ("buffer", "rebuild"):
+        runner = make_method("commonkv", rank="48", unmerged_ratio="0.3", weights="uniform", recent_tokens="4",
+                             attend=attend).bind(model)
+        outs.append(run(runner, model, tokens, 48)[0])
+    assert torch.allclose(outs[0], outs[1], atol=1e-4)
+
+
+def test_merged_entry_is_the_weighted_average():
+    model = tiny_model("llama")
+    tokens = ids(40)
+    runner = make_method("commonkv", rank="64", unmerged_ratio="1").bind(model)
+    weights = [0.1, 0.2, 0.3, 0.4, 0.25, 0.75]
+    snapshot = {}
+
+    def merge(cache: CommonKVCache):
+        snapshot["lat"] = [layer.own_latents().clone() for layer in cache.layers]
+        merge_groups(cache, weights, 0.0, sinks=2, recent=2)
+
+    _, cache = run(runner, model, tokens, 40, after_compress=merge)
+    store = cache.stores[0]
+    pos = store.pos.long()
+    assert pos.tolist() == list(range(2, 38))
+    expected = sum(w * snapshot["lat"][i][:, pos] for i, w in enumerate(weights[:4]))
+    assert torch.allclose(store.lat, expected, atol=1e-5)
+
+
+def test_noise_sensitivity_weights_sum_to_one_per_group():
+    model = tiny_model("llama")
+    deltas = key_noise_sensitivity(model, ids(32, vocab=128).repeat(2, 1))
+    assert len(deltas) == 6 and any(d != 0 for d in deltas)
+    groups = budget.layer_groups(6, 4)
+    weights = budget.normalise_within_groups(deltas, groups)
+    for group in groups:
+        assert sum(weights[i] for i in group) == pytest.approx(1.0)
+        assert all(weights[i] >= 0 for i in group)
+
+
+def test_value_fisher_positive_and_restores_grad_flags():
+    model = tiny_model("llama")
+    flags = [p.requires_grad for p in model.parameters()]
+    fisher = value_fisher(model, ids(16).repeat(2, 1))
+    assert len(fisher) == 6 and all(f > 0 for f in fisher)
+    assert [p.requires_grad for p in model.parameters()] == flags
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"rank": "65"}, "rank=65"),
+    ({"group_size": "0"}, "group_size=0"),
+    ({"group_size": "7"}, "group_size=7"),
+    ({"weights": "magic"}, "weights='magic'"),
+    ({"unmerged_ratio": "1.5"}, "unmerged_ratio=1.5"),
+    ({"rank_ratio": "-0.1"}, "rank_ratio=-0.1"),
+    ({"ranks": "fisher", "rank": "32"}, "rank=32"),
+])
+def test_bad_input_names_the_value(params, message):
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        make_method("commonkv", **params).bind(model)
+
+
+@pytest.mark.slow
+def test_embedded_model_full_rank_exact_and_merge_saves(model32):
+    model, tokenizer = model32
+    tokens = torch.randint(100, 10000, (1, 200), generator=torch.Generator().manual_seed(0))
+    ref = plain_logits(model, tokens, 192)
+    runner = make_method("commonkv", unmerged_ratio="1").bind(model, tokenizer)
+    got, cache = run(runner, model, tokens, 192)
+    assert torch.allclose(got, ref, atol=2e-4), (got - ref).abs().max()
+    full = accounting.full_bytes(kv_shape(model), 200, float_bytes=4)
+    assert kv_bytes(cache) == accounting.commonkv_bytes(runner.ranks, [len(g) for g in runner.groups], 200,
+                                                        [0] * 8, float_bytes=4)
+    assert kv_bytes(cache) > full  # an unmerged full-rank latent (576) is wider than one layer's K+V (384)
+
+
+@pytest.mark.slow
+def test_embedded_model_measurements_cached_and_fisher_budget(model32, tmp_path, monkeypatch):
+    monkeypatch.setattr(commonkv, "cache_dir", lambda: tmp_path)
+    model, tokenizer = model32
+    config = make_method("commonkv", ranks="fisher", rank_ratio="0.5", calibration="2", calibration_length="16")
+    runner = config.bind(model, tokenizer)
+    assert all(r % 32 == 0 and 32 <= r <= 576 for r in runner.ranks)
+    sizes = [len(g) for g in runner.groups]
+    used = sum(s * r for s, r in zip(sizes, runner.ranks))
+    assert 0.5 * 576 * 30 - 32 * max(sizes) <= used <= 0.5 * 576 * 30
+    for group in runner.groups:
+        assert sum(runner.weights[i] for i in group) == pytest.approx(1.0)
+    files = sorted(p.name for p in tmp_path.glob("*.json"))
+    assert len(files) == 2 and any("fisher" in f for f in files) and any("sensitivity" in f for f in files)
+    assert config.bind(model, tokenizer).ranks == runner.ranks  # read back from disk

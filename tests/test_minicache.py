@@ -1,0 +1,130 @@
+"""MiniCache: SLERP and retention rules on random tensors; exactness at gamma=1; decode; bytes = accounting."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from crosskv.accounting import full_bytes, minicache_bytes
+from crosskv.capture import KVShape, kv_shape
+from crosskv.methods import kv_bytes, make_method
+from crosskv.methods.minicache import MiniCache, merge_pair, retained_mask, slerp_directions
+
+SMOL = KVShape(layers=30, kv_heads=3, head_dim=64, hidden=576, heads=9)
+
+
+def test_slerp_endpoints_and_unit_norm():
+    a, b = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8)
+    start, omega = slerp_directions(a, b, 0.0)
+    end, _ = slerp_directions(a, b, 1.0)
+    mid, _ = slerp_directions(a, b, 0.5)
+    assert torch.allclose(start, a / a.norm(dim=-1, keepdim=True), atol=1e-5)
+    assert torch.allclose(end, b / b.norm(dim=-1, keepdim=True), atol=1e-5)
+    assert torch.allclose(mid.norm(dim=-1), torch.ones(2, 3, 5), atol=1e-5)
+    # the midpoint is equally far (in angle) from both endpoints
+    cos_a = (mid * start).sum(-1)
+    cos_b = (mid * end).sum(-1)
+    assert torch.allclose(cos_a, cos_b, atol=1e-5) and torch.allclose(torch.arccos(cos_a), omega / 2, atol=1e-3)
+    same, zero = slerp_directions(a, a, 0.6)  # parallel vectors: no NaN, direction unchanged
+    assert torch.allclose(same, start, atol=1e-5) and torch.all(zero < 1e-3)
+
+
+def test_retention_readings_and_sink():
+    omega = torch.tensor([[[3.0, 0.0, 0.1, 0.5, 0.9, 1.0]]])  # token 0 (sink) is an outlier, excluded from min/max
+    paper = retained_mask(omega, 0.2, "paper")
+    xkv = retained_mask(omega, 0.2, "xkv")
+    assert paper.tolist() == [[[True, False, False, False, True, True]]]   # Ω ≥ 1.0 − 0.2·1.0: most dissimilar
+    assert xkv.tolist() == [[[True, True, True, False, False, False]]]     # Ω ≤ 0.0 + 0.2·1.0: most similar
+    for rule in ("paper", "xkv"):
+        assert retained_mask(omega, 1.0, rule).all()
+        assert retained_mask(omega, 0.0, rule).sum() == 2  # the sink + the extreme row
+
+
+def test_merge_pair_rebuild_is_exact_on_retained_rows_and_keeps_norms():
+    a, b = torch.randn(1, 3, 20, 8), torch.randn(1, 3, 20, 8)
+    merged = merge_pair(a, b, 0.6, 0.3, "paper")
+    for which, x in enumerate((a, b)):
+        rebuilt = merged.rebuild(which)
+        assert torch.allclose(rebuilt.norm(dim=-1), x.norm(dim=-1), atol=1e-5)
+        keep = torch.zeros(3 * 20, dtype=torch.bool)
+        keep[merged.indices.long()] = True
+        keep = keep.view(1, 3, 20)
+        assert torch.equal(rebuilt[keep], x[keep]) and not torch.allclose(rebuilt[~keep], x[~keep])
+    full = merge_pair(a, b, 0.6, 1.0, "xkv")
+    assert torch.equal(full.rebuild(0), a) and torch.equal(full.rebuild(1), b)
+
+
+@pytest.mark.parametrize("params, message", [
+    (dict(t=1.2), "t=1.2"), (dict(gamma=-0.1), "gamma=-0.1"),
+    (dict(retention="both"), "retention='both'"), (dict(start_layer=-1), "start_layer=-1"),
+])
+def test_bad_config_names_the_value(params, message):
+    with pytest.raises(ValueError, match=message):
+        MiniCache(**params)
+
+
+@pytest.mark.parametrize("params, message", [
+    (dict(start_layer=30), "start_layer=30"), (dict(end_layer=31), "end_layer=31"),
+    (dict(start_layer=10, end_layer=11), r"\[10, 11\) holds no pair"),
+])
+def test_bad_geometry_names_the_value(params, message):
+    with pytest.raises(ValueError, match=message):
+        MiniCache(**params).pairs(SMOL)
+
+
+def test_default_pairs_start_at_the_middle():
+    assert MiniCache().pairs(SMOL) == [(i, i + 1) for i in range(15, 29, 2)]  # layer 29 stays plain
+    assert MiniCache(start_layer=0).pairs(SMOL)[-1] == (28, 29)
+
+
+# --- integration tests on the embedded model --------------------------------------------------
+
+def _run(model, method, context, question, decode_steps=2):
+    runner = method.bind(model)
+    logits = []
+    with runner.applied(), torch.no_grad():
+        cache = runner.new_cache()
+        with runner.prefill(cache):
+            model(context, past_key_values=cache)
+        runner.compress(cache)
+        out = model(question, past_key_values=cache).logits
+        logits.append(out)
+        for _ in range(decode_steps):
+            out = model(out[:, -1:].argmax(-1), past_key_values=cache).logits
+            logits.append(out)
+    return logits, cache
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(100, 20000, (1, 128), generator=generator), torch.randint(100, 20000, (1, 3), generator=generator)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("retention", ["paper", "xkv"])
+def test_gamma_one_is_exact_and_appends_exactly(model32, prompt, retention):
+    model, _ = model32
+    logits, cache = _run(model, MiniCache(gamma=1.0, retention=retention, start_layer=0), *prompt)
+    reference, plain = _run(model, make_method("full"), *prompt)
+    for got, want in zip(logits, reference):
+        assert torch.allclose(got, want, atol=1e-4)
+    tokens = prompt[0].shape[1]
+    for layer, plain_layer in zip(cache.layers, plain.layers):
+        assert layer.prefix_len == tokens
+        assert torch.allclose(layer.keys, plain_layer.keys[..., tokens:, :], atol=1e-4)
+        assert torch.allclose(layer.values, plain_layer.values[..., tokens:, :], atol=1e-4)
+
+
+@pytest.mark.slow
+def test_default_merge_saves_memory_and_bytes_match_accounting(model32, prompt):
+    model, _ = model32
+    method = MiniCache()
+    logits, cache = _run(model, method, *prompt)
+    shape, tokens, appended = kv_shape(model), prompt[0].shape[1], prompt[1].shape[1] + 2
+    retained_k, retained_v = cache.retained_rows()
+    pairs = len(method.pairs(shape))
+    assert pairs * 3 <= retained_k < pairs * 3 * tokens  # at least the sink per head, far from everything
+    assert kv_bytes(cache) == minicache_bytes(method, shape, tokens, retained_k, retained_v, appended, float_bytes=4)
+    kept = kv_bytes(cache) / full_bytes(shape, tokens + appended, float_bytes=4)
+    assert 0.7 < kept < 0.85, kept  # half the layers merged at ≈ (1 + 2/d)/2 of their bytes
+    assert all(torch.isfinite(x).all() for x in logits)

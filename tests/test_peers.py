@@ -1,0 +1,73 @@
+"""kvpress presses as peers: configs, lazy import, measured eviction, and no side effect on our methods."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from crosskv import harness
+from crosskv.methods import REGISTRY, make_method
+
+PEERS = ["kvpress:snapkv", "kvpress:pyramidkv", "kvpress:knorm", "kvpress:streaming_llm", "kvpress:expected_attention"]
+
+
+def test_every_peer_is_registered_with_a_compression_ratio():
+    for name in PEERS:
+        assert name in REGISTRY
+        assert make_method(name, compression_ratio="0.25").compression_ratio == 0.25
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 1.0])
+def test_ratio_outside_range_is_refused(ratio):
+    with pytest.raises(ValueError, match=f"compression_ratio={ratio}"):
+        make_method("kvpress:snapkv", compression_ratio=ratio)
+
+
+def test_importing_crosskv_does_not_import_kvpress():
+    code = "import sys, crosskv.methods, crosskv.harness, crosskv.cli, crosskv.tasks; " \
+           "crosskv.tasks.get_task('ppl'); print('kvpress' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+@pytest.mark.parametrize("name", PEERS)
+def test_peer_prunes_the_context_only(tiny_model, name):
+    rec = harness.evaluate(*tiny_model, make_method(name, compression_ratio=0.5), "niah_single_1", context=256,
+                           samples=1, store=False, progress=False, max_new_tokens=4)
+    d = rec["details"][0]
+    assert rec["kept"] == pytest.approx(0.5, abs=0.01)
+    # question and decoded tokens are stored exactly on top of the pruned context
+    appended = d["kv_bytes_full_end"] - d["kv_bytes_full"]
+    assert d["kv_bytes_end"] - d["kv_bytes"] == appended
+
+
+def test_kvpress_import_leaves_our_logits_unchanged(tmp_path):
+    """`full` gives identical logits in a clean interpreter and in one where kvpress was imported first."""
+    script = textwrap.dedent("""
+        import sys, torch
+        if sys.argv[1] == "import":
+            import kvpress  # noqa: F401  (patches transformers' attention functions)
+        import crosskv
+        from crosskv.harness import run_generate
+        from crosskv.methods import make_method
+        from crosskv.tasks import make_task
+        assert ("kvpress" in sys.modules) == (sys.argv[1] == "import")
+        torch.set_num_threads(1)
+        model, tok = crosskv.load_model("smollm2-135m", device="cpu", dtype=torch.float32)
+        config = make_task("niah_single_2", 192, 1)
+        (sample,) = config.spec.build(config, tok)
+        runner = make_method("full").bind(model, tok)
+        ids = torch.tensor([sample.context_ids + sample.question_ids])
+        with torch.no_grad(), runner.applied():
+            logits = model(ids, past_key_values=runner.new_cache(), use_cache=True).logits
+        torch.save(logits, sys.argv[2])
+    """)
+    outs = {}
+    for mode in ("clean", "import"):
+        outs[mode] = tmp_path / f"{mode}.pt"
+        subprocess.run([sys.executable, "-c", script, mode, str(outs[mode])], check=True, capture_output=True)
+    clean, patched = torch.load(outs["clean"]), torch.load(outs["import"])
+    assert torch.equal(clean, patched)

@@ -1,0 +1,96 @@
+"""KIVI-style quantization: packing, round-trip error ≤ half a step, storage paths, bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from crosskv import accounting
+from crosskv.methods import kv_bytes
+from crosskv.methods.quant import KiviLayer, QuantSpec, quantize, quantize_cache, step_size, working_tensors
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("axis", [-1, -2])
+def test_round_trip_error_within_half_a_step(bits, axis):
+    x = torch.randn(2, 3, 70, 48) * 3 + 1
+    q = quantize(x, bits, 32, axis=axis)
+    assert q.codes.dtype == torch.uint8
+    err = (q.dequantize() - x).abs()
+    step = step_size(q)
+    assert step.shape == x.shape
+    assert (err <= step / 2 + 1e-5).all()
+    assert err.max() > 0
+
+
+def test_more_bits_less_error_and_packing_size():
+    x = torch.randn(4, 256)
+    errors = [(quantize(x, b, 32).dequantize() - x).abs().mean().item() for b in (2, 4, 8)]
+    assert errors[0] > errors[1] > errors[2]
+    for bits in (2, 4, 8):
+        q = quantize(x, bits, 32)
+        assert sum(t.numel() * t.element_size() for t in q.tensors()) == accounting.quantized_bytes(4, 256, bits, 32)
+
+
+def test_constant_group_and_dtype_preserved():
+    x = torch.full((3, 64), 2.5, dtype=torch.bfloat16)
+    q = quantize(x, 2, 32)
+    assert q.dequantize().dtype == torch.bfloat16
+    assert torch.allclose(q.dequantize().float(), x.float(), atol=1e-2)
+
+
+@pytest.mark.parametrize("kwargs, message", [({"bits": 3}, "bits=3"), ({"group_size": 6}, "group_size=6"),
+                                             ({"residual": -1}, "residual=-1")])
+def test_bad_spec(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        QuantSpec(**kwargs)
+
+
+def plain_cache(tokens: int = 200, layers: int = 2) -> DynamicCache:
+    cache = DynamicCache()
+    torch.manual_seed(0)
+    for i in range(layers):
+        cache.update(torch.randn(1, 3, tokens, 64), torch.randn(1, 3, tokens, 64), i)
+    return cache
+
+
+def test_plain_cache_packed_keys_per_channel_values_per_token_residual_float():
+    cache = plain_cache(200)
+    keys = cache.layers[0].keys.clone()
+    assert quantize_cache(cache, QuantSpec(bits=2, group_size=32, residual=64)) == "packed"
+    layer = cache.layers[0]
+    assert isinstance(layer, KiviLayer)
+    assert layer.n_q == 128 and layer.keys.shape[-2] == 72  # 136 → 128 (whole key groups), the rest stays float
+    assert layer.qkeys.axis == 3 - 1 and layer.qvalues.axis == 3  # keys grouped along tokens, values along channels
+    assert torch.equal(layer.keys, keys[..., 128:, :])
+    k_full, _ = layer.update(torch.zeros(1, 3, 1, 64), torch.zeros(1, 3, 1, 64))
+    assert k_full.shape[-2] == 201 and layer.get_seq_length() == 201
+    assert ((k_full[..., :128, :] - keys[..., :128, :]).abs() <= step_size(layer.qkeys) / 2 + 1e-5).all()
+    codes = 2 * 3 * 128 * 64 // 4  # K and V, 2 bits
+    scales = 2 * 2 * (3 * 64 * 128 // 32)  # a float16 scale and zero per group of 32, K and V
+    tails = (73 + 72) * 2 * 3 * 64 * 4  # layer 0 got one appended token, layer 1 none; float32 K and V
+    assert kv_bytes(cache) == 2 * (codes + scales * 2) + tails
+    assert sum(t.numel() for t in working_tensors(cache)) == 2 * 2 * 3 * 128 * 64  # dequantized prefix buffers
+
+
+def test_simulated_path_for_custom_layers():
+    class CustomLayer(DynamicLayer):
+        """A method-specific layer type (not plain K/V rows)."""
+
+    class Custom(DynamicCache):
+        def stored_tensors(self):
+            for layer in self.layers:
+                yield layer.keys
+                yield layer.values
+
+    cache = Custom()
+    cache.layers = [CustomLayer()]
+    cache.update(torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64), 0)
+    before = cache.layers[0].keys.clone()
+    assert quantize_cache(cache, QuantSpec(bits=4, group_size=32, residual=0)) == "simulated"
+    assert not torch.equal(cache.layers[0].keys, before)
+    assert (cache.layers[0].keys - before).abs().max() < (before.max() - before.min()) / 15
+    assert kv_bytes(cache) == 2 * accounting.quantized_bytes(3 * 64, 64, 4, 32)
+    cache.update(torch.randn(1, 3, 1, 64), torch.randn(1, 3, 1, 64), 0)  # a new tensor: counted as floats
+    assert kv_bytes(cache) == 2 * 3 * 65 * 64 * 4
