@@ -271,7 +271,9 @@ def test_method_searches_once_and_caches(model32, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_search_cli_writes_a_valid_strategy(tmp_path):
     out = tmp_path / "strategy.json"
-    assert kvs.search_cli(["--shared-layers", "1", "--calibration-samples", "2", "--calibration-length", "16",
+    from crosskv.cli import main
+
+    assert main(["search", "--shared-layers", "1", "--calibration-samples", "2", "--calibration-length", "16",
                            "--order", "similar", "--out", str(out)]) == 0
     s = kvs.SharingStrategy.load(out)
     assert len(s.mapping) == 1 and s.search["order"] == "similar" and s.num_layers == L

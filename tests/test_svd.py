@@ -201,3 +201,16 @@ def test_grouped_svd_beats_per_layer_svd_at_equal_bytes(model32):
         assert result["grouped_rank"] > 32
         wins.append(result["grouped"] < result["single"])
     assert all(wins), wins
+
+
+def test_energy_and_error_tables_are_consistent():
+    from crosskv.lowrank import energy_table, grouped_error_table
+
+    kv = torch.randn(8, 2, 3, 32, 4)  # (L, N, H, T, d)
+    energy = energy_table({"k": kv}, [1, 4])
+    for g, part in energy.groupby("group_size"):
+        assert part["energy"].is_monotonic_increasing and abs(part["energy"].iloc[-1] - 1) < 1e-5
+        assert part["rank"].max() == min(32, g * 12) and part["rank_fraction"].max() == part["rank"].max() / (g * 12)
+    errors = grouped_error_table({"k": kv}, [2, 4], [2, 4])
+    assert len(errors) == (4 + 2) * 2 and (errors["grouped_rank"] >= errors["single_rank"]).all()
+    assert errors["kept"].between(0, 1).all()

@@ -1,4 +1,4 @@
-"""``python -m crosskv <command>``: eval, list, assets, bench (and commands other modules add).
+"""``python -m crosskv <command>``: eval, list, assets, bench, search (KVSharer), figures.
 
 Each command is a pair of functions — ``configure(parser)`` adds its arguments, ``run(args) -> int``
 does the work — listed in :data:`SUBCOMMANDS`; a new command is one more entry. Expected errors
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from crosskv import figures
+from crosskv.methods import kvsharer
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +224,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "assets": Subcommand("fetch, verify and convert the embedded model and corpus", configure_assets, run_assets),
     "bench": Subcommand("prefill/decode speed, KV bytes and peak memory of full and the kvpress peers",
                         configure_bench, run_bench),
+    "search": Subcommand("KVSharer strategy search on calibration data -> strategy JSON",
+                         kvsharer.search_parser, kvsharer.run_search),
     "figures": Subcommand("execute the notebooks under a parameter profile and regenerate figures/",
                           figures.configure_cli, figures.run_cli),
 }

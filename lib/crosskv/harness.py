@@ -43,12 +43,12 @@ from datetime import datetime, timezone
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from crosskv import capture, results
 from crosskv.methods import MethodConfig, Runner, kv_bytes, make_method
 from crosskv.models import model_name
 from crosskv.tasks import Sample, TaskConfig, make_task
+from crosskv.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -364,7 +364,7 @@ def evaluate(model, tokenizer, method: MethodConfig | str, task: TaskConfig | st
     stops = _stop_ids(model, tokenizer)
     details = []
     label = f"{config.name} · {task_config.name} · {task_config.context}"
-    for sample in tqdm(samples_, desc=label, disable=not progress or rank != 0, leave=False):
+    for sample in progress_bar(samples_, enabled=progress and rank == 0, desc=label, leave=False):
         if spec.kind == "generate":
             detail = run_generate(runner, sample, stops)
             detail["score"] = spec.score(detail["prediction"], sample, task_config)

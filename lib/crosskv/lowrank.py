@@ -107,7 +107,8 @@ def energy_table(fields: dict[str, torch.Tensor], group_sizes: list[int]) -> "pa
     """Tidy energy-vs-rank curves: one row per (field, G, rank) with the mean energy over groups and sequences.
 
     ``fields`` maps a label (e.g. "keys (pre-RoPE)") to ``(L, N, H, T, d)``. Columns: field,
-    group_size, rank, rank_fraction (rank / min(T, G·H·d)), energy.
+    group_size, rank, rank_fraction (rank / (G·H·d): equal values mean equal basis storage per layer,
+    factors excluded), energy.
     """
     import pandas as pd
 
@@ -115,9 +116,9 @@ def energy_table(fields: dict[str, torch.Tensor], group_sizes: list[int]) -> "pa
     for label, kv in fields.items():
         for g in group_sizes:
             curve = group_energy(kv, g).mean(dim=(0, 1))  # (n,)
-            n = curve.shape[0]
-            rows += [{"field": label, "group_size": g, "rank": r + 1, "rank_fraction": (r + 1) / n,
-                      "energy": float(curve[r])} for r in range(n)]
+            width = g * kv.shape[2] * kv.shape[4]
+            rows += [{"field": label, "group_size": g, "rank": r + 1, "rank_fraction": (r + 1) / width,
+                      "energy": float(curve[r])} for r in range(curve.shape[0])]
     return pd.DataFrame(rows)
 
 

@@ -20,9 +20,9 @@ from typing import Iterable
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from crosskv.capture import attention_modules, capture
+from crosskv.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ def activation_similarity(model, batches: Iterable[torch.Tensor], fields: Iterab
     fields = _check(fields, ACTIVATIONS, "activation field(s)")
     metrics = _check(metrics, METRICS, "metric(s)")
     accs = {f: _Accumulator(metrics, rank, unbiased) for f in fields}
-    for ids in tqdm(list(batches), desc="similarity", disable=not progress):
+    for ids in progress_bar(list(batches), enabled=progress, desc="similarity"):
         cap = capture(model, [ids], fields=fields)
         for field in fields:
             accs[field].update(getattr(cap, field), field)

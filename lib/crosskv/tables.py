@@ -18,13 +18,17 @@ SOURCE_LABELS = {"paper": "read in the paper", "2nd": "secondary source (indepen
 
 
 def save_table(df: pd.DataFrame, name: str, figures_dir: str | Path, floatfmt: str = ".4g") -> list[Path]:
-    """Write ``df`` as ``<figures_dir>/<name>.csv`` and ``.md``; returns the paths."""
+    """Write ``df`` as ``<figures_dir>/<name>.csv`` and ``.md``; returns the paths.
+
+    Floats are written with 6 significant digits so that run-to-run floating-point noise (thread
+    scheduling in reductions) does not show up as a diff.
+    """
     if not name.startswith("tab_"):
         raise ValueError(f"table name {name!r} must start with 'tab_NN_'")
     out = Path(figures_dir)
     out.mkdir(parents=True, exist_ok=True)
     csv, md = out / f"{name}.csv", out / f"{name}.md"
-    df.to_csv(csv, index=False, lineterminator="\n")
+    df.to_csv(csv, index=False, lineterminator="\n", float_format="%.6g")
     md.write_text(df.to_markdown(index=False, floatfmt=floatfmt) + "\n")
     return [csv, md]
 

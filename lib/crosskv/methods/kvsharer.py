@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from tqdm.auto import tqdm
 from transformers import DynamicCache
 from transformers.cache_utils import CacheLayerMixin
 
 from crosskv.assets import PROJECT_ROOT
 from crosskv.capture import capture, decoder, kv_shape
 from crosskv.methods.base import MethodConfig, Runner, register
+from crosskv.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -358,7 +358,7 @@ def hidden_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a, b, dim=-1).mean())
 
 
-def search(model, tokenizer, config: SearchConfig, progress: bool = True) -> SharingStrategy:
+def search(model, tokenizer, config: SearchConfig, progress: bool = False) -> SharingStrategy:
     """KVSharer's greedy search (Algorithm 1) on ``model`` → a :class:`SharingStrategy` with C consumers.
 
     Candidates are visited in ``config.order``; a candidate whose consumer already is one is skipped
@@ -379,7 +379,7 @@ def search(model, tokenizer, config: SearchConfig, progress: bool = True) -> Sha
                                       seed=config.seed, corpus=config.corpus)
         reference = final_hidden(model, calibration, {})
         candidates = candidate_pairs(layer_distances(model, calibration, config.metric), config.order, config.seed)
-        bar = tqdm(total=target, desc="kvsharer search", disable=not progress)
+        bar = progress_bar(total=target, enabled=progress, desc="kvsharer search")
         for consumer, producer, distance in candidates:
             if consumer in mapping:
                 continue
@@ -413,13 +413,13 @@ def cache_path(model, config: SearchConfig, cache_dir: str | Path | None = None)
     return Path(cache_dir or CACHE_DIR) / f"{digest}.json"
 
 
-def cached_search(model, tokenizer, config: SearchConfig, force: bool = False) -> SharingStrategy:
+def cached_search(model, tokenizer, config: SearchConfig, force: bool = False, progress: bool = False) -> SharingStrategy:
     """:func:`search`, reusing a previous result for the same model and config from the disk cache."""
     path = cache_path(model, config)
     if path.is_file() and not force:
         log.info("kvsharer strategy from cache %s", path)
         return SharingStrategy.load(path, model)
-    strategy = search(model, tokenizer, config)
+    strategy = search(model, tokenizer, config, progress=progress)
     strategy.save(path)
     log.info("kvsharer search took %.1f s (%d candidates); saved %s",
              strategy.search_seconds, strategy.candidates_tried, path)
@@ -497,6 +497,7 @@ def search_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Arg
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default=None, help="model dtype (default: the loader's, bfloat16)")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a shared machine)")
     parser.add_argument("--out", required=True, help="where to write the strategy JSON")
     return parser
 
@@ -508,14 +509,11 @@ def run_search(args: argparse.Namespace) -> int:
     config = SearchConfig(shared_layers=args.shared_layers, rate=args.rate, metric=args.metric, order=args.order,
                           threshold=args.threshold, calibration_samples=args.calibration_samples,
                           calibration_length=args.calibration_length, seed=args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
-    strategy = search(model, tokenizer, config)
+    strategy = search(model, tokenizer, config, progress=True)
     path = strategy.save(args.out)
     log.info("%d consumers %s in %.1f s (%d candidates) → %s", len(strategy.mapping), strategy.mapping,
              strategy.search_seconds, strategy.candidates_tried, path)
     return 0
-
-
-def search_cli(argv: list[str] | None = None) -> int:
-    """``python -m crosskv search ...`` as a standalone entry point."""
-    return run_search(search_parser().parse_args(argv))
