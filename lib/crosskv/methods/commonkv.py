@@ -12,11 +12,12 @@ over all groups the ``unmerged_ratio`` least similar entries stay per-layer (the
 ``sink_tokens`` and last ``recent_tokens`` prompt tokens never merge) and every other entry is
 replaced by one group latent, the sensitivity-weighted average of the group's latents, stored once.
 
-Attention (``attend``): ``"buffer"`` keeps the rebuilt post-RoPE K and V as a float *working buffer*
-(built once after compression, then the exact new K/V are appended), so decoding runs at plain-cache
-speed — the buffer is not the stored cache and is reported by ``working_tensors()``; ``"rebuild"``
-holds only latents and rebuilds K/V (RoPE at the stored positions) on every call, as the CommonKV
-release does. Exact latent attention is not cheaper here: V can be absorbed (out = R_v·Σ a_t c_t)
+Attention (``attend``): ``"rebuild"`` (default) holds only latents and rebuilds K/V (RoPE at the
+stored positions) on every call, as the CommonKV release does — the memory-saving mode.
+``"buffer"`` additionally keeps the rebuilt post-RoPE K and V as a float buffer (built once after
+compression, then the exact new K/V are appended), so decoding runs at plain-cache speed; the
+buffer is held across steps, so it is counted in ``stored_tensors()`` (``kept`` > 1 then): a speed
+reference, not a compression mode. Exact latent attention is not cheaper here: V can be absorbed (out = R_v·Σ a_t c_t)
 but costs H·r per token instead of H_kv·d, and RoPE makes the absorbed key a per-frequency
 combination that costs as much as rebuilding K.
 """
@@ -308,6 +309,7 @@ class CommonKVCache(Cache):
             yield from layer.stored()
         for store in self.stores:
             yield from store.tensors()
+        yield from self.working_tensors()
 
     def working_tensors(self) -> Iterator[torch.Tensor]:
         for layer in self.layers:
@@ -485,7 +487,7 @@ class CommonKV(MethodConfig):
     weights: str = "sensitivity"
     sink_tokens: int = 4
     recent_tokens: int = 128
-    attend: str = "buffer"
+    attend: str = "rebuild"
     calibration: int = 30
     calibration_length: int = 64
     seed: int = 0
@@ -617,3 +619,23 @@ class CommonKVRunner(Runner):
         self.merged_counts = merge_groups(cache, self.weights, self.config.unmerged_ratio, self.config.sink_tokens,
                                           self.config.recent_tokens, self.config.merge_budget)
         log.info("commonkv: merged tokens per group %s", self.merged_counts)
+
+
+# ----------------------------------------------------------------------------- analysis helpers
+
+@torch.no_grad()
+def prompt_latents(runner: CommonKVRunner, ids: torch.Tensor) -> CommonKVCache:
+    """Prefill ``ids`` ``(1, T)`` through the latent projections; the returned cache holds every layer's latents."""
+    with runner.applied():
+        cache = runner.new_cache()
+        runner.model(input_ids=ids.to(runner.model.device), past_key_values=cache, use_cache=True)
+    return cache
+
+
+def group_cosines(cache: CommonKVCache) -> list[float]:
+    """Per group: mean over tokens of the cosine between its first and last layer's latents (NaN for 1-layer groups)."""
+    out = []
+    for group in cache.groups:
+        layers = [cache.layers[i] for i in group]
+        out.append(float(group_similarity(layers, layers[0].pos).mean()) if len(layers) > 1 else float("nan"))
+    return out
