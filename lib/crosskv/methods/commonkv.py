@@ -41,6 +41,7 @@ from crosskv.assets import data_dir
 from crosskv.capture import Rotary, attention_modules, kv_shape
 from crosskv.methods.base import MethodConfig, Runner, register
 from crosskv.methods.quant import QTensor, QuantSpec, quantize, split_residual
+from crosskv.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -421,8 +422,6 @@ def lm_loss(model, ids: torch.Tensor, batch: int = 8) -> float:
 def key_noise_sensitivity(model, ids: torch.Tensor, seed: int = 0) -> list[float]:
     """Per layer: perplexity increase when that layer's keys are replaced by Gaussian noise of the same
     per-channel mean and std, on calibration rows ``ids`` ``(N, T)``."""
-    from tqdm.auto import tqdm
-
     base = math.exp(lm_loss(model, ids))
     deltas = []
     gen = torch.Generator().manual_seed(seed)
@@ -432,7 +431,7 @@ def key_noise_sensitivity(model, ids: torch.Tensor, seed: int = 0) -> list[float
         rand = torch.randn(out.shape, generator=gen)
         return (rand.to(out.device) * std + mean).to(out.dtype)
 
-    for attn in tqdm(attention_modules(model), desc="key-noise sensitivity", leave=False):
+    for attn in progress_bar(attention_modules(model), desc="key-noise sensitivity", leave=False):
         handle = attn.k_proj.register_forward_hook(noise)
         try:
             deltas.append(math.exp(lm_loss(model, ids)) - base)
@@ -444,8 +443,6 @@ def key_noise_sensitivity(model, ids: torch.Tensor, seed: int = 0) -> list[float
 def value_fisher(model, ids: torch.Tensor) -> list[float]:
     """Per layer: empirical Fisher information of ``v_proj.weight`` — Σ over rows of ``ids`` ``(N, T)``
     of the squared gradient of the LM loss."""
-    from tqdm.auto import tqdm
-
     params = [attn.v_proj.weight for attn in attention_modules(model)]
     saved = {p: p.requires_grad for p in model.parameters()}
     fisher = torch.zeros(len(params), dtype=torch.float64)
@@ -455,7 +452,7 @@ def value_fisher(model, ids: torch.Tensor) -> list[float]:
         for p in params:
             p.requires_grad_(True)
         with torch.enable_grad():
-            for row in tqdm(ids, desc="v_proj Fisher", leave=False):
+            for row in progress_bar(ids, desc="v_proj Fisher", leave=False):
                 row = row[None].to(model.device)
                 loss = model(input_ids=row, labels=row).loss
                 grads = torch.autograd.grad(loss, params)
