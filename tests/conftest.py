@@ -13,6 +13,24 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+def drive(model, method, context: torch.Tensor, question: torch.Tensor, decode_steps: int = 2, tokenizer=None):
+    """Run ``method`` as the harness does: prefill ``context`` (1, T), compress, append ``question`` (1, Q),
+    greedy-decode ``decode_steps`` tokens. Returns (logits per step, cache)."""
+    runner = method.bind(model, tokenizer)
+    logits = []
+    with runner.applied(), torch.no_grad():
+        cache = runner.new_cache()
+        with runner.prefill(cache):
+            model(context, past_key_values=cache)
+        runner.compress(cache)
+        out = model(question, past_key_values=cache).logits
+        logits.append(out)
+        for _ in range(decode_steps):
+            out = model(out[:, -1:].argmax(-1), past_key_values=cache).logits
+            logits.append(out)
+    return logits, cache
+
+
 @pytest.fixture(scope="session")
 def model32():
     """The embedded SmolLM2-135M in float32 (exactness tests) → (model, tokenizer)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import drive
 from crosskv.accounting import full_bytes, minicache_bytes
 from crosskv.capture import KVShape, kv_shape
 from crosskv.methods import kv_bytes, make_method
@@ -78,22 +79,6 @@ def test_default_pairs_start_at_the_middle():
 
 # --- integration tests on the embedded model --------------------------------------------------
 
-def _run(model, method, context, question, decode_steps=2):
-    runner = method.bind(model)
-    logits = []
-    with runner.applied(), torch.no_grad():
-        cache = runner.new_cache()
-        with runner.prefill(cache):
-            model(context, past_key_values=cache)
-        runner.compress(cache)
-        out = model(question, past_key_values=cache).logits
-        logits.append(out)
-        for _ in range(decode_steps):
-            out = model(out[:, -1:].argmax(-1), past_key_values=cache).logits
-            logits.append(out)
-    return logits, cache
-
-
 @pytest.fixture(scope="module")
 def prompt():
     generator = torch.Generator().manual_seed(1)
@@ -104,8 +89,8 @@ def prompt():
 @pytest.mark.parametrize("retention", ["paper", "xkv"])
 def test_gamma_one_is_exact_and_appends_exactly(model32, prompt, retention):
     model, _ = model32
-    logits, cache = _run(model, MiniCache(gamma=1.0, retention=retention, start_layer=0), *prompt)
-    reference, plain = _run(model, make_method("full"), *prompt)
+    logits, cache = drive(model, MiniCache(gamma=1.0, retention=retention, start_layer=0), *prompt)
+    reference, plain = drive(model, make_method("full"), *prompt)
     for got, want in zip(logits, reference):
         assert torch.allclose(got, want, atol=1e-4)
     tokens = prompt[0].shape[1]
@@ -119,7 +104,7 @@ def test_gamma_one_is_exact_and_appends_exactly(model32, prompt, retention):
 def test_default_merge_saves_memory_and_bytes_match_accounting(model32, prompt):
     model, _ = model32
     method = MiniCache()
-    logits, cache = _run(model, method, *prompt)
+    logits, cache = drive(model, method, *prompt)
     shape, tokens, appended = kv_shape(model), prompt[0].shape[1], prompt[1].shape[1] + 2
     retained_k, retained_v = cache.retained_rows()
     pairs = len(method.pairs(shape))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import drive
 from crosskv.accounting import full_bytes, xkv_bytes
 from crosskv.capture import KVShape, capture, kv_shape
 from crosskv.lowrank import (energy_captured, factored_elements, group_matrix, grouped_vs_single_error,
@@ -109,23 +110,6 @@ def test_factored_attention_equals_sdpa_on_the_rebuilt_values():
 
 # --- integration tests on the embedded model --------------------------------------------------
 
-def _run(model, tokenizer, method, context, question, decode_steps=2):
-    """Prefill ``context``, compress, append ``question``, greedy-decode; returns logits per step and the cache."""
-    runner = method.bind(model, tokenizer)
-    logits = []
-    with runner.applied(), torch.no_grad():
-        cache = runner.new_cache()
-        with runner.prefill(cache):
-            model(context, past_key_values=cache)
-        runner.compress(cache)
-        out = model(question, past_key_values=cache).logits
-        logits.append(out)
-        for _ in range(decode_steps):
-            out = model(out[:, -1:].argmax(-1), past_key_values=cache).logits
-            logits.append(out)
-    return logits, cache
-
-
 @pytest.fixture(scope="module")
 def prompt():
     generator = torch.Generator().manual_seed(0)
@@ -135,7 +119,7 @@ def prompt():
 @pytest.fixture(scope="module")
 def reference(model32, prompt):
     model, tokenizer = model32
-    return _run(model, tokenizer, make_method("full"), *prompt)
+    return drive(model, make_method("full"), *prompt, tokenizer=tokenizer)
 
 
 @pytest.mark.slow
@@ -148,7 +132,7 @@ def reference(model32, prompt):
 def test_full_rank_logits_equal_plain_cache_and_appends_exactly(model32, prompt, reference, params):
     model, tokenizer = model32
     params = dict(params)
-    logits, cache = _run(model, tokenizer, make_method(params.pop("name"), **params), *prompt)
+    logits, cache = drive(model, make_method(params.pop("name"), **params), *prompt, tokenizer=tokenizer)
     for got, want in zip(logits, reference[0]):
         assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
     tokens = prompt[0].shape[1]  # tokens appended after compression (question, decoded) are stored exactly
@@ -163,7 +147,7 @@ def test_low_rank_bytes_match_accounting(model32, prompt):
     model, tokenizer = model32
     context, question = prompt
     method = make_method("xkv", group_size=4, rank_k=64, rank_v=96, start_layer=2, end_layer=28)
-    _, cache = _run(model, tokenizer, method, context, question)
+    _, cache = drive(model, method, context, question, tokenizer=tokenizer)
     shape, tokens, appended = kv_shape(model), context.shape[1], question.shape[1] + 2
     for index, layer in enumerate(cache.layers):
         in_range = 2 <= index < 28
