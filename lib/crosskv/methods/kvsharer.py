@@ -466,9 +466,8 @@ class KVSharer(MethodConfig):
         self.search_config()  # validates the search options
 
     def search_config(self) -> SearchConfig:
-        return SearchConfig(shared_layers=self.shared_layers, rate=self.rate, metric=self.metric, order=self.order,
-                            threshold=self.threshold, calibration_samples=self.calibration_samples,
-                            calibration_length=self.calibration_length, seed=self.seed)
+        shared = {f.name for f in dataclasses.fields(SearchConfig)} & {f.name for f in dataclasses.fields(self)}
+        return SearchConfig(**{name: getattr(self, name) for name in shared})
 
     def resolve(self, model, tokenizer) -> SharingStrategy:
         """The strategy: loaded from ``strategy`` or searched (cached on disk)."""
@@ -489,12 +488,13 @@ def search_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Arg
     amount = parser.add_mutually_exclusive_group(required=True)
     amount.add_argument("--shared-layers", type=int, help="C, the number of consumer layers")
     amount.add_argument("--rate", type=float, help="C / L")
-    parser.add_argument("--metric", choices=METRICS, default="euclidean")
-    parser.add_argument("--order", choices=ORDERS, default="dissimilar")
-    parser.add_argument("--threshold", type=float, default=0.5, help="minimum final-hidden-state cosine")
-    parser.add_argument("--calibration-samples", type=int, default=30)
-    parser.add_argument("--calibration-length", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
+    defaults = SearchConfig(shared_layers=1)  # the search options' defaults live in SearchConfig only
+    parser.add_argument("--metric", choices=METRICS, default=defaults.metric)
+    parser.add_argument("--order", choices=ORDERS, default=defaults.order)
+    parser.add_argument("--threshold", type=float, default=defaults.threshold, help="minimum final-hidden-state cosine")
+    parser.add_argument("--calibration-samples", type=int, default=defaults.calibration_samples)
+    parser.add_argument("--calibration-length", type=int, default=defaults.calibration_length)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--dtype", default=None, help="model dtype (default: the loader's, bfloat16)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a shared machine)")
