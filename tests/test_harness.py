@@ -1,6 +1,7 @@
 """The harness: measured bytes, the prompt flow, the results store round trip, and full's NIAH score."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -154,3 +155,80 @@ def test_full_finds_the_needle_at_2k(model16):
                            progress=False, max_new_tokens=16)
     assert rec["score"] >= 0.8, [(d["prediction"], d["answers"]) for d in rec["details"]]
     assert rec["kv_bytes"] == rec["kv_bytes_full"]
+
+
+# --- results keyed by content ----------------------------------------------------------------------------
+
+def test_changed_library_code_recomputes_and_unchanged_is_served(tiny_model, tmp_path, monkeypatch):
+    from crosskv import fingerprint
+
+    first = run(tiny_model, tmp=tmp_path, max_new_tokens=2, samples=1)
+    assert first["code"] == fingerprint.code_fingerprint() and "git_dirty" in first and "git_head" in first
+    monkeypatch.setattr(harness, "run_generate", lambda *a, **k: pytest.fail("an unchanged run was recomputed"))
+    assert run(tiny_model, tmp=tmp_path, max_new_tokens=2, samples=1)["created"] == first["created"]
+    monkeypatch.undo()
+    monkeypatch.setattr(fingerprint, "code_fingerprint", lambda: "edited-method-source")
+    second = run(tiny_model, tmp=tmp_path, max_new_tokens=2, samples=1)
+    assert second["key"] != first["key"] and second["code"] == "edited-method-source"
+    assert len(list(tmp_path.glob("*.json"))) == 2
+
+
+def test_code_fingerprint_follows_the_package_sources(tmp_path, monkeypatch):
+    import shutil
+
+    from crosskv import fingerprint
+
+    copy = tmp_path / "crosskv"
+    shutil.copytree(fingerprint.PACKAGE_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(fingerprint, "PACKAGE_DIR", copy)
+    fingerprint.code_fingerprint.cache_clear()
+    try:
+        before = fingerprint.code_fingerprint()
+        fingerprint.code_fingerprint.cache_clear()
+        assert fingerprint.code_fingerprint() == before
+        method = copy / "methods" / "full.py"
+        method.write_text(method.read_text() + "\n# a changed method\n")
+        fingerprint.code_fingerprint.cache_clear()
+        assert fingerprint.code_fingerprint() != before
+    finally:
+        fingerprint.code_fingerprint.cache_clear()
+
+
+def test_model_fingerprint_sees_weights_and_is_cached(tiny_model):
+    import copy as copy_
+
+    from crosskv import fingerprint
+
+    model, _ = tiny_model
+    clone = copy_.deepcopy(model)
+    clone.__dict__.pop("_crosskv_fingerprint", None)
+    assert fingerprint.model_fingerprint(clone) == fingerprint.model_fingerprint(model)
+    other = copy_.deepcopy(model)
+    other.__dict__.pop("_crosskv_fingerprint", None)
+    with torch.no_grad():
+        other.model.layers[1].self_attn.v_proj.weight[3, 5] += 1.0
+    assert fingerprint.model_fingerprint(other) != fingerprint.model_fingerprint(model)
+
+
+def test_file_parameters_are_keyed_by_content(tmp_path):
+    from crosskv import fingerprint
+
+    task = tmp_path / "prompts.jsonl"
+    task.write_text('{"context": "a", "question": "b", "answers": ["c"]}\n')
+    ident = lambda: results.identity("m", "f32", "full", {}, {"task": f"jsonl:{task}"})  # noqa: E731
+    first = ident()
+    assert first["files"] == {"task.task": fingerprint.file_digest(task)}
+    task.write_text('{"context": "a", "question": "b", "answers": ["d"]}\n')
+    assert results.run_key(ident()) != results.run_key(first)
+
+
+def test_torn_record_is_recomputed_and_replaced_with_a_warning(tiny_model, tmp_path, caplog):
+    first = run(tiny_model, tmp=tmp_path, max_new_tokens=2, samples=1)
+    path = tmp_path / f"{first['key']}.json"
+    path.write_text(path.read_text()[:50])
+    with caplog.at_level("WARNING", logger="crosskv.results"):
+        again = run(tiny_model, tmp=tmp_path, max_new_tokens=2, samples=1)
+    assert str(path) in caplog.text
+    assert again["key"] == first["key"] and json.loads(path.read_text())["key"] == first["key"]
+    path.write_bytes(b"\xff\xfe\x00garbage")
+    assert results.load_records(tmp_path).empty

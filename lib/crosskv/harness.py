@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from crosskv import capture, results
+from crosskv import capture, fingerprint, results
 from crosskv.methods import MethodConfig, Runner, kv_bytes, make_method
 from crosskv.models import model_name
 from crosskv.tasks import Sample, TaskConfig, make_task
@@ -345,7 +345,8 @@ def evaluate(model, tokenizer, method: MethodConfig | str, task: TaskConfig | st
     task_config = task if isinstance(task, TaskConfig) else make_task(task, context, samples, seed, **task_options)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     name = model_name(model)
-    ident = results.identity(name, dtype, config.name, config.params(), task_config.params())
+    ident = results.identity(name, dtype, config.name, config.params(), task_config.params(),
+                             model_fingerprint=fingerprint.model_fingerprint(model))
     key = results.run_key(ident)
     rank, world = distributed()
     if store:

@@ -1,7 +1,12 @@
 """The results store: one JSON record per completed run, keyed by a hash of what determines the run.
 
 The key is the sha256 of (model name, dtype, method name + parameters, task config, schema
-version); the file is ``<results dir>/<key>.json``. The results dir is ``data/results/`` unless
+version) and of the content that produced it (:mod:`crosskv.fingerprint`): the library code's
+fingerprint, the model's fingerprint (config + weights), and the content hash of every file a
+parameter names (KVSharer ``strategy``, ``jsonl:PATH``). So a code change, an edited strategy file or
+different weights make the next run recompute, while an unchanged re-run is served from the store.
+A record that cannot be read (torn, not JSON) is logged with a warning naming the file and treated
+as absent: the run is recomputed and the record replaced. The file is ``<results dir>/<key>.json``. The results dir is ``data/results/`` unless
 ``results_dir=`` or the environment variable ``CROSSKV_RESULTS`` says otherwise. Writes go to a
 temporary file in the same folder and are renamed into place (``os.replace``), so an interrupted run
 leaves no record and a reader never sees half a file.
@@ -24,11 +29,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from crosskv import fingerprint
 from crosskv.assets import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 ENV_VAR = "CROSSKV_RESULTS"
 
 
@@ -37,10 +43,13 @@ def results_dir(path: str | Path | None = None) -> Path:
     return Path(path or os.environ.get(ENV_VAR) or PROJECT_ROOT / "data" / "results")
 
 
-def identity(model: str, dtype: str, method: str, params: dict[str, Any], task: dict[str, Any]) -> dict[str, Any]:
-    """What determines a run's result (the hashed part of a record)."""
+def identity(model: str, dtype: str, method: str, params: dict[str, Any], task: dict[str, Any],
+             model_fingerprint: str | None = None) -> dict[str, Any]:
+    """What determines a run's result (the hashed part of a record): names and parameters, plus the library
+    code fingerprint, the model fingerprint and the content hash of every file a parameter names."""
     return {"model": model, "dtype": dtype, "method": method, "params": params, "task": task,
-            "schema": SCHEMA_VERSION}
+            "schema": SCHEMA_VERSION, "code": fingerprint.code_fingerprint(), "model_fingerprint": model_fingerprint,
+            "files": fingerprint.file_digests({"params": params, "task": task})}
 
 
 def run_key(ident: dict[str, Any]) -> str:
@@ -53,12 +62,25 @@ def record_path(key: str, path: str | Path | None = None) -> Path:
     return results_dir(path) / f"{key}.json"
 
 
+def read_record(file: Path) -> dict[str, Any] | None:
+    """The record in ``file``, or ``None`` (with a warning naming the file) when it is torn or unreadable."""
+    try:
+        record = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        log.warning("ignoring unreadable result record %s (%s); it will be recomputed", file, err)
+        return None
+    if not isinstance(record, dict) or "key" not in record:
+        log.warning("ignoring malformed result record %s (not a record object); it will be recomputed", file)
+        return None
+    return record
+
+
 def load_record(key: str, path: str | Path | None = None) -> dict[str, Any] | None:
-    """The stored record of run ``key``, or ``None``."""
+    """The stored record of run ``key``, or ``None`` (also when the file is unreadable: it is then recomputed)."""
     file = record_path(key, path)
     if not file.is_file():
         return None
-    return json.loads(file.read_text(encoding="utf-8"))
+    return read_record(file)
 
 
 def save_record(record: dict[str, Any], path: str | Path | None = None) -> Path:
@@ -87,29 +109,36 @@ def _version(package: str) -> str | None:
         return None
 
 
-def git_commit() -> str | None:
-    """The project's HEAD commit (suffixed ``+dirty`` when tracked files changed), or ``None``."""
+def git_state() -> tuple[str | None, bool | None]:
+    """(HEAD commit, dirty flag: tracked files changed), or ``(None, None)`` outside a git checkout."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
                                 timeout=10, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return None
-    return commit + ("+dirty" if dirty else "")
+        return None, None
+    return commit, bool(dirty)
+
+
+def git_commit() -> str | None:
+    """The project's HEAD commit (suffixed ``+dirty`` when tracked files changed), or ``None``."""
+    commit, dirty = git_state()
+    return None if commit is None else commit + ("+dirty" if dirty else "")
 
 
 def environment() -> dict[str, Any]:
     """Versions (read from package metadata; kvpress is not imported), git commit, python and platform."""
+    commit, dirty = git_state()
     return {"versions": {p: _version(p) for p in ("torch", "transformers", "kvpress", "crosskv")},
-            "git_commit": git_commit(), "python": platform.python_version(), "platform": platform.platform()}
+            "git_commit": git_commit(), "git_head": commit, "git_dirty": dirty, "python": platform.python_version(), "platform": platform.platform()}
 
 
 def _records(path: str | Path | None) -> list[dict[str, Any]]:
     folder = results_dir(path)
     if not folder.is_dir():
         return []
-    return [json.loads(f.read_text(encoding="utf-8")) for f in sorted(folder.glob("*.json"))]
+    return [r for r in map(read_record, sorted(folder.glob("*.json"))) if r is not None]
 
 
 def _flat(record: dict[str, Any]) -> dict[str, Any]:

@@ -441,11 +441,11 @@ def key_noise_sensitivity(model, ids: torch.Tensor, seed: int = 0) -> list[float
 
 
 def value_fisher(model, ids: torch.Tensor) -> list[float]:
-    """Per layer: empirical Fisher information of ``v_proj.weight`` — Σ over rows of ``ids`` ``(N, T)``
-    of the squared gradient of the LM loss."""
+    """Per layer: Fisher importance of ``v_proj.weight`` as in the CommonKV/Palu release — per weight, the root
+    of the mean over the rows of ``ids`` ``(N, T)`` of the squared LM-loss gradient; then the mean over weights."""
     params = [attn.v_proj.weight for attn in attention_modules(model)]
     saved = {p: p.requires_grad for p in model.parameters()}
-    fisher = torch.zeros(len(params), dtype=torch.float64)
+    squares = [torch.zeros(p.shape, dtype=torch.float64, device=p.device) for p in params]
     try:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -456,11 +456,12 @@ def value_fisher(model, ids: torch.Tensor) -> list[float]:
                 row = row[None].to(model.device)
                 loss = model(input_ids=row, labels=row).loss
                 grads = torch.autograd.grad(loss, params)
-                fisher += torch.stack([g.double().pow(2).sum() for g in grads]).cpu()
+                for total, g in zip(squares, grads):
+                    total += g.double().pow(2)
     finally:
         for p, flag in saved.items():
             p.requires_grad_(flag)
-    return fisher.tolist()
+    return [float(total.div(ids.shape[0]).sqrt().mean()) for total in squares]
 
 
 # ----------------------------------------------------------------------------- the method
@@ -548,7 +549,8 @@ class CommonKV(MethodConfig):
 
 
 def group_fisher(model, tokenizer, config: CommonKV, groups: list[list[int]]) -> list[float]:
-    """Σ over each group's layers of the per-layer v_proj Fisher information (measured once, cached on disk)."""
+    """Σ over each group's layers of the per-layer v_proj Fisher importance (measured once, cached on disk);
+    :func:`crosskv.budget.fisher_ranks` divides by the group size, i.e. ranks ∝ the per-layer mean."""
     per_layer = cached_measurement("fisher", model, config.calibration_key(),
                                    lambda: value_fisher(model, config.calibration_ids(tokenizer)))
     return [sum(per_layer[i] for i in g) for g in groups]
