@@ -218,6 +218,47 @@ def test_measurements_cached_on_disk_once(tmp_path, monkeypatch):
     assert len(list(tmp_path.glob("*-fisher-*.json"))) == 2
 
 
+def test_measurements_follow_code_and_weights_and_survive_a_torn_file(tmp_path, monkeypatch, caplog):
+    from crosskv import fingerprint
+
+    monkeypatch.setattr(commonkv, "cache_dir", lambda: tmp_path)
+    model = tiny_model("llama")
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return [float(len(calls))]
+
+    assert commonkv.cached_measurement("fisher", model, {}, compute) == [1.0]
+    (path,) = tmp_path.glob("*.json")
+    path.write_text("{ torn")
+    with caplog.at_level("WARNING"):
+        assert commonkv.cached_measurement("fisher", model, {}, compute) == [2.0]
+    assert str(path) in caplog.text and commonkv.cached_measurement("fisher", model, {}, compute) == [2.0]
+    monkeypatch.setattr(fingerprint, "code_fingerprint", lambda: "changed-code")
+    assert commonkv.cached_measurement("fisher", model, {}, compute) == [3.0]
+    other = tiny_model("llama")
+    with torch.no_grad():
+        other.model.layers[0].self_attn.v_proj.weight.mul_(2)
+    assert commonkv.cached_measurement("fisher", other, {}, compute) == [4.0]
+
+
+def test_value_fisher_is_the_release_statistic():
+    """Per weight √(mean over rows of g²), averaged over the weights (CommonKV/Palu release), not Σ g²."""
+    model = tiny_model("llama", layers=2)
+    ids = torch.randint(0, 64, (3, 8))
+    params = [a.v_proj.weight for a in attention_modules(model)]
+    squares = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    for row in ids:
+        for p in params:
+            p.requires_grad_(True)
+        loss = model(input_ids=row[None], labels=row[None]).loss
+        for total, g in zip(squares, torch.autograd.grad(loss, params)):
+            total += g.double() ** 2
+    expected = [float((s / 3).sqrt().mean()) for s in squares]
+    assert commonkv.value_fisher(model, ids) == pytest.approx(expected, rel=1e-6)
+
+
 @pytest.mark.slow
 def test_embedded_model_fisher_ranks_within_budget(model32, tmp_path, monkeypatch):
     monkeypatch.setattr(commonkv, "cache_dir", lambda: tmp_path)

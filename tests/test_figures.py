@@ -76,6 +76,24 @@ def test_savefig_is_byte_stable(tmp_path):
         plotting.savefig(plt.figure(), "probe", tmp_path)
 
 
+def test_figures_and_tables_carry_their_commit(tmp_path):
+    from PIL import Image
+
+    from crosskv import results
+
+    fig, ax = plt.subplots()
+    ax.plot([1, 2], [2, 1])
+    png, pdf = plotting.savefig(fig, "fig_01_probe", tmp_path, commit="abc123+dirty")
+    plt.close(fig)
+    assert Image.open(png).text["Comment"] == "crosskv commit abc123+dirty"
+    assert b"crosskv commit abc123+dirty" in pdf.read_bytes()
+    csv, md = tables.save_table(pd.DataFrame({"x": [1.5]}), "tab_01_probe", tmp_path, commit="abc123")
+    assert list(pd.read_csv(csv)["commit"]) == ["abc123"]
+    assert md.read_text().rstrip().endswith("crosskv commit abc123</sub>")
+    csv, md = tables.save_table(pd.DataFrame({"x": [1.5]}), "tab_01_probe", tmp_path)
+    assert list(pd.read_csv(csv)["commit"]) == [results.git_commit() or "unknown"]
+
+
 def test_tables_and_paper_reference(tmp_path):
     ref = tables.paper_numbers("xKV", model="Llama-3.1-8B-Instruct", table="Table 1 (ICML 2026 version)")
     assert set(ref["method"]) >= {"Full", "xKV-4", "Single SVD", "MiniCache"}

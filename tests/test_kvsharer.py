@@ -268,6 +268,28 @@ def test_method_searches_once_and_caches(model32, tmp_path, monkeypatch):
     json.loads(path.read_text())  # plain JSON on disk
 
 
+def test_search_cache_key_follows_code_and_weights(tmp_path, monkeypatch):
+    import copy
+
+    from crosskv import fingerprint
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    config = kvs.SearchConfig(shared_layers=1)
+    first = kvs.cache_path(model, config, tmp_path)
+    assert kvs.cache_path(model, config, tmp_path) == first
+    other = copy.deepcopy(model)
+    other.__dict__.pop("_crosskv_fingerprint", None)
+    with torch.no_grad():
+        other.model.layers[0].self_attn.k_proj.weight.mul_(2)
+    assert kvs.cache_path(other, config, tmp_path) != first
+    monkeypatch.setattr(fingerprint, "code_fingerprint", lambda: "changed-code")
+    assert kvs.cache_path(model, config, tmp_path) != first
+
+
 @pytest.mark.slow
 def test_search_cli_writes_a_valid_strategy(tmp_path):
     out = tmp_path / "strategy.json"

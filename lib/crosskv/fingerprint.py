@@ -18,8 +18,6 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
-
 PACKAGE_DIR = Path(__file__).resolve().parent
 _SAMPLE = 4096  # values hashed per parameter tensor
 _ATTR = "_crosskv_fingerprint"
@@ -73,7 +71,7 @@ def file_digests(params: dict[str, Any]) -> dict[str, str]:
     return found
 
 
-def _tensor_digest(tensor: torch.Tensor) -> str:
+def _tensor_digest(tensor) -> str:
     flat = tensor.detach().reshape(-1)
     step = max(1, flat.numel() // _SAMPLE)
     sample = flat[::step][:_SAMPLE].float().cpu()
@@ -86,6 +84,8 @@ def model_fingerprint(model) -> str:
 
     Cheap (one pass over the weights, no file reads) and computed once per model object.
     """
+    import torch
+
     cached = getattr(model, _ATTR, None)
     if cached is not None:
         return cached

@@ -2,7 +2,8 @@
 
 Multi-panel composition belongs to the notebooks; :func:`savefig` writes ``fig_NN_name.{png,pdf}``
 with TrueType fonts and stable bytes (no creation dates), so a re-run that changes nothing
-produces no diff.
+produces no diff; each file carries the git commit it came from (PNG ``Comment`` text chunk, PDF
+``Subject``).
 """
 from __future__ import annotations
 
@@ -35,15 +36,25 @@ def _axes(ax, figsize=(4.5, 3.2)):
     return ax
 
 
-def savefig(fig, name: str, figures_dir: str | Path) -> list[Path]:
-    """Save ``fig`` as ``<figures_dir>/<name>.png`` and ``.pdf`` with reproducible bytes; returns the paths."""
+def provenance(commit: str | None = None) -> str:
+    """``crosskv commit <sha>[+dirty]`` for ``commit`` (default: the checkout's HEAD), or ``crosskv commit unknown``."""
+    from crosskv.results import git_commit
+
+    return f"crosskv commit {commit or git_commit() or 'unknown'}"
+
+
+def savefig(fig, name: str, figures_dir: str | Path, commit: str | None = None) -> list[Path]:
+    """Save ``fig`` as ``<figures_dir>/<name>.png`` and ``.pdf`` with reproducible bytes (for one commit) and the
+    commit it came from in the metadata (``commit`` defaults to the checkout's HEAD); returns the paths."""
     if not name.startswith("fig_"):
         raise ValueError(f"figure name {name!r} must start with 'fig_NN_'")
     out = Path(figures_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.png", out / f"{name}.pdf"]
-    fig.savefig(paths[0], metadata={"Software": None})
-    fig.savefig(paths[1], metadata={"CreationDate": None, "ModDate": None, "Producer": None, "Creator": None})
+    stamp = provenance(commit)
+    fig.savefig(paths[0], metadata={"Software": None, "Comment": stamp})
+    fig.savefig(paths[1], metadata={"CreationDate": None, "ModDate": None, "Producer": None, "Creator": None,
+                                    "Subject": stamp})
     return paths
 
 

@@ -17,19 +17,24 @@ PAPER_NUMBERS = PROJECT_ROOT / "data" / "paper_reference" / "paper_numbers.csv"
 SOURCE_LABELS = {"paper": "read in the paper", "2nd": "secondary source (independent re-run / later version)"}
 
 
-def save_table(df: pd.DataFrame, name: str, figures_dir: str | Path, floatfmt: str = ".4g") -> list[Path]:
+def save_table(df: pd.DataFrame, name: str, figures_dir: str | Path, floatfmt: str = ".4g",
+               commit: str | None = None) -> list[Path]:
     """Write ``df`` as ``<figures_dir>/<name>.csv`` and ``.md``; returns the paths.
 
     Floats are written with 6 significant digits so that run-to-run floating-point noise (thread
-    scheduling in reductions) does not show up as a diff.
+    scheduling in reductions) does not show up as a diff. Both carry the git commit they came from
+    (``commit``, default the checkout's HEAD): a ``commit`` column in the CSV, a footer line in the Markdown.
     """
+    from crosskv.results import git_commit
+
+    commit = commit or git_commit() or "unknown"
     if not name.startswith("tab_"):
         raise ValueError(f"table name {name!r} must start with 'tab_NN_'")
     out = Path(figures_dir)
     out.mkdir(parents=True, exist_ok=True)
     csv, md = out / f"{name}.csv", out / f"{name}.md"
-    df.to_csv(csv, index=False, lineterminator="\n", float_format="%.6g")
-    md.write_text(df.to_markdown(index=False, floatfmt=floatfmt) + "\n")
+    df.assign(commit=commit).to_csv(csv, index=False, lineterminator="\n", float_format="%.6g")
+    md.write_text(df.to_markdown(index=False, floatfmt=floatfmt) + f"\n\n<sub>crosskv commit {commit}</sub>\n")
     return [csv, md]
 
 

@@ -380,26 +380,22 @@ def merge_groups(cache: CommonKVCache, weights: list[float], unmerged_ratio: flo
 
 # ----------------------------------------------------------------------------- calibration measurements
 
-def model_fingerprint(model) -> str:
-    """A short hash of a model's first and last key projection weights (names the on-disk measurements)."""
-    attns = attention_modules(model)
-    digest = hashlib.sha1()
-    for attn in (attns[0], attns[-1]):
-        digest.update(attn.k_proj.weight.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:12]
-
-
 def cached_measurement(kind: str, model, key: dict, compute: Callable[[], list[float]]) -> list[float]:
-    """``compute()`` once per (model, ``kind``, ``key``); stored as JSON under ``data/cache/commonkv/``."""
+    """``compute()`` once per (model weights, library code, ``kind``, ``key``); stored as JSON under
+    ``data/cache/commonkv/``. An unreadable file is measured again and replaced."""
+    from crosskv import fingerprint
     from crosskv.models import model_name
 
     full_key = {"format": FORMAT, "kind": kind, "model": model_name(model), "dtype": str(model.dtype),
-                "fingerprint": model_fingerprint(model), **key}
+                "fingerprint": fingerprint.model_fingerprint(model), "code": fingerprint.code_fingerprint(), **key}
     digest = hashlib.sha1(json.dumps(full_key, sort_keys=True).encode()).hexdigest()[:16]
     slug = "".join(ch if ch.isalnum() else "-" for ch in str(full_key["model"]))[-40:]
     path = cache_dir() / f"{slug}-{kind}-{digest}.json"
     if path.exists():
-        return json.loads(path.read_text())["values"]
+        try:
+            return json.loads(path.read_text())["values"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            log.warning("commonkv: unreadable measurement %s (%s); measuring again", path, err)
     values = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

@@ -404,11 +404,14 @@ def search(model, tokenizer, config: SearchConfig, progress: bool = False) -> Sh
 
 
 def cache_path(model, config: SearchConfig, cache_dir: str | Path | None = None) -> Path:
-    """Where the search result for ``model`` (name, dtype) and ``config`` is cached."""
+    """Where the search result for ``model`` (name, dtype, weights fingerprint), ``config`` and the library
+    code (:func:`crosskv.fingerprint.code_fingerprint`) is cached: any of them changing means a new search."""
+    from crosskv import fingerprint
     from crosskv.models import model_name
 
     key = {"model": model_name(model), "dtype": str(next(model.parameters()).dtype),
-           "search": dataclasses.asdict(config), "format": FORMAT}
+           "search": dataclasses.asdict(config), "format": FORMAT,
+           "model_fingerprint": fingerprint.model_fingerprint(model), "code": fingerprint.code_fingerprint()}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return Path(cache_dir or CACHE_DIR) / f"{digest}.json"
 
@@ -418,7 +421,10 @@ def cached_search(model, tokenizer, config: SearchConfig, force: bool = False, p
     path = cache_path(model, config)
     if path.is_file() and not force:
         log.info("kvsharer strategy from cache %s", path)
-        return SharingStrategy.load(path, model)
+        try:
+            return SharingStrategy.load(path, model)
+        except (OSError, ValueError) as err:
+            log.warning("kvsharer: unreadable cached strategy %s (%s); searching again", path, err)
     strategy = search(model, tokenizer, config, progress=progress)
     strategy.save(path)
     log.info("kvsharer search took %.1f s (%d candidates); saved %s",
