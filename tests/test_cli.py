@@ -34,6 +34,8 @@ def test_list_shows_every_method_parameter_and_task(capsys):
     (["--method", "kvpress:snapkv", "--set", "compression_ratio", "--task", "ppl"], "--set expects key=value"),
     (["--method", "full", "--task", "niah_single_9"], "unknown task 'niah_single_9'"),
     (["--method", "full", "--task", "ppl", "--opt", "depth=3"], "unknown option(s) depth"),
+    (["--method", "commonkv", "--set", "seed=-2", "--task", "ppl"], "seed=-2 must be >= 0"),
+    (["--method", "kvsharer", "--set", "shared_layers=2", "--set", "seed=-3", "--task", "ppl"], "seed=-3"),
 ])
 def test_usage_errors_exit_2_with_one_line(capsys, tmp_path, argv, message):
     code, out, err = call(capsys, "eval", *argv, "--results-dir", str(tmp_path))
@@ -74,3 +76,38 @@ def test_run_errors_exit_2_without_result(capsys, tmp_path, extra, message):
     code, out, err = call(capsys, "eval", "--method", "full", *extra, "--samples", "1", "--results-dir", str(store))
     assert code == 2 and out == "" and message in err and "Traceback" not in err
     assert not store.exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--method", "full", "--task", "ppl", "--threads", "0"], "argument --threads: 0 is not a positive integer"),
+    (["eval", "--method", "full", "--task", "ppl", "--samples", "0"], "argument --samples: 0 is not a positive integer"),
+    (["eval", "--method", "full", "--task", "ppl", "--context", "-5"], "argument --context: -5 is not a positive"),
+    (["eval", "--method", "full", "--task", "ppl", "--context", "0"], "argument --context: 0 is not a positive integer"),
+    (["eval", "--method", "full", "--task", "ppl", "--seed", "-1"], "argument --seed: -1 is not a non-negative"),
+    (["eval", "--method", "full", "--task", "ppl", "--samples", "two"], "argument --samples: 'two' is not an integer"),
+    (["bench", "--samples", "0"], "argument --samples: 0 is not a positive integer"),
+    (["bench", "--ratio", "1.5"], "argument --ratio: 1.5 is not a ratio in [0.0, 1.0]"),
+    (["search", "--shared-layers", "2", "--threads", "0", "--out", "x.json"], "argument --threads: 0"),
+    (["search", "--shared-layers", "-1", "--out", "x.json"], "argument --shared-layers: -1"),
+    (["search", "--rate", "nan", "--out", "x.json"], "argument --rate: 'nan' is not a finite number"),
+])
+def test_out_of_range_numbers_are_refused_by_every_command(capsys, argv, message):
+    with pytest.raises(SystemExit) as stop:  # argparse's usage error
+        cli.main(argv)
+    out, err = capsys.readouterr()
+    assert stop.value.code == 2 and out == "" and message in err and "Traceback" not in err
+
+
+def test_eval_of_a_damaged_model_folder_names_the_file(capsys, tmp_path):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path / "model"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(folder)
+    (weights,) = folder.glob("*.safetensors")
+    weights.write_bytes(weights.read_bytes()[:100])
+    code, out, err = call(capsys, "eval", "--model", str(folder), "--method", "full", "--task", "ppl",
+                          "--results-dir", str(tmp_path / "store"))
+    assert code == 2 and out == "" and f"damaged weights file {weights}" in err and "Traceback" not in err

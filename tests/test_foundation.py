@@ -200,3 +200,17 @@ def test_capture_matches_dynamic_cache_and_rope_roundtrip(model32):
     torch.testing.assert_close(cap.keys_pre_rope[5], k_proj, atol=1e-4, rtol=1e-4)
     mean = capture.capture(model, [ids[:2], ids[2:]], average=True, fields=("values",))
     torch.testing.assert_close(mean.values[:, 0], cap.values.mean(dim=1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "header"])
+def test_damaged_weights_file_is_named(damage, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(_tiny_config("llama")).save_pretrained(tmp_path)
+    (weights,) = tmp_path.glob("*.safetensors")
+    data = weights.read_bytes()
+    weights.write_bytes({"truncate": data[:len(data) // 2], "garbage": b"\x00" * 5,
+                         "header": data[:8] + b"{not json" + data[17:]}[damage])
+    with pytest.raises(models.DamagedModelError, match=f"damaged weights file {weights}"):
+        models.load_model(str(tmp_path), device="cpu")

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from crosskv import figures
+from crosskv.argtypes import float_in, nonnegative_int, positive_int
 from crosskv.methods import kvsharer
 
 log = logging.getLogger(__name__)
@@ -60,9 +61,9 @@ def configure_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="method parameter (repeatable)")
     p.add_argument("--task", required=True, help="task name, jsonl:PATH or longbench:<task>")
     p.add_argument("--opt", action="append", metavar="KEY=VALUE", help="task option (repeatable), e.g. depth=50")
-    p.add_argument("--context", type=int, default=2048, help="prompt length in tokens (default: %(default)s)")
-    p.add_argument("--samples", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--context", type=positive_int, default=2048, help="prompt length in tokens (default: %(default)s)")
+    p.add_argument("--samples", type=positive_int, default=10)
+    p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None, help="default: bfloat16")
     p.add_argument("--device", default=None, help="default: cuda if available (cuda:LOCAL_RANK under torchrun)")
     p.add_argument("--out", default=None, help="also append the JSON summary to this jsonl file")
@@ -74,7 +75,7 @@ def configure_eval(p: argparse.ArgumentParser) -> None:
 
 
 def add_threads(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (1 is fastest on a shared machine; default: torch's choice)")
 
 
@@ -196,12 +197,13 @@ def configure_bench(p: argparse.ArgumentParser) -> None:
     from crosskv.bench import DEFAULT_METHODS
 
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096])
+    p.add_argument("--contexts", type=positive_int, nargs="+", default=[2048, 4096])
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
                    help="method names; kvpress peers run at --ratio")
-    p.add_argument("--ratio", type=float, default=0.5, help="compression_ratio of the kvpress peers")
-    p.add_argument("--samples", type=int, default=2)
-    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--ratio", type=float_in(0.0, 1.0, "ratio"), default=0.5,
+                   help="compression_ratio of the kvpress peers")
+    p.add_argument("--samples", type=positive_int, default=2)
+    p.add_argument("--new-tokens", type=positive_int, default=32)
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None)
     add_threads(p)
 

@@ -47,6 +47,40 @@ class UnsupportedModelError(ValueError):
     """The model cannot be used by crosskv's cross-layer methods."""
 
 
+class DamagedModelError(ValueError):
+    """A weights file in a model folder is unreadable (torn, truncated, not safetensors)."""
+
+
+def check_safetensors(path: Path) -> None:
+    """Raise :class:`DamagedModelError` naming ``path`` unless its header parses and its data fills the file.
+
+    Reads only the 8-byte length and the JSON header (no tensor data).
+    """
+    import json
+    import struct
+
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > size - 8:
+                raise ValueError(f"header of {length} bytes does not fit in the {size}-byte file")
+            header = json.loads(handle.read(length))
+        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    except (struct.error, ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+        raise DamagedModelError(f"damaged weights file {path}: not a readable safetensors file ({err})") from None
+    expected = 8 + length + max(ends, default=0)
+    if size != expected:
+        raise DamagedModelError(f"damaged weights file {path}: {size} bytes on disk, the header describes "
+                                f"{expected} (truncated or torn?)")
+
+
+def check_weights(folder: str | Path) -> None:
+    """Check every ``*.safetensors`` file of a local model ``folder`` (see :func:`check_safetensors`)."""
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        check_safetensors(path)
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -109,7 +143,14 @@ def load_model(name: str = DEFAULT_MODEL, device: str | torch.device | None = No
     multi_gpu = device.type == "cuda" and torch.cuda.device_count() > 1
     if multi_gpu:
         kwargs["device_map"] = "auto"
-    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if local:
+        check_weights(source)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, RuntimeError, ValueError) as err:
+        if not local:
+            raise
+        raise DamagedModelError(f"cannot load the weights of model {name!r} from folder {source}: {err}") from err
     if not multi_gpu:
         model.to(device)
     model.eval()

@@ -502,6 +502,8 @@ class CommonKV(MethodConfig):
             raise ValueError(f"rank={self.rank} conflicts with ranks='fisher' (give rank_ratio as the budget)")
         if self.sink_tokens < 0 or self.recent_tokens < 0:
             raise ValueError(f"sink_tokens={self.sink_tokens} and recent_tokens={self.recent_tokens} must be >= 0")
+        if self.seed < 0:
+            raise ValueError(f"seed={self.seed} must be >= 0")
         if self.calibration < 1 or self.calibration_length < 2:
             raise ValueError(f"calibration={self.calibration} rows of calibration_length={self.calibration_length} "
                              "tokens: need >= 1 row of >= 2 tokens")

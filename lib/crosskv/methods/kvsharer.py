@@ -26,6 +26,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import CacheLayerMixin
 
+from crosskv.argtypes import float_in, int_at_least, nonnegative_int, positive_int
 from crosskv.assets import PROJECT_ROOT
 from crosskv.capture import capture, decoder, kv_shape
 from crosskv.methods.base import MethodConfig, Runner, register
@@ -296,6 +297,8 @@ class SearchConfig:
             raise ValueError(f"calibration_samples={self.calibration_samples} must be >= 1")
         if self.calibration_length < 2:
             raise ValueError(f"calibration_length={self.calibration_length} must be >= 2")
+        if self.seed < 0:
+            raise ValueError(f"seed={self.seed} must be >= 0")
 
     def consumers(self, num_layers: int) -> int:
         """C for a model of ``num_layers`` layers (``round(rate · L)`` when given as a rate)."""
@@ -492,18 +495,20 @@ def search_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Arg
     parser = parser or argparse.ArgumentParser(prog="crosskv search", description="KVSharer strategy search")
     parser.add_argument("--model", default="smollm2-135m", help="model alias, folder or hub id")
     amount = parser.add_mutually_exclusive_group(required=True)
-    amount.add_argument("--shared-layers", type=int, help="C, the number of consumer layers")
-    amount.add_argument("--rate", type=float, help="C / L")
+    amount.add_argument("--shared-layers", type=nonnegative_int, help="C, the number of consumer layers")
+    amount.add_argument("--rate", type=float_in(0.0, 1.0, "rate"), help="C / L")
     defaults = SearchConfig(shared_layers=1)  # the search options' defaults live in SearchConfig only
     parser.add_argument("--metric", choices=METRICS, default=defaults.metric)
     parser.add_argument("--order", choices=ORDERS, default=defaults.order)
-    parser.add_argument("--threshold", type=float, default=defaults.threshold, help="minimum final-hidden-state cosine")
-    parser.add_argument("--calibration-samples", type=int, default=defaults.calibration_samples)
-    parser.add_argument("--calibration-length", type=int, default=defaults.calibration_length)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--threshold", type=float_in(-1.0, 1.0, "cosine"), default=defaults.threshold,
+                        help="minimum final-hidden-state cosine")
+    parser.add_argument("--calibration-samples", type=positive_int, default=defaults.calibration_samples)
+    parser.add_argument("--calibration-length", type=int_at_least(2, "length of at least 2"),
+                        default=defaults.calibration_length)
+    parser.add_argument("--seed", type=nonnegative_int, default=defaults.seed)
     parser.add_argument("--dtype", default=None, help="model dtype (default: the loader's, bfloat16)")
     parser.add_argument("--device", default=None)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a shared machine)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (1 is fastest on a shared machine)")
     parser.add_argument("--out", required=True, help="where to write the strategy JSON")
     return parser
 

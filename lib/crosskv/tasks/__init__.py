@@ -81,6 +81,8 @@ class TaskConfig:
             raise ValueError(f"context={self.context} is too short (at least 16 tokens)")
         if self.samples < 1:
             raise ValueError(f"samples={self.samples} must be at least 1")
+        if self.seed < 0:
+            raise ValueError(f"seed={self.seed} must be >= 0")
 
     @property
     def spec(self) -> TaskSpec:
