@@ -40,6 +40,18 @@ def test_retention_readings_and_sink():
         assert retained_mask(omega, 0.0, rule).sum() == 2  # the sink + the extreme row
 
 
+def test_retention_range_is_the_pairs_not_each_heads():
+    """Head 0 spans Ω ∈ [0, 1], head 1 only [0.4, 0.5]: one range [0, 1] for the pair, so head 1 (all inside
+    the middle) retains nothing with γ = 0.2; a per-head range would retain its extremes."""
+    omega = torch.tensor([[[9.0, 0.0, 0.5, 1.0], [9.0, 0.4, 0.45, 0.5]]])  # (B=1, H=2, T=4)
+    paper = retained_mask(omega, 0.2, "paper")
+    xkv = retained_mask(omega, 0.2, "xkv")
+    assert paper.tolist() == [[[True, False, False, True], [True, False, False, False]]]
+    assert xkv.tolist() == [[[True, True, False, False], [True, False, False, False]]]
+    batched = torch.stack([omega[0], omega[0] * 2])  # each sequence of a batch has its own range
+    assert (retained_mask(batched, 0.2, "paper")[1] == paper[0]).all()
+
+
 def test_merge_pair_rebuild_is_exact_on_retained_rows_and_keeps_norms():
     a, b = torch.randn(1, 3, 20, 8), torch.randn(1, 3, 20, 8)
     merged = merge_pair(a, b, 0.6, 0.3, "paper")

@@ -10,7 +10,7 @@ rows ``(N, d)`` of both layers unmerged together with their flat indices ``(N,)`
 retained independently. Tokens appended later (question, decoded) are stored exactly.
 
 Retention compares each row's angle Ω between the two layers' vectors with the range
-``[Ω_min, Ω_max]`` over the prompt tokens of that (batch, head), the attention-sink token
+``[Ω_min, Ω_max]`` over the prompt tokens and heads of the merged pair, the attention-sink token
 (position 0) excluded from the min/max and always retained:
 
 - ``retention="paper"`` (the paper's prose: keep the pairs that are hard to merge) retains rows with
@@ -97,14 +97,16 @@ def slerp_directions(a: torch.Tensor, b: torch.Tensor, t: float) -> tuple[torch.
 def retained_mask(omega: torch.Tensor, gamma: float, retention: str) -> torch.Tensor:
     """Rows kept unmerged, ``(B, H, T)`` bool from angles ``(B, H, T)``; token 0 (the sink) always kept.
 
-    The range [Ω_min, Ω_max] is taken per (batch, head) over tokens 1…T−1.
+    The range [Ω_min, Ω_max] is the merged pair's: over all its heads and tokens 1…T−1 (per sequence of the
+    batch), as in the paper and xKV's re-implementation (which flattens B·H·T rows), not per head.
     """
     keep = torch.zeros_like(omega, dtype=torch.bool)
     keep[..., 0] = True
     if omega.shape[-1] < 2:
         return keep
     rest = omega[..., 1:]
-    low, high = rest.amin(-1, keepdim=True), rest.amax(-1, keepdim=True)
+    low = rest.amin(dim=(-2, -1), keepdim=True)
+    high = rest.amax(dim=(-2, -1), keepdim=True)
     if retention == "paper":
         keep[..., 1:] = rest >= high - gamma * (high - low)
     else:
