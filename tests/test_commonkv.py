@@ -60,7 +60,7 @@ def test_full_rank_equals_plain_cache(arch, attend):
     model = tiny_model(arch)
     tokens = ids(40)
     ref = plain_logits(model, tokens, 32)
-    runner = make_method("commonkv", unmerged_ratio="1", attend=attend).bind(model)
+    runner = make_method("commonkv", rank_ratio="1", unmerged_ratio="1", attend=attend).bind(model)
     assert runner.ranks == [64, 64]  # D = 64 = the full rank of each group
     got, cache = run(runner, model, tokens, 32)
     assert torch.allclose(got, ref, atol=1e-4), (got - ref).abs().max()
@@ -193,7 +193,7 @@ def test_embedded_model_full_rank_exact_and_merge_saves(model32):
     model, tokenizer = model32
     tokens = torch.randint(100, 10000, (1, 200), generator=torch.Generator().manual_seed(0))
     ref = plain_logits(model, tokens, 192)
-    runner = make_method("commonkv", unmerged_ratio="1").bind(model, tokenizer)
+    runner = make_method("commonkv", rank_ratio="1", unmerged_ratio="1").bind(model, tokenizer)
     got, cache = run(runner, model, tokens, 192)
     assert torch.allclose(got, ref, atol=2e-4), (got - ref).abs().max()
     full = accounting.full_bytes(kv_shape(model), 200, float_bytes=4)
@@ -271,3 +271,48 @@ def test_embedded_model_fisher_ranks_within_budget(model32, tmp_path, monkeypatc
     sizes = [len(g) for g in runner.groups]
     used = sum(s * r for s, r in zip(sizes, runner.ranks))
     assert 0.5 * 576 * 30 - 32 * max(sizes) <= used <= 0.5 * 576 * 30
+
+
+# --- the default must save bytes; wider latents are flagged ------------------------------------------------
+
+def test_kept_rank_hits_the_nominal_target():
+    # SmolLM2-135M: K+V = 384 per layer and token, D = 576; u = 0.4, G = 4 → stored fraction 0.55
+    assert commonkv.kept_rank(0.5, 384, 0.55, 576) == 320  # 0.5·384/0.55 = 349 → 320
+    assert commonkv.kept_rank(0.5, 2048, 0.55, 4096) == 1856  # Llama-3.1-8B shape
+    assert commonkv.kept_rank(1.0, 384, 0.25, 576) == 576  # capped at D
+    assert commonkv.kept_rank(0.01, 384, 1.0, 576) == 32  # at least one multiple
+    config = make_method("commonkv")
+    assert config.kept == 0.5 and config.rank_ratio is None and config.stored_fraction() == pytest.approx(0.55)
+    assert make_method("commonkv", rank_ratio="0.8").kept is None  # an explicit rank budget replaces the target
+    with pytest.raises(ValueError, match="kept=1.5"):
+        make_method("commonkv", kept="1.5")
+
+
+def _gqa_model(kv_heads: int):
+    """D = 64, 4 query heads of d = 16 and ``kv_heads`` KV heads: K+V = 2·kv_heads·16 per layer and token."""
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=1024)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).float().eval()
+
+
+def test_wider_latent_is_flagged_and_the_default_is_not():
+    model = _gqa_model(kv_heads=1)  # K+V = 32 < D = 64
+    wide = make_method("commonkv", rank_ratio="1.0", weights="uniform").bind(model, None)
+    assert wide.ranks == [64] and wide.record_fields() == {"latent_ranks": [64], "kv_width": 32,
+                                                          "latent_wider_than_kv": True}
+    default = make_method("commonkv", weights="uniform").bind(model, None)
+    assert default.ranks == [32] and default.record_fields()["latent_wider_than_kv"] is False  # 0.5·32/0.55 → 32
+
+
+@pytest.mark.slow
+def test_embedded_default_holds_less_than_a_plain_cache(model32):
+    from conftest import drive
+
+    model, tokenizer = model32
+    ids = torch.randint(100, 5000, (1, 600), generator=torch.Generator().manual_seed(0))
+    method = make_method("commonkv", weights="uniform")
+    _, cache = drive(model, method, ids[:, :512], ids[:, 512:520], decode_steps=2)
+    plain = 2 * 30 * 3 * 64 * 522 * 4  # float32 K+V of 522 tokens
+    assert kv_bytes(cache) / plain < 0.65
+    assert method.bind(model, tokenizer).record_fields()["latent_wider_than_kv"] is False

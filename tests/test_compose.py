@@ -47,7 +47,7 @@ def test_eviction_keeps_true_rope_positions():
     ref = DynamicCache(config=model.config)
     with torch.no_grad():
         model(tokens, past_key_values=ref)
-    config = make_method("compose", base="commonkv", base_params="unmerged_ratio=1", evict="pyramidkv",
+    config = make_method("compose", base="commonkv", base_params="rank_ratio=1;unmerged_ratio=1", evict="pyramidkv",
                          evict_ratio="0.6", window_size="4")
     runner = config.bind(model)
     _, cache = run(runner, model, tokens, 200)

@@ -156,6 +156,8 @@ def run_list(args: argparse.Namespace) -> int:
         for name in sorted(REGISTRY):
             cls = REGISTRY[name]
             lines.append(f"  {name}: {cls.description}")
+            if cls.note:
+                lines.append(f"      note: {cls.note}")
             for field, (annotation, default) in method_fields(cls).items():
                 lines.append(f"      {field}: {_type_name(annotation)} = {default!r}")
     if args.what in ("tasks", "all"):

@@ -378,7 +378,7 @@ def evaluate(model, tokenizer, method: MethodConfig | str, task: TaskConfig | st
     details, peak_bytes = _gather(details, peak.read(), world)
     record = {"key": key, **{k: v for k, v in ident.items() if k != "task"}, "task": task_config.name,
               "context": task_config.context, "samples": len(details), "seed": task_config.seed,
-              "options": dict(task_config.options), **summarize(task_config, details),
+              "options": dict(task_config.options), **runner.record_fields(), **summarize(task_config, details),
               "peak_mem_bytes": peak_bytes, "peak_mem_kind": peak.kind, "seconds": time.perf_counter() - started,
               "device": str(device), "world_size": world,
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -34,6 +34,7 @@ class MethodConfig:
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    note: ClassVar[str] = ""  # a caveat `crosskv list` prints under the method
 
     def bind(self, model, tokenizer) -> "Runner":
         raise NotImplementedError
@@ -63,6 +64,11 @@ class Runner:
     def prefill(self, cache: Cache) -> Iterator[None]:
         """Context active while the compressible prompt part runs through the model."""
         yield
+
+    def record_fields(self) -> dict[str, Any]:
+        """Facts about the bound configuration that every run's record carries (e.g. CommonKV's
+        ``latent_wider_than_kv``); none by default."""
+        return {}
 
     def compress(self, cache: Cache) -> None:
         """Compress ``cache`` after the context prefill (no-op for methods that act online)."""

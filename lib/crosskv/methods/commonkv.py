@@ -467,14 +467,27 @@ def value_fisher(model, ids: torch.Tensor) -> list[float]:
 class CommonKV(MethodConfig):
     """CommonKV. Ranks: ``rank`` per group, else ``rank_ratio``·D uniformly, or ``ranks="fisher"`` under the
     ``rank_ratio`` budget. Merge: ``unmerged_ratio`` (1 = no merging) with ``merge_budget`` global
-    (adaptive cosine bottom-k) or per group, ``weights`` sensitivity or uniform."""
+    (adaptive cosine bottom-k) or per group, ``weights`` sensitivity or uniform.
+
+    Default budget ``kept=0.5`` (used when neither ``rank`` nor ``rank_ratio`` is given; it is then cleared):
+    the rank r is chosen so that the nominal latent bytes — r per layer per token, times the stored
+    fraction ``u + (1 − u)/G`` of merging — are ``kept`` × a plain cache's 2·H_kv·d, rounded down to a
+    multiple of 32 (see :func:`kept_rank`). The measured ``kept`` of a run differs: sink and recent tokens
+    are never merged, and decoded tokens are stored unmerged. On GQA models a latent is easily wider
+    than the K+V it replaces (rank_ratio=1: 576 > 384 on SmolLM2, 4096 > 2048 on Llama-3.1-8B); such runs
+    record ``latent_wider_than_kv: true``."""
 
     name = "commonkv"
     description = "cross-layer shared K/V down-projection (weight SVD), latent cache, adaptive cosine merge"
+    note = ("kept=0.5 (default) picks the latent rank r to save memory; with rank/rank_ratio the latent can be "
+            "wider than a layer's K+V (r > 2·H_kv·d: rank_ratio=1 gives 576 > 384 on SmolLM2-135M, 4096 > 2048 on "
+            "Llama-3.1-8B) and holds more than a plain cache before merging; such runs record "
+            "latent_wider_than_kv: true")
 
     group_size: int = 4
     rank: int | None = None
-    rank_ratio: float = 1.0
+    rank_ratio: float | None = None
+    kept: float | None = 0.5
     ranks: str = "uniform"
     unmerged_ratio: float = 0.4
     merge_budget: str = "global"
@@ -491,7 +504,12 @@ class CommonKV(MethodConfig):
             raise ValueError(f"group_size={self.group_size} must be >= 1")
         if self.rank is not None and self.rank < 1:
             raise ValueError(f"rank={self.rank} must be >= 1")
-        budget.check_ratio("rank_ratio", self.rank_ratio, allow_zero=False)
+        if self.rank is not None or self.rank_ratio is not None:
+            object.__setattr__(self, "kept", None)  # an explicit rank budget replaces the kept target
+        if self.rank_ratio is not None:
+            budget.check_ratio("rank_ratio", self.rank_ratio, allow_zero=False)
+        if self.kept is not None:
+            budget.check_ratio("kept", self.kept, allow_zero=False)
         budget.check_ratio("unmerged_ratio", self.unmerged_ratio)
         for field, value, allowed in (("ranks", self.ranks, RANKINGS), ("weights", self.weights, WEIGHTINGS),
                                       ("merge_budget", self.merge_budget, MERGE_BUDGETS),
@@ -499,7 +517,7 @@ class CommonKV(MethodConfig):
             if value not in allowed:
                 raise ValueError(f"{field}={value!r} is not one of {allowed}")
         if self.ranks == "fisher" and self.rank is not None:
-            raise ValueError(f"rank={self.rank} conflicts with ranks='fisher' (give rank_ratio as the budget)")
+            raise ValueError(f"rank={self.rank} conflicts with ranks='fisher' (give rank_ratio or kept as the budget)")
         if self.sink_tokens < 0 or self.recent_tokens < 0:
             raise ValueError(f"sink_tokens={self.sink_tokens} and recent_tokens={self.recent_tokens} must be >= 0")
         if self.seed < 0:
@@ -520,16 +538,27 @@ class CommonKV(MethodConfig):
     def calibration_key(self) -> dict:
         return {"calibration": self.calibration, "length": self.calibration_length, "seed": self.seed}
 
+    def stored_fraction(self) -> float:
+        """Nominal latent rows stored per layer and token after merging: u + (1 − u)/G (1 without merging)."""
+        return self.unmerged_ratio + (1 - self.unmerged_ratio) / self.group_size if self.merges else 1.0
+
+    def rank_budget(self, model) -> float:
+        """The uniform rank ratio r/D: ``rank_ratio``, or the one :func:`kept_rank` picks for ``kept``."""
+        if self.rank_ratio is not None:
+            return self.rank_ratio
+        shape = kv_shape(model)
+        return kept_rank(self.kept, 2 * shape.width, self.stored_fraction(), shape.hidden) / shape.hidden
+
     def group_ranks(self, model, tokenizer, groups: list[list[int]]) -> list[int]:
         shape = kv_shape(model)
         caps = [full_rank(len(g), shape.width, shape.hidden) for g in groups]
         if self.rank is not None and self.rank > shape.hidden:
             raise ValueError(f"rank={self.rank} exceeds the model width D={shape.hidden}")
         if self.ranks == "uniform":
-            rank = self.rank if self.rank is not None else max(1, round(self.rank_ratio * shape.hidden))
+            rank = self.rank if self.rank is not None else max(1, round(self.rank_budget(model) * shape.hidden))
             return budget.uniform_ranks(rank, caps)
         fisher = group_fisher(model, tokenizer, self, groups)
-        return budget.fisher_ranks(fisher, [len(g) for g in groups], caps, self.rank_ratio, shape.hidden)
+        return budget.fisher_ranks(fisher, [len(g) for g in groups], caps, self.rank_budget(model), shape.hidden)
 
     def layer_weights(self, model, tokenizer, groups: list[list[int]]) -> list[float]:
         layers = kv_shape(model).layers
@@ -544,6 +573,13 @@ class CommonKV(MethodConfig):
         ranks = self.group_ranks(model, tokenizer, groups)
         weights = self.layer_weights(model, tokenizer, groups)
         return CommonKVRunner(self, model, tokenizer, groups, ranks, weights)
+
+
+def kept_rank(kept: float, kv_width: int, stored_fraction: float, hidden: int, multiple: int = 32) -> int:
+    """The latent rank r whose nominal bytes r·``stored_fraction`` are ``kept``·``kv_width`` (a plain cache's
+    2·H_kv·d per layer and token), rounded down to a multiple of ``multiple`` (at least one), at most D."""
+    ideal = kept * kv_width / stored_fraction
+    return min(hidden, max(multiple, multiple * math.floor(ideal / multiple)))
 
 
 def group_fisher(model, tokenizer, config: CommonKV, groups: list[list[int]]) -> list[float]:
@@ -567,7 +603,20 @@ class CommonKVRunner(Runner):
         self.slots: list[LatentSlot] | None = None
         self.ups: list[tuple[nn.Linear, nn.Linear]] = []
         self.merged_counts: list[int] = []
+        self.kv_width = 2 * kv_shape(model).width
         log.info("commonkv: groups %s, ranks %s", [len(g) for g in groups], ranks)
+        if self.latent_wider_than_kv:
+            log.warning("commonkv: latent ranks %s are wider than a layer's K+V (%d): unmerged entries hold more "
+                        "than a plain cache", ranks, self.kv_width)
+
+    @property
+    def latent_wider_than_kv(self) -> bool:
+        """True when some group's latent (r per layer and token) is wider than the K+V it replaces (2·H_kv·d)."""
+        return max(self.ranks) > self.kv_width
+
+    def record_fields(self) -> dict:
+        return {"latent_ranks": list(self.ranks), "kv_width": self.kv_width,
+                "latent_wider_than_kv": self.latent_wider_than_kv}
 
     def _modules(self) -> tuple[list[LatentSlot], list[tuple[nn.Module, nn.Module]], list[tuple[nn.Linear, nn.Linear]]]:
         attns = attention_modules(self.model)

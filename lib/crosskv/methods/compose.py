@@ -203,6 +203,9 @@ class ComposeRunner(Runner):
         self.evicted_kept = 1.0
         self.quant_storage: str | None = None
 
+    def record_fields(self) -> dict:
+        return self.base.record_fields()
+
     @contextlib.contextmanager
     def applied(self) -> Iterator["ComposeRunner"]:
         with self.base.applied():
