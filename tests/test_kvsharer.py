@@ -299,3 +299,44 @@ def test_search_cli_writes_a_valid_strategy(tmp_path):
                            "--order", "similar", "--out", str(out)]) == 0
     s = kvs.SharingStrategy.load(out)
     assert len(s.mapping) == 1 and s.search["order"] == "similar" and s.num_layers == L
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_consumers_skip_their_projections_and_logits_are_unchanged(arch):
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8)
+    config = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[arch](**common)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    mapping = {2: 0, 3: 1}
+    strategy = kvs.SharingStrategy(mapping=mapping, num_layers=4)
+    runner = kvs.KVSharerRunner(kvs.KVSharer(shared_layers=2), model, None, strategy)
+    prompt, steps = torch.randint(0, 64, (1, 12)), [5, 9, 17]
+
+    def forward(cache):
+        with torch.no_grad():
+            out = [model(prompt, past_key_values=cache).logits]
+            for token in steps:
+                out.append(model(torch.tensor([[token]]), past_key_values=cache).logits)
+        return out
+
+    reference = forward(kvs.SharingCache(model.config, mapping))  # consumers compute and discard K/V
+    attns = attention_modules(model)
+    calls = {i: 0 for i in range(4)}
+    originals = [(attns[i].k_proj, attns[i].v_proj) for i in range(4)]
+    handles = [proj.register_forward_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
+               for i in range(4) for proj in originals[i]]
+    try:
+        with runner.applied():
+            assert all(isinstance(getattr(attns[i], n), kvs.SkippedProjection) for i in mapping for n in ("k_proj",
+                                                                                                        "v_proj"))
+            skipped = forward(runner.new_cache())
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls[2] == calls[3] == 0 and calls[0] == calls[1] == 2 * (1 + len(steps))
+    assert [(attns[i].k_proj, attns[i].v_proj) for i in range(4)] == originals  # restored on exit
+    for a, b in zip(skipped, reference):
+        assert torch.equal(a, b)

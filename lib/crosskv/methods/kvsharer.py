@@ -13,6 +13,7 @@ prefill and decode; per-layer lengths are tracked by counters, not by how many l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -23,12 +24,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import CacheLayerMixin
 
 from crosskv.argtypes import float_in, int_at_least, nonnegative_int, positive_int
 from crosskv.assets import PROJECT_ROOT
-from crosskv.capture import capture, decoder, kv_shape
+from crosskv.capture import attention_modules, capture, decoder, kv_shape
 from crosskv.methods.base import MethodConfig, Runner, register
 from crosskv.progress import bar as progress_bar
 
@@ -437,12 +439,45 @@ def cached_search(model, tokenizer, config: SearchConfig, force: bool = False, p
 
 # ----------------------------------------------------------------------------- the method
 
+class SkippedProjection(nn.Module):
+    """Stands in for a consumer layer's ``k_proj``/``v_proj`` while a :class:`KVSharerRunner` is applied.
+
+    Returns an empty ``(…, 0)`` tensor instead of ``(…, H_kv·d)``: the projection is not computed, the
+    attention reshapes it to zero KV heads, so RoPE (and Qwen3's k_norm) run on an empty tensor, and the
+    consumer's :class:`SharedLayer` ignores it and returns the producer's K/V.
+    """
+
+    def __init__(self, original: nn.Linear):
+        super().__init__()
+        self.out_features = original.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(*x.shape[:-1], 0)
+
+
 class KVSharerRunner(Runner):
-    """Runs the model with a :class:`SharingCache` built from a fixed strategy."""
+    """Runs the model with a :class:`SharingCache` built from a fixed strategy; while applied, consumer
+    layers skip their key/value projections and RoPE (:class:`SkippedProjection`)."""
 
     def __init__(self, config: "KVSharer", model, tokenizer, strategy: SharingStrategy):
         super().__init__(config, model, tokenizer)
         self.strategy = strategy
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator["KVSharerRunner"]:
+        """Replace every consumer's ``k_proj``/``v_proj`` with a :class:`SkippedProjection` (restored on exit)."""
+        attns = attention_modules(self.model)
+        replaced = []
+        try:
+            for layer in sorted(self.strategy.mapping):
+                for name in ("k_proj", "v_proj"):
+                    original = getattr(attns[layer], name)
+                    replaced.append((attns[layer], name, original))
+                    setattr(attns[layer], name, SkippedProjection(original))
+            yield self
+        finally:
+            for attn, name, original in reversed(replaced):
+                setattr(attn, name, original)
 
     def new_cache(self) -> SharingCache:
         return SharingCache(self.model.config, self.strategy.mapping)
