@@ -26,6 +26,16 @@ def test_ratio_outside_range_is_refused(ratio):
         make_method("kvpress:snapkv", compression_ratio=ratio)
 
 
+@pytest.mark.parametrize("name, field, value", [
+    ("kvpress:snapkv", "window_size", "0"), ("kvpress:snapkv", "kernel_size", "-1"),
+    ("kvpress:pyramidkv", "beta", "0"), ("kvpress:streaming_llm", "n_sink", "-1"),
+    ("kvpress:expected_attention", "epsilon", "nan"), ("kvpress:expected_attention", "n_future_positions", "0"),
+])
+def test_out_of_range_press_fields_are_refused(name, field, value):
+    with pytest.raises(ValueError, match=f"{field}={value}"):
+        make_method(name, **{field: value})
+
+
 def test_importing_crosskv_does_not_import_kvpress():
     code = "import sys, crosskv.methods, crosskv.harness, crosskv.cli, crosskv.tasks; " \
            "crosskv.tasks.get_task('ppl'); print('kvpress' in sys.modules)"

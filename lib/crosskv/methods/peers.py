@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import ClassVar, Iterator
 
@@ -25,10 +26,16 @@ class PressConfig(MethodConfig):
 
     compression_ratio: float = 0.5
     press_class: ClassVar[str] = ""
+    MINIMUMS: ClassVar[dict[str, float]] = {"window_size": 1, "kernel_size": 1, "beta": 1, "n_sink": 0,
+                                            "n_future_positions": 1, "epsilon": 0.0}
 
     def __post_init__(self):
         if not 0.0 <= self.compression_ratio < 1.0:
             raise ValueError(f"compression_ratio={self.compression_ratio} must be in [0, 1)")
+        for field, low in self.MINIMUMS.items():
+            value = getattr(self, field, None)
+            if value is not None and not (math.isfinite(value) and value >= low):
+                raise ValueError(f"{field}={value} must be a finite number >= {low}")
 
     def bind(self, model, tokenizer=None) -> "PressRunner":
         return PressRunner(self, model, tokenizer)
