@@ -66,7 +66,7 @@ def test_full_base_evicted_then_kivi_counts_absolute_positions():
     runner = make_method("compose", base="full", evict="snapkv", evict_ratio="0.75", window_size="16", bits="2",
                          group_size="16", residual="16").bind(model)
     logits, cache = run(runner, model, tokens, 136)
-    assert runner.quant_storage == "packed"
+    assert runner.quant_storage == "real"
     assert all(isinstance(layer, KiviLayer) for layer in cache.layers)
     assert cache.get_seq_length() == 140
     assert cache.layers[0].get_mask_sizes(torch.arange(140, 141)) == (34 + 4 + 1, 140 - 38)

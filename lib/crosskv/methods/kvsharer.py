@@ -28,7 +28,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from crosskv.assets import PROJECT_ROOT
 from crosskv.capture import capture, decoder, kv_shape
-from crosskv.methods.base import MethodConfig, Runner, register
+from crosskv.methods.base import MethodConfig, Runner, layer_tensors, register
 from crosskv.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
@@ -203,6 +203,8 @@ class SharedLayer(CacheLayerMixin):
         if held != self.seen:
             raise RuntimeError(f"producer layer {self.producer_idx} holds {held} tokens but its consumer has seen "
                                f"{self.seen}: the producer must run before its consumer in every forward")
+        if hasattr(self.producer, "current_kv"):  # a quantized producer rebuilds its K/V inside the step
+            return self.producer.current_kv()
         return self.producer.keys, self.producer.values
 
     def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
@@ -253,13 +255,11 @@ class SharingCache(DynamicCache):
         self.mapping = dict(mapping)
 
     def stored_tensors(self) -> Iterator[torch.Tensor]:
-        """K and V of the producer layers (consumers hold nothing)."""
+        """K and V (or codes) of the producer layers (consumers hold nothing)."""
         for layer in self.layers:
             if isinstance(layer, SharedLayer) or not layer.is_initialized:
                 continue
-            for tensor in (layer.keys, layer.values):
-                if tensor is not None and tensor.numel():
-                    yield tensor
+            yield from layer_tensors(layer)
 
 
 # ----------------------------------------------------------------------------- the search
