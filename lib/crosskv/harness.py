@@ -163,7 +163,8 @@ def uneven(cache) -> bool:
     """
     if hasattr(cache, "stored_tensors"):
         return False
-    lengths = {layer.keys.shape[-2] for layer in cache.layers if getattr(layer, "keys", None) is not None}
+    lengths = {layer.held() if hasattr(layer, "held") else layer.keys.shape[-2]
+               for layer in cache.layers if getattr(layer, "keys", None) is not None}
     return len(lengths) > 1
 
 

@@ -427,7 +427,7 @@ def key_noise_sensitivity(model, ids: torch.Tensor, seed: int = 0) -> list[float
 
     def noise(module, args, out):
         mean, std = out.float().mean(dim=(0, 1)), out.float().std(dim=(0, 1))
-        rand = torch.randn(out.shape, generator=gen)
+        rand = torch.randn(out.shape, generator=gen, device="cpu")  # seeded on the CPU: same noise on every device
         return (rand.to(out.device) * std + mean).to(out.dtype)
 
     for attn in progress_bar(attention_modules(model), desc="key-noise sensitivity", leave=False):
@@ -444,7 +444,7 @@ def value_fisher(model, ids: torch.Tensor) -> list[float]:
     of the squared gradient of the LM loss."""
     params = [attn.v_proj.weight for attn in attention_modules(model)]
     saved = {p: p.requires_grad for p in model.parameters()}
-    fisher = torch.zeros(len(params), dtype=torch.float64)
+    fisher = torch.zeros(len(params), dtype=torch.float64, device="cpu")  # float64 totals, returned as a list
     try:
         for p in model.parameters():
             p.requires_grad_(False)

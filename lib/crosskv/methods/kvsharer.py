@@ -324,7 +324,7 @@ def candidate_pairs(distances: torch.Tensor, order: str, seed: int = 0) -> list[
     n = distances.shape[0]
     pairs = [(i, j, float(distances[i, j])) for i in range(n) for j in range(i)]
     if order == "random":
-        perm = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
+        perm = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed), device="cpu").tolist()
         return [pairs[k] for k in perm]
     return sorted(pairs, key=lambda p: (-p[2] if order == "dissimilar" else p[2], p[0], p[1]))
 
