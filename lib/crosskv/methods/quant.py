@@ -64,13 +64,18 @@ class QTensor:
         yield from (self.codes, self.scale, self.zero)
 
     def dequantize(self) -> torch.Tensor:
-        per = 8 // self.bits
-        shifts = torch.arange(per, device=self.codes.device, dtype=torch.uint8) * self.bits
-        codes = (self.codes.unsqueeze(-1) >> shifts) & (2 ** self.bits - 1)  # (*rest, G, bytes, per)
-        codes = codes.flatten(-2).float()  # (*rest, G, group_size)
-        values = codes * self.scale.float() + self.zero.float()
+        """The float tensor (original shape and dtype), unpacked through a 256-entry table of each byte's codes."""
+        codes = _unpack_table(self.bits, self.codes.device)[self.codes.int()].flatten(-2)  # (*rest, G, group_size)
+        values = torch.addcmul(self.zero.float(), codes, self.scale.float())
         values = values.flatten(-2)[..., :self.length]
         return values.movedim(-1, self.axis).to(self.dtype)
+
+
+def _unpack_table(bits: int, device: torch.device) -> torch.Tensor:
+    """``(256, 8 // bits)`` float32: the codes packed in each possible byte, lowest bits first."""
+    shifts = torch.arange(8 // bits, dtype=torch.uint8, device=device) * bits
+    byte = torch.arange(256, dtype=torch.uint8, device=device)
+    return ((byte[:, None] >> shifts) & (2 ** bits - 1)).float()
 
 
 def _round_down_half(x: torch.Tensor) -> torch.Tensor:
