@@ -1,6 +1,7 @@
 """The memory census: storage-level bytes on hand-made objects, and held == reported for every method and composition."""
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import time
@@ -51,7 +52,7 @@ class Plain:
 
 def test_slots_dataclasses_containers_and_tensor_attributes_are_walked():
     a, b, c = torch.ones(10), torch.ones(20), torch.ones(30)
-    obj = SlottedChild(Holder(a), (b,), {frozenset([1]): [c]})
+    obj = SlottedChild(Holder(a), collections.deque([(b,)]), {frozenset([1]): [c]})
     assert held_bytes(obj) == 4 * 60
     tagged = torch.ones(2)
     tagged.extra = (torch.ones(5), "text")  # an attribute hung on a tensor keeps its value alive

@@ -14,6 +14,7 @@ A method's own ``stored_tensors()`` is never consulted; the census is its indepe
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import types
 from typing import Any, Iterable, Iterator
@@ -53,7 +54,7 @@ def _children(obj: Any) -> Iterator[Any]:
         yield from obj.keys()
         yield from obj.values()
         return
-    if isinstance(obj, (list, tuple, set, frozenset)):
+    if isinstance(obj, (list, tuple, set, frozenset, collections.deque)):
         yield from obj
         return
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
