@@ -128,7 +128,8 @@ def test_rebuild_and_buffer_agree_after_merge():
                              attend=attend).bind(model)
         logits, cache = run(runner, model, tokens, 48)
         outs.append(logits)
-        held.append((kv_bytes(cache), sum(t.numel() * t.element_size() for t in cache.working_tensors())))
+        buffers = [t for layer in cache.layers if layer.buffer is not None for t in layer.buffer]
+        held.append((kv_bytes(cache), sum(t.numel() * t.element_size() for t in buffers)))
     assert torch.allclose(outs[0], outs[1], atol=1e-4)
     (buffered, buffer_bytes), (latent_only, none) = held
     assert none == 0 and buffer_bytes > 0

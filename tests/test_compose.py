@@ -5,7 +5,9 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from crosskv.census import held_bytes, held_tensors
 from crosskv.methods import REGISTRY, kv_bytes, make_method
+from crosskv.methods.kvsharer import SharingStrategy
 from crosskv.methods.compose import STAGES, EvictedLayer, parse_params
 from crosskv.methods.quant import KiviLayer
 from test_commonkv import ids, run, tiny_model
@@ -66,7 +68,7 @@ def test_full_base_evicted_then_kivi_counts_absolute_positions():
     runner = make_method("compose", base="full", evict="snapkv", evict_ratio="0.75", window_size="16", bits="2",
                          group_size="16", residual="16").bind(model)
     logits, cache = run(runner, model, tokens, 136)
-    assert runner.quant_storage == "packed"
+    assert runner.quant_storage == "real"
     assert all(isinstance(layer, KiviLayer) for layer in cache.layers)
     assert cache.get_seq_length() == 140
     assert cache.layers[0].get_mask_sizes(torch.arange(140, 141)) == (34 + 4 + 1, 140 - 38)
@@ -89,6 +91,28 @@ def test_quantization_wraps_other_cross_layer_methods(base):
     assert runner.stages == ["compress", "quantize"]
     assert torch.isfinite(logits).all()
     assert kv_bytes(cache) < 0.5 * kv_bytes(alone)
+    assert held_bytes(cache) == kv_bytes(cache)  # codes and scales only: no float copy of the method's tensors
+    floats = [t for t in held_tensors(cache) if t.is_floating_point() and t.dtype != torch.float16]
+    # the only floats left: K/V tails (B, H, t, d) of the 8 appended tokens plus ≤ 8 prompt tokens that do not
+    # fill a whole key group of 32 in the plain layers
+    assert floats and all(t.dim() == 4 and t.shape[-2] <= 16 for t in floats)
+
+
+@pytest.mark.parametrize("bits, atol", [(8, 0.05), (2, None)])
+def test_quantized_kvsharer_consumers_read_the_producer_codes(tmp_path, bits, atol):
+    model = tiny_model("llama")
+    strategy = SharingStrategy(mapping={3: 2, 5: 4}, num_layers=6).save(tmp_path / "s.json")
+    tokens = ids(80)
+    plain_logits_, plain = run(make_method("kvsharer", strategy=str(strategy)).bind(model), model, tokens, 72)
+    runner = make_method("compose", base="kvsharer", base_params=f"strategy={strategy}", bits=str(bits),
+                         group_size="16", residual="0").bind(model)
+    logits, cache = run(runner, model, tokens, 72)
+    producers = [layer for i, layer in enumerate(cache.layers) if i not in (3, 5)]
+    assert all(isinstance(layer, KiviLayer) for layer in producers)
+    assert cache.layers[3].producer is cache.layers[2] and cache.layers[5].producer is cache.layers[4]
+    assert held_bytes(cache) == kv_bytes(cache) < 0.6 * kv_bytes(plain)
+    if atol is not None:  # 8-bit codes: the sharing model's logits, up to quantization error
+        assert torch.allclose(logits[:, 72:], plain_logits_[:, 72:], atol=atol)
 
 
 @pytest.mark.parametrize("params, message", [

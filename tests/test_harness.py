@@ -38,10 +38,12 @@ def test_full_cache_bytes_formula_matches_a_real_dynamic_cache(tiny_model, dtype
 def test_full_keeps_everything_and_record_has_the_fields(tiny_model):
     rec = run(tiny_model, max_new_tokens=5)
     for field in ("score", "kv_bytes", "kv_bytes_full", "kept", "factor", "kept_16bit", "kv_bytes_end",
-                  "prefill_s", "decode_tok_s", "seconds", "peak_mem_bytes", "versions", "details"):
+                  "kv_bytes_held", "kv_bytes_held_end", "kept_held", "kept_held_end", "prefill_s", "decode_tok_s", "seconds", "peak_mem_bytes", "versions", "details"):
         assert field in rec, field
     assert rec["kv_bytes"] == rec["kv_bytes_full"] and rec["kept"] == 1.0 and rec["factor"] == 1.0
     assert rec["kv_bytes_end"] == rec["kv_bytes_full_end"] > rec["kv_bytes"]
+    assert rec["kv_bytes_held"] == rec["kv_bytes"] and rec["kv_bytes_held_end"] == rec["kv_bytes_end"]  # census
+    assert rec["kept_held"] == 1.0
     assert rec["kept_16bit"] == 1.0 and rec["kv_bytes_16bit"] == rec["kv_bytes"] / 2  # float32 model
     for d in rec["details"]:
         fed = d["prompt_tokens"] + d["generated_tokens"] - 1  # the last token is never fed back

@@ -8,7 +8,8 @@ from transformers.cache_utils import DynamicLayer
 
 from crosskv import accounting
 from crosskv.methods import kv_bytes
-from crosskv.methods.quant import KiviLayer, QuantSpec, quantize, quantize_cache, step_size, working_tensors
+from crosskv.census import held_bytes
+from crosskv.methods.quant import KiviLayer, QTensor, QuantSpec, dense, quantize, quantize_cache, step_size
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -58,7 +59,7 @@ def plain_cache(tokens: int = 200, layers: int = 2) -> DynamicCache:
 def test_plain_cache_packed_keys_per_channel_values_per_token_residual_float():
     cache = plain_cache(200)
     keys = cache.layers[0].keys.clone()
-    assert quantize_cache(cache, QuantSpec(bits=2, group_size=32, residual=64)) == "packed"
+    assert quantize_cache(cache, QuantSpec(bits=2, group_size=32, residual=64)) == "real"
     layer = cache.layers[0]
     assert isinstance(layer, KiviLayer)
     assert layer.n_q == 128 and layer.keys.shape[-2] == 72  # 136 → 128 (whole key groups), the rest stays float
@@ -71,26 +72,29 @@ def test_plain_cache_packed_keys_per_channel_values_per_token_residual_float():
     scales = 2 * 2 * (3 * 64 * 128 // 32)  # a float16 scale and zero per group of 32, K and V
     tails = (73 + 72) * 2 * 3 * 64 * 4  # layer 0 got one appended token, layer 1 none; float32 K and V
     assert kv_bytes(cache) == 2 * (codes + scales * 2) + tails
-    assert sum(t.numel() for t in working_tensors(cache)) == 2 * 2 * 3 * 128 * 64  # dequantized prefix buffers
+    assert held_bytes(cache) == kv_bytes(cache)  # no dequantized prefix survives the step
 
 
-def test_simulated_path_for_custom_layers():
-    class CustomLayer(DynamicLayer):
-        """A method-specific layer type (not plain K/V rows)."""
+def test_cache_defined_quantization_holds_codes_only():
+    class Layer(DynamicLayer):
+        """A method-specific layer whose method tensor is read through ``dense`` (as xKV's bases are)."""
+
+        def quantize_(self, spec):
+            self.basis = quantize(self.basis, spec.bits, spec.group_size)
 
     class Custom(DynamicCache):
         def stored_tensors(self):
             for layer in self.layers:
-                yield layer.keys
-                yield layer.values
+                yield from (layer.basis.tensors() if isinstance(layer.basis, QTensor) else (layer.basis,))
+
+        def quantize_(self, spec):
+            for layer in self.layers:
+                layer.quantize_(spec)
 
     cache = Custom()
-    cache.layers = [CustomLayer()]
-    cache.update(torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64), 0)
-    before = cache.layers[0].keys.clone()
-    assert quantize_cache(cache, QuantSpec(bits=4, group_size=32, residual=0)) == "simulated"
-    assert not torch.equal(cache.layers[0].keys, before)
-    assert (cache.layers[0].keys - before).abs().max() < (before.max() - before.min()) / 15
-    assert kv_bytes(cache) == 2 * accounting.quantized_bytes(3 * 64, 64, 4, 32)
-    cache.update(torch.randn(1, 3, 1, 64), torch.randn(1, 3, 1, 64), 0)  # a new tensor: counted as floats
-    assert kv_bytes(cache) == 2 * 3 * 65 * 64 * 4
+    cache.layers = [Layer()]
+    cache.layers[0].basis = torch.randn(1, 64, 64)
+    before = cache.layers[0].basis.clone()
+    assert quantize_cache(cache, QuantSpec(bits=4, group_size=32, residual=0)) == "real"
+    assert (dense(cache.layers[0].basis) - before).abs().max() < (before.max() - before.min()) / 15
+    assert kv_bytes(cache) == held_bytes(cache) == accounting.quantized_bytes(64, 64, 4, 32)

@@ -95,9 +95,10 @@ def global_bottom_k(scores: Sequence[torch.Tensor], ratio: float) -> list[torch.
     """
     check_ratio("unmerged_ratio", ratio)
     sizes = [int(s.numel()) for s in scores]
-    flat = torch.cat([s.flatten().float() for s in scores]) if scores else torch.zeros(0)
+    device = scores[0].device if scores else None
+    flat = torch.cat([s.flatten().float() for s in scores]) if scores else torch.zeros(0, device=device)
     keep = round(ratio * flat.numel())
-    mask = torch.zeros(flat.numel(), dtype=torch.bool)
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
     mask[torch.argsort(flat, stable=True)[:keep]] = True
     return list(mask.split(sizes))
 

@@ -16,7 +16,10 @@ context prefill and never see the question (kvpress's own default); crosskv's me
 the same context in ``compress`` and store the question and decoded tokens exactly. Positions are
 absolute (``position_ids`` passed explicitly), so evicting methods keep correct RoPE positions.
 
-Bytes: ``kv_bytes`` = :func:`crosskv.methods.kv_bytes` of the cache after compression;
+Bytes: ``kv_bytes`` = :func:`crosskv.methods.kv_bytes` of the cache after compression (the method's
+own accounting); ``kv_bytes_held`` = the :mod:`crosskv.census` of the same moment (every storage
+reachable from the cache and the runner, model weights and the runner's pre-run state excluded),
+``kept_held`` = kv_bytes_held / kv_bytes_full — equal to ``kept`` when the accounting is honest;
 ``kv_bytes_full`` = a plain ``DynamicCache`` on the same tokens, computed as
 2·L·B·H_kv·T·d·element_size; ``kept`` = kv_bytes / kv_bytes_full, ``factor`` = 1 / kept,
 ``saved`` = 1 − kept. ``kept_16bit`` counts every float tensor as 16-bit against a 16-bit full cache
@@ -45,6 +48,7 @@ from typing import Any
 import torch
 
 from crosskv import capture, fingerprint, results
+from crosskv.census import RunCensus
 from crosskv.methods import MethodConfig, Runner, kv_bytes, make_method
 from crosskv.models import model_name
 from crosskv.tasks import Sample, TaskConfig, make_task
@@ -143,8 +147,9 @@ def _stop_ids(model, tokenizer) -> set[int]:
     return stops
 
 
-def _bytes(model, cache, tokens: int) -> dict[str, int]:
-    return {"kv_bytes": kv_bytes(cache), "kv_bytes_full": full_cache_bytes(model, tokens),
+def _bytes(model, cache, tokens: int, held: RunCensus) -> dict[str, int]:
+    return {"kv_bytes": kv_bytes(cache), "kv_bytes_held": held.held(cache),
+            "kv_bytes_full": full_cache_bytes(model, tokens),
             "kv_bytes_16bit": kv_bytes(cache, float_bytes=2),
             "kv_bytes_full_16bit": full_cache_bytes(model, tokens, element_size=2)}
 
@@ -158,7 +163,8 @@ def uneven(cache) -> bool:
     """
     if hasattr(cache, "stored_tensors"):
         return False
-    lengths = {layer.keys.shape[-2] for layer in cache.layers if getattr(layer, "keys", None) is not None}
+    lengths = {layer.held() if hasattr(layer, "held") else layer.keys.shape[-2]
+               for layer in cache.layers if getattr(layer, "keys", None) is not None}
     return len(lengths) > 1
 
 
@@ -201,9 +207,10 @@ def run_generate(runner: Runner, sample: Sample, stops: set[int]) -> dict[str, A
     model, tokenizer = runner.model, runner.tokenizer
     device = next(model.parameters()).device
     with runner.applied():
+        census = RunCensus(runner)
         cache = runner.new_cache()
         out, prefill_s, compress_s = _prefill(runner, cache, sample.context_ids, device, hidden=False)
-        after = _bytes(model, cache, len(sample.context_ids))
+        after = _bytes(model, cache, len(sample.context_ids), census)
         fed = len(sample.context_ids)
         logits = out.logits[0, -1]
         if sample.question_ids:
@@ -221,7 +228,7 @@ def run_generate(runner: Runner, sample: Sample, stops: set[int]) -> dict[str, A
             generated.append(token)
         _sync(device)
         decode_s = time.perf_counter() - t0
-        end = _bytes(model, cache, fed)
+        end = _bytes(model, cache, fed, census)
     prediction = tokenizer.decode(generated, skip_special_tokens=True)
     return {"prediction": prediction, "generated_tokens": len(generated), "decode_steps": len(generated) - 1,
             "decode_s": decode_s, "prefill_s": prefill_s, "compress_s": compress_s, **after,
@@ -246,9 +253,10 @@ def run_perplexity(runner: Runner, sample: Sample) -> dict[str, Any]:
     device = next(model.parameters()).device
     ids = torch.tensor(sample.context_ids, device=device)
     with runner.applied():
+        census = RunCensus(runner)
         cache = runner.new_cache()
         out, prefill_s, compress_s = _prefill(runner, cache, sample.context_ids, device, hidden=True)
-        after = _bytes(model, cache, len(sample.context_ids))
+        after = _bytes(model, cache, len(sample.context_ids), census)
         hidden = out.last_hidden_state[0]  # (T, D)
         t0 = time.perf_counter()
         if not sample.question_ids:
@@ -261,7 +269,7 @@ def run_perplexity(runner: Runner, sample: Sample) -> dict[str, Any]:
             nll, scored = _nll(model, predictors, cont), len(cont)
             fed = len(ids) + len(cont)
         _sync(device)
-        end = _bytes(model, cache, fed)
+        end = _bytes(model, cache, fed, census)
     return {"nll": nll, "scored_tokens": scored, "prefill_s": prefill_s, "compress_s": compress_s,
             "continuation_s": time.perf_counter() - t0, **after, **{f"{k}_end": v for k, v in end.items()}}
 
@@ -296,14 +304,17 @@ def summarize(task: TaskConfig, details: list[dict[str, Any]]) -> dict[str, Any]
     else:
         score = math.exp(sum(d["nll"] for d in details) / sum(d["scored_tokens"] for d in details))
     out: dict[str, Any] = {"score": score, "metric": spec.metric, "higher_is_better": spec.higher_is_better}
-    for name in ("kv_bytes", "kv_bytes_full", "kv_bytes_16bit", "kv_bytes_full_16bit", "kv_bytes_end",
-                 "kv_bytes_full_end", "kv_bytes_16bit_end", "kv_bytes_full_16bit_end"):
-        out[name] = _mean([d[name] for d in details])
+    for name in ("kv_bytes", "kv_bytes_held", "kv_bytes_full", "kv_bytes_16bit", "kv_bytes_full_16bit",
+                 "kv_bytes_end", "kv_bytes_held_end", "kv_bytes_full_end", "kv_bytes_16bit_end",
+                 "kv_bytes_full_16bit_end"):
+        out[name] = _mean([d.get(name) for d in details])
     out["kept"] = _ratio(out["kv_bytes"], out["kv_bytes_full"])
     out["factor"] = _ratio(1.0, out["kept"])
     out["saved"] = None if out["kept"] is None else 1.0 - out["kept"]
     out["kept_16bit"] = _ratio(out["kv_bytes_16bit"], out["kv_bytes_full_16bit"])
     out["kept_end"] = _ratio(out["kv_bytes_end"], out["kv_bytes_full_end"])
+    out["kept_held"] = _ratio(out["kv_bytes_held"], out["kv_bytes_full"])
+    out["kept_held_end"] = _ratio(out["kv_bytes_held_end"], out["kv_bytes_full_end"])
     out["prefill_s"] = _mean([d["prefill_s"] for d in details])
     out["compress_s"] = _mean([d["compress_s"] for d in details])
     steps = sum(d.get("decode_steps", 0) for d in details)
@@ -379,6 +390,7 @@ def evaluate(model, tokenizer, method: MethodConfig | str, task: TaskConfig | st
     record = {"key": key, **{k: v for k, v in ident.items() if k != "task"}, "task": task_config.name,
               "context": task_config.context, "samples": len(details), "seed": task_config.seed,
               "options": dict(task_config.options), **runner.record_fields(), **summarize(task_config, details),
+              "quant_storage": getattr(runner, "quant_storage", None),
               "peak_mem_bytes": peak_bytes, "peak_mem_kind": peak.kind, "seconds": time.perf_counter() - started,
               "device": str(device), "world_size": world,
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

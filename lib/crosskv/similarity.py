@@ -232,7 +232,7 @@ def to_frame(matrices: dict[tuple[str, str], torch.Tensor]) -> pd.DataFrame:
     rows = []
     for (field, metric), matrix in matrices.items():
         n = matrix.shape[0]
-        idx = torch.arange(n)
+        idx = torch.arange(n, device="cpu")  # row labels for pandas
         ii, jj = torch.meshgrid(idx, idx, indexing="ij")
         rows.append(pd.DataFrame({"field": field, "metric": metric, "layer_i": ii.flatten().numpy(),
                                   "layer_j": jj.flatten().numpy(), "value": matrix.flatten().double().numpy()}))

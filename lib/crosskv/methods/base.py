@@ -136,15 +136,23 @@ def make_method(name: str, **params: Any) -> MethodConfig:
     return cls(**{k: _coerce(v, fields[k][0], k) for k, v in params.items()})
 
 
+def layer_tensors(layer) -> Iterator[torch.Tensor]:
+    """Every tensor one cache layer keeps: its ``stored()`` if it defines one (a quantized layer), else K and V."""
+    if hasattr(layer, "stored"):
+        yield from layer.stored()
+        return
+    for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+        if tensor is not None and tensor.numel():
+            yield tensor
+
+
 def stored_tensors(cache: Cache) -> Iterator[torch.Tensor]:
-    """Every tensor ``cache`` keeps. Custom caches define ``stored_tensors()``; plain caches hold K and V."""
+    """Every tensor ``cache`` keeps. Custom caches define ``stored_tensors()``; plain caches hold their layers'."""
     if hasattr(cache, "stored_tensors"):
         yield from cache.stored_tensors()
         return
     for layer in cache.layers:
-        for tensor in (layer.keys, layer.values):
-            if tensor is not None and tensor.numel():
-                yield tensor
+        yield from layer_tensors(layer)
 
 
 def kv_bytes(cache: Cache, float_bytes: int | None = None) -> int:

@@ -149,8 +149,8 @@ class LatentValueProj(nn.Module):
 class GroupStore:
     """A group's merged entries: latents ``(B, M, r)`` (float or quantized) and their positions ``(M,)`` int32."""
 
-    def __init__(self):
-        self.pos = torch.zeros(0, dtype=torch.int32)
+    def __init__(self, device: torch.device | None = None):
+        self.pos = torch.zeros(0, dtype=torch.int32, device=device)
         self.lat: torch.Tensor | None = None
         self.qlat: QTensor | None = None
 
@@ -178,13 +178,14 @@ class CommonKVLayer(CacheLayerMixin):
     is_compileable = False
 
     def __init__(self, slot: LatentSlot, up_k: nn.Linear, up_v: nn.Linear, store: GroupStore, rotary: Rotary,
-                 kv_heads: int, head_dim: int, attend: str, k_norm: nn.Module | None = None):
+                 kv_heads: int, head_dim: int, attend: str, k_norm: nn.Module | None = None,
+                 device: torch.device | None = None):
         super().__init__()
         self.slot, self.up_k, self.up_v, self.store, self.rotary = slot, up_k, up_v, store, rotary
         self.kv_heads, self.head_dim, self.attend, self.k_norm = kv_heads, head_dim, attend, k_norm
         self.lat: torch.Tensor | None = None
         self.qlat: QTensor | None = None
-        self.pos = torch.zeros(0, dtype=torch.int32)
+        self.pos = torch.zeros(0, dtype=torch.int32, device=device)
         self.seen = 0
         self.buffer: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -199,6 +200,7 @@ class CommonKVLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         latent = self.slot.latent
+        self.slot.x = self.slot.latent = None  # the slot must not keep this step's activations alive
         q = key_states.shape[-2]
         if latent is None or latent.shape[-2] != q:
             raise RuntimeError("CommonKV cache used without its latent projections (run inside Runner.applied())")
@@ -310,10 +312,7 @@ class CommonKVCache(Cache):
             yield from layer.stored()
         for store in self.stores:
             yield from store.tensors()
-        yield from self.working_tensors()
-
-    def working_tensors(self) -> Iterator[torch.Tensor]:
-        for layer in self.layers:
+        for layer in self.layers:  # attend="buffer": the rebuilt K/V kept across steps
             if layer.buffer is not None:
                 yield from layer.buffer
 
@@ -359,7 +358,7 @@ def merge_groups(cache: CommonKVCache, weights: list[float], unmerged_ratio: flo
     prompt_len = cache.layers[0].seen
     groups = [[cache.layers[i] for i in g] for g in cache.groups]
     cands = [candidate_positions(ls, prompt_len, sinks, recent) if len(ls) > 1 else ls[0].pos[:0] for ls in groups]
-    scores = [group_similarity(ls, c) if c.numel() else torch.zeros(0) for ls, c in zip(groups, cands)]
+    scores = [group_similarity(ls, c) if c.numel() else c.new_zeros(0, dtype=torch.float32) for ls, c in zip(groups, cands)]
     select = budget.global_bottom_k if mode == "global" else budget.per_group_bottom_k
     unmerged = select(scores, unmerged_ratio)
     counts = []
@@ -424,7 +423,7 @@ def key_noise_sensitivity(model, ids: torch.Tensor, seed: int = 0) -> list[float
 
     def noise(module, args, out):
         mean, std = out.float().mean(dim=(0, 1)), out.float().std(dim=(0, 1))
-        rand = torch.randn(out.shape, generator=gen)
+        rand = torch.randn(out.shape, generator=gen, device="cpu")  # seeded on the CPU: same noise on every device
         return (rand.to(out.device) * std + mean).to(out.dtype)
 
     for attn in progress_bar(attention_modules(model), desc="key-noise sensitivity", leave=False):
@@ -652,10 +651,11 @@ class CommonKVRunner(Runner):
             raise RuntimeError("CommonKVRunner.new_cache() must be called inside runner.applied()")
         shape = kv_shape(self.model)
         attns = attention_modules(self.model)
-        stores = [GroupStore() for _ in self.groups]
+        device = next(self.model.parameters()).device
+        stores = [GroupStore(device) for _ in self.groups]
         group_of = {layer: g for g, layers in enumerate(self.groups) for layer in layers}
         layers = [CommonKVLayer(self.slots[i], *self.ups[i], stores[group_of[i]], self.rotary, shape.kv_heads,
-                                shape.head_dim, self.config.attend, getattr(attns[i], "k_norm", None))
+                                shape.head_dim, self.config.attend, getattr(attns[i], "k_norm", None), device)
                   for i in range(shape.layers)]
         return CommonKVCache(layers, self.groups, stores)
 

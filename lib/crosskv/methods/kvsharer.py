@@ -31,7 +31,7 @@ from transformers.cache_utils import CacheLayerMixin
 from crosskv.argtypes import float_in, int_at_least, nonnegative_int, positive_int
 from crosskv.assets import PROJECT_ROOT
 from crosskv.capture import attention_modules, capture, decoder, kv_shape
-from crosskv.methods.base import MethodConfig, Runner, register
+from crosskv.methods.base import MethodConfig, Runner, layer_tensors, register
 from crosskv.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
@@ -206,6 +206,8 @@ class SharedLayer(CacheLayerMixin):
         if held != self.seen:
             raise RuntimeError(f"producer layer {self.producer_idx} holds {held} tokens but its consumer has seen "
                                f"{self.seen}: the producer must run before its consumer in every forward")
+        if hasattr(self.producer, "current_kv"):  # a quantized producer rebuilds its K/V inside the step
+            return self.producer.current_kv()
         return self.producer.keys, self.producer.values
 
     def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
@@ -256,13 +258,11 @@ class SharingCache(DynamicCache):
         self.mapping = dict(mapping)
 
     def stored_tensors(self) -> Iterator[torch.Tensor]:
-        """K and V of the producer layers (consumers hold nothing)."""
+        """K and V (or codes) of the producer layers (consumers hold nothing)."""
         for layer in self.layers:
             if isinstance(layer, SharedLayer) or not layer.is_initialized:
                 continue
-            for tensor in (layer.keys, layer.values):
-                if tensor is not None and tensor.numel():
-                    yield tensor
+            yield from layer_tensors(layer)
 
 
 # ----------------------------------------------------------------------------- the search
@@ -329,7 +329,7 @@ def candidate_pairs(distances: torch.Tensor, order: str, seed: int = 0) -> list[
     n = distances.shape[0]
     pairs = [(i, j, float(distances[i, j])) for i in range(n) for j in range(i)]
     if order == "random":
-        perm = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
+        perm = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed), device="cpu").tolist()
         return [pairs[k] for k in perm]
     return sorted(pairs, key=lambda p: (-p[2] if order == "dissimilar" else p[2], p[0], p[1]))
 

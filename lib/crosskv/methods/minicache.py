@@ -32,6 +32,7 @@ from transformers.cache_utils import DynamicLayer
 from crosskv.capture import KVShape, kv_shape
 from crosskv.methods.base import MethodConfig, Runner, register
 from crosskv.methods.prefixcache import PrefixCache, PrefixLayer
+from crosskv.methods.quant import QuantSpec, Stored, dense, parts, quantize_rows
 
 log = logging.getLogger(__name__)
 
@@ -116,21 +117,32 @@ def retained_mask(omega: torch.Tensor, gamma: float, retention: str) -> torch.Te
 
 @dataclass
 class MergedTensor:
-    """One merged pair of K (or V): shared direction, per-layer magnitudes, retained rows and their indices."""
+    """One merged pair of K (or V): shared direction, per-layer magnitudes, retained rows and their indices.
 
-    direction: torch.Tensor     # (B, H, T, d)
-    magnitudes: torch.Tensor    # (2, B, H, T)
+    The float fields are held as floats or, after :meth:`quantize_`, as codes only (dequantized in
+    :meth:`rebuild`, inside the step).
+    """
+
+    direction: Stored           # (B, H, T, d)
+    magnitudes: Stored          # (2, B, H, T)
     indices: torch.Tensor       # (N,) int32 into B·H·T
-    rows: torch.Tensor          # (2, N, d)
+    rows: Stored                # (2, N, d)
 
     def tensors(self) -> Iterator[torch.Tensor]:
-        yield from (self.direction, self.magnitudes, self.indices, self.rows)
+        for field in (self.direction, self.magnitudes, self.indices, self.rows):
+            yield from parts(field)
+
+    def quantize_(self, spec: QuantSpec) -> None:
+        """Hold direction, magnitudes and retained rows as codes (groups along each one's last axis)."""
+        self.direction = quantize_rows(self.direction, spec)
+        self.magnitudes = quantize_rows(self.magnitudes, spec)
+        self.rows = quantize_rows(self.rows, spec)
 
     def rebuild(self, which: int) -> torch.Tensor:
         """Layer ``which`` (0 = lower, 1 = upper) of the pair, ``(B, H, T, d)``."""
-        x = self.magnitudes[which].unsqueeze(-1) * self.direction
+        x = dense(self.magnitudes)[which].unsqueeze(-1) * dense(self.direction)
         flat = x.reshape(-1, x.shape[-1])
-        flat[self.indices.long()] = self.rows[which]
+        flat[self.indices.long()] = dense(self.rows)[which]
         return flat.view_as(x)
 
 
@@ -157,6 +169,11 @@ class MergedPair:
         if self.keys is not None:
             yield from self.keys.tensors()
             yield from self.values.tensors()
+
+    def quantize_(self, spec: QuantSpec) -> None:
+        if self.keys is not None:
+            self.keys.quantize_(spec)
+            self.values.quantize_(spec)
 
     def retained_rows(self) -> tuple[int, int]:
         """Retained rows ``(N_k, N_v)`` (0, 0 before compression)."""

@@ -15,6 +15,9 @@ import torch
 from transformers import Cache
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 
+from crosskv.methods.base import layer_tensors
+from crosskv.methods.quant import QuantSpec, quantize_plain_layers
+
 
 class PrefixLayer(DynamicLayer):
     """One layer: a compressed prefix (method-specific, rebuilt on demand) + exact tail tokens."""
@@ -30,6 +33,9 @@ class PrefixLayer(DynamicLayer):
     def prefix_tensors(self) -> Iterator[torch.Tensor]:
         """Tensors this layer alone holds for its prefix (shared group tensors are yielded by the cache)."""
         return iter(())
+
+    def quantize_(self, spec: QuantSpec) -> None:
+        """Replace the tensors this layer alone holds for its prefix by codes (none by default)."""
 
     def attend_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V handed to the attention function: rebuilt prefix followed by the exact tail."""
@@ -59,7 +65,9 @@ class PrefixLayer(DynamicLayer):
     def take_tail(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Remove and return the exact tokens ``(B, H_kv, t, d)`` each (called when compressing them)."""
         keys, values = self.keys, self.values
-        self.keys, self.values = keys[..., :0, :], values[..., :0, :]
+        # fresh empty tails: a zero-length view would pin the whole prompt's storage
+        self.keys, self.values = keys.new_empty(*keys.shape[:-2], 0, keys.shape[-1]), \
+            values.new_empty(*values.shape[:-2], 0, values.shape[-1])
         return keys, values
 
     def crop(self, max_length: int) -> None:
@@ -94,7 +102,15 @@ class PrefixCache(Cache):
         for layer in self.layers:
             if isinstance(layer, PrefixLayer):
                 yield from layer.prefix_tensors()
-            for tensor in (layer.keys, layer.values):
-                if tensor is not None and tensor.numel():
-                    yield tensor
+            yield from layer_tensors(layer)
+
+    def quantize_(self, spec: QuantSpec) -> None:
+        """Store codes instead of floats: every shared object's and prefix layer's method tensors
+        (their ``quantize_``), and every plain layer as a :class:`~crosskv.methods.quant.KiviLayer`."""
+        for shared in self.shared:
+            shared.quantize_(spec)
+        for layer in self.layers:
+            if isinstance(layer, PrefixLayer):
+                layer.quantize_(spec)
+        quantize_plain_layers(self, spec)
 

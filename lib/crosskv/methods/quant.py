@@ -1,31 +1,25 @@
 """KIVI-style asymmetric quantization of whatever a cache stores, as a post-compression step.
 
 Codes are stored for real: ``uint8`` tensors packing 4 (2-bit), 2 (4-bit) or 1 (8-bit) values per
-byte, plus one float16 scale and zero per group of ``group_size`` values. Keys of a plain K/V cache
-are quantized per channel (groups run along the token axis), values per token (groups run along the
-channel axis); a latent cache (CommonKV) is quantized per token. The ``residual`` most recent prompt
-tokens stay in full precision, and tokens appended after compression (question, decoded) are stored
-exactly, the same convention as every cross-layer method here.
+byte, plus one float16 scale and zero per group of ``group_size`` values. The codes, scales (and the
+float residual window) are *all* the cache holds: a :class:`QTensor` takes the place of a float
+tensor in a storage object and is dequantized on access, inside the forward that needs it, so no
+dequantized copy survives a step.
 
-:func:`quantize_cache` stores codes for real where it can, and says which in ``cache.quant_storage``:
+- Plain K/V layers (``full``, evicted layers, layers outside a method's range, KVSharer producers)
+  become :class:`KiviLayer`: keys quantized per channel (groups run along the token axis), values per
+  token (groups run along the channel axis); the ``residual`` most recent prompt tokens stay float.
+- A method's own tensors (xKV/SVD bases and factors, MiniCache directions, magnitudes and retained
+  rows, CommonKV latents) are quantized by the cache's ``quantize_(spec)``, per row of their last axis
+  (CommonKV keeps its ``residual`` most recent latents float).
 
-- ``"packed"`` — the cache defines ``quantize_(spec)`` (CommonKV keeps codes instead of latents), or every
-  layer is a plain K/V layer (full, after eviction): each becomes a :class:`KiviLayer` (codes + float tail);
-- ``"packed+simulated"`` / ``"simulated"`` — a method's own tensors (xKV/SVD bases and factors, MiniCache
-  directions, KVSharer producers): plain layers still become :class:`KiviLayer` (not under KVSharer, whose
-  consumers hold references to their producers), every other stored floating tensor is quantized per
-  row of its last axis, its codes are kept and the dequantized values written back in place (the
-  method attends with them). ``kv_bytes`` counts codes + scales for every tensor still held in that
-  form and full floats for tensors the method creates later (conservative).
-
-In the packed paths the dequantized floats are kept as a *working buffer* for attention (decode speed);
-they are reported by ``working_tensors()`` and are not the stored cache.
+Tokens appended after compression (question, decoded) are stored exactly, the same convention as
+every cross-layer method here. :func:`quantize_cache` sets ``cache.quant_storage = "real"``.
 """
 from __future__ import annotations
 
-import types
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Union
 
 import torch
 from transformers.cache_utils import DynamicLayer
@@ -70,13 +64,18 @@ class QTensor:
         yield from (self.codes, self.scale, self.zero)
 
     def dequantize(self) -> torch.Tensor:
-        per = 8 // self.bits
-        shifts = torch.arange(per, device=self.codes.device, dtype=torch.uint8) * self.bits
-        codes = (self.codes.unsqueeze(-1) >> shifts) & (2 ** self.bits - 1)  # (*rest, G, bytes, per)
-        codes = codes.flatten(-2).float()  # (*rest, G, group_size)
-        values = codes * self.scale.float() + self.zero.float()
+        """The float tensor (original shape and dtype), unpacked through a 256-entry table of each byte's codes."""
+        codes = _unpack_table(self.bits, self.codes.device)[self.codes.int()].flatten(-2)  # (*rest, G, group_size)
+        values = torch.addcmul(self.zero.float(), codes, self.scale.float())
         values = values.flatten(-2)[..., :self.length]
         return values.movedim(-1, self.axis).to(self.dtype)
+
+
+def _unpack_table(bits: int, device: torch.device) -> torch.Tensor:
+    """``(256, 8 // bits)`` float32: the codes packed in each possible byte, lowest bits first."""
+    shifts = torch.arange(8 // bits, dtype=torch.uint8, device=device) * bits
+    byte = torch.arange(256, dtype=torch.uint8, device=device)
+    return ((byte[:, None] >> shifts) & (2 ** bits - 1)).float()
 
 
 def _round_down_half(x: torch.Tensor) -> torch.Tensor:
@@ -112,7 +111,7 @@ def quantize(x: torch.Tensor, bits: int, group_size: int, axis: int = -1) -> QTe
     scale = _round_up_half((span / levels).clamp_min(1e-5))
     codes = ((grouped - zero.float()) / scale.float()).round().clamp(0, levels).to(torch.uint8)
     per = 8 // bits
-    shifts = torch.arange(per, dtype=torch.uint8) * bits
+    shifts = torch.arange(per, dtype=torch.uint8, device=x.device) * bits
     packed = (codes.unflatten(-1, (-1, per)) << shifts).sum(-1, dtype=torch.uint8)  # (*rest, G, gs/per)
     return QTensor(packed, scale, zero, bits, axis, length, x.dtype)
 
@@ -129,11 +128,35 @@ def split_residual(x: torch.Tensor, residual: int, multiple: int = 1, axis: int 
     return quantized - quantized % multiple
 
 
+Stored = Union[torch.Tensor, QTensor]
+
+
+def dense(x: Stored | None) -> torch.Tensor | None:
+    """The float tensor behind ``x``: ``x`` itself, or a :class:`QTensor` dequantized now (a per-step temporary)."""
+    return x.dequantize() if isinstance(x, QTensor) else x
+
+
+def parts(x: Stored | None) -> Iterator[torch.Tensor]:
+    """The tensors ``x`` holds: codes, scale and zero of a :class:`QTensor`, else ``x`` itself (if non-empty)."""
+    if isinstance(x, QTensor):
+        yield from x.tensors()
+    elif x is not None and x.numel():
+        yield x
+
+
+def quantize_rows(x: Stored | None, spec: "QuantSpec") -> Stored | None:
+    """Quantize a floating ``x`` per row of its last axis (method tensors: bases, factors, directions…);
+    already quantized, integer or empty tensors are returned unchanged."""
+    if x is None or isinstance(x, QTensor) or not x.is_floating_point() or not x.numel():
+        return x
+    return quantize(x, spec.bits, spec.group_size, axis=-1)
+
+
 class KiviLayer(DynamicLayer):
-    """A plain K/V layer whose prompt prefix is held as codes: keys per channel, values per token.
+    """A plain K/V layer whose prompt prefix is held as codes only: keys per channel, values per token.
 
     ``keys``/``values`` ``(B, H, t, d)`` hold the float tail (residual window + appended tokens);
-    ``qkeys``/``qvalues`` the quantized prefix of ``n_q`` tokens.
+    ``qkeys``/``qvalues`` the quantized prefix of ``n_q`` tokens, dequantized on every :meth:`update`.
     """
 
     def __init__(self, layer: DynamicLayer, spec: QuantSpec):
@@ -145,50 +168,36 @@ class KiviLayer(DynamicLayer):
         self.n_q = n_q
         self.qkeys = quantize(keys[..., :n_q, :], spec.bits, spec.group_size, axis=-2) if n_q else None
         self.qvalues = quantize(values[..., :n_q, :], spec.bits, spec.group_size, axis=-1) if n_q else None
-        self._prefix = (self.qkeys.dequantize(), self.qvalues.dequantize()) if n_q else None
         self.keys, self.values = keys[..., n_q:, :].clone(), values[..., n_q:, :].clone()
 
     def update(self, key_states, value_states, cache_kwargs=None):
         self.seen += key_states.shape[-2]
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
-        if self._prefix is None:
+        return self.current_kv()
+
+    def current_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V ``(B, H, n_q + t, d)`` for attention: the prefix dequantized now, then the float tail."""
+        if self.qkeys is None:
             return self.keys, self.values
-        return torch.cat([self._prefix[0], self.keys], dim=-2), torch.cat([self._prefix[1], self.values], dim=-2)
+        return (torch.cat([self.qkeys.dequantize(), self.keys], dim=-2),
+                torch.cat([self.qvalues.dequantize(), self.values], dim=-2))
+
+    def held(self) -> int:
+        return self.n_q + self.keys.shape[-2]
 
     def get_seq_length(self) -> int:
         return self.seen
 
     def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
-        held = self.n_q + self.keys.shape[-2]
+        held = self.held()
         return held + cache_position.shape[0], self.seen - held
 
     def stored(self) -> Iterator[torch.Tensor]:
         for q in (self.qkeys, self.qvalues):
-            if q is not None:
-                yield from q.tensors()
-        yield from (self.keys, self.values)
-
-    def working(self) -> Iterator[torch.Tensor]:
-        if self._prefix is not None:
-            yield from self._prefix
-
-
-def _kivi_layers(cache) -> list[KiviLayer]:
-    return [layer for layer in cache.layers if isinstance(layer, KiviLayer)]
-
-
-def _kivi_stored(cache) -> Iterator[torch.Tensor]:
-    for layer in cache.layers:
-        if isinstance(layer, KiviLayer):
-            yield from layer.stored()
-        elif getattr(layer, "keys", None) is not None:
-            yield from (t for t in (layer.keys, layer.values) if t.numel())
-
-
-def _kivi_working(cache) -> Iterator[torch.Tensor]:
-    for layer in _kivi_layers(cache):
-        yield from layer.working()
+            yield from parts(q)
+        yield from parts(self.keys)
+        yield from parts(self.values)
 
 
 def is_plain(layer) -> bool:
@@ -196,80 +205,28 @@ def is_plain(layer) -> bool:
     return type(layer) is DynamicLayer or getattr(type(layer), "plain_kv", False)
 
 
-def _to_kivi(cache, spec: QuantSpec) -> int:
-    """Replace every initialized plain K/V layer by a :class:`KiviLayer` (unless other layers hold references
-    to layer objects, as KVSharer's consumers do); returns how many were replaced."""
-    if any(hasattr(layer, "producer") for layer in cache.layers):
-        return 0
-    replaced = 0
+def quantize_plain_layers(cache, spec: QuantSpec) -> int:
+    """Replace every initialized plain K/V layer of ``cache`` by a :class:`KiviLayer`; layers that read another
+    layer's cache (a ``producer`` attribute: KVSharer's consumers) are pointed at the replacement.
+    Returns how many layers were replaced."""
+    replaced = {}
     for idx, layer in enumerate(cache.layers):
         if is_plain(layer) and layer.is_initialized and layer.keys.numel():
-            cache.layers[idx] = KiviLayer(layer, spec)
-            replaced += 1
-    return replaced
-
-
-def _class_stored(cache) -> Iterator[torch.Tensor]:
-    """The cache class's own ``stored_tensors`` (bypassing an instance override), or the base accounting."""
-    method = getattr(type(cache), "stored_tensors", None)
-    if method is not None:
-        yield from method(cache)
-    else:
-        yield from _kivi_stored(cache)
-
-
-def _quantize_simulated(cache, spec: QuantSpec) -> None:
-    """Fake-quantize every stored floating tensor not in a :class:`KiviLayer` in place (groups along its last
-    axis), keep the codes, and count codes + scales for each tensor still held in that form."""
-    def kivi_tails() -> set[int]:
-        return {t.data_ptr() for layer in _kivi_layers(cache) for t in (layer.keys, layer.values)}
-
-    held: dict[tuple[int, tuple[int, ...]], QTensor] = {}
-    skip = kivi_tails()
-    for tensor in list(_class_stored(cache)):
-        key = (tensor.data_ptr(), tuple(tensor.shape))
-        if not tensor.is_floating_point() or not tensor.numel() or key in held or key[0] in skip:
-            continue
-        q = quantize(tensor, spec.bits, spec.group_size, axis=-1)
-        tensor.copy_(q.dequantize())
-        held[key] = q
-
-    def simulated_stored(self) -> Iterator[torch.Tensor]:
-        tails = kivi_tails()
-        for layer in _kivi_layers(self):
-            yield from layer.stored()
-        for tensor in _class_stored(self):
-            if tensor.data_ptr() in tails:
-                continue
-            q = held.get((tensor.data_ptr(), tuple(tensor.shape)))
-            yield from (q.tensors() if q is not None else (tensor,))
-
-    cache.stored_tensors = types.MethodType(simulated_stored, cache)
+            cache.layers[idx] = replaced[id(layer)] = KiviLayer(layer, spec)
+    for layer in cache.layers:
+        producer = getattr(layer, "producer", None)
+        if producer is not None and id(producer) in replaced:
+            layer.producer = replaced[id(producer)]
+    return len(replaced)
 
 
 def quantize_cache(cache, spec: QuantSpec) -> str:
-    """Quantize ``cache`` in place after its method's compression; returns (and sets ``cache.quant_storage`` to)
-    the storage path: ``packed`` (all codes stored for real), ``packed+simulated`` or ``simulated``."""
+    """Quantize ``cache`` in place after its method's compression: the cache's own ``quantize_(spec)`` when it
+    defines one (method tensors + its plain layers), else every plain K/V layer. Returns (and sets
+    ``cache.quant_storage`` to) ``"real"``: codes and scales are all that is held."""
     if hasattr(type(cache), "quantize_"):
         cache.quantize_(spec)
-        path = "packed"
     else:
-        replaced = _to_kivi(cache, spec)
-        custom = hasattr(type(cache), "stored_tensors") or not all(
-            isinstance(layer, KiviLayer) or not layer.is_initialized for layer in cache.layers)
-        if custom:
-            _quantize_simulated(cache, spec)
-            path = "packed+simulated" if replaced else "simulated"
-        else:
-            cache.stored_tensors = types.MethodType(_kivi_stored, cache)
-            path = "packed"
-        if replaced:
-            cache.working_tensors = types.MethodType(_kivi_working, cache)
-    cache.quant_storage = path
-    return path
-
-
-def working_tensors(cache) -> Iterator[torch.Tensor]:
-    """Float working buffers a cache keeps besides its stored tensors (dequantized/rebuilt K, V), if any."""
-    if hasattr(cache, "working_tensors"):
-        yield from cache.working_tensors()
+        quantize_plain_layers(cache, spec)
+    cache.quant_storage = "real"
+    return cache.quant_storage

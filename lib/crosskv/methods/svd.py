@@ -43,6 +43,7 @@ from crosskv.capture import KVShape, Rotary, kv_shape
 from crosskv.lowrank import group_matrix, split_group_matrix, truncated_svd
 from crosskv.methods.base import MethodConfig, Runner, register
 from crosskv.methods.prefixcache import PrefixCache, PrefixLayer
+from crosskv.methods.quant import QuantSpec, Stored, dense, parts, quantize_rows
 
 log = logging.getLogger(__name__)
 
@@ -186,21 +187,31 @@ def ranks_for_kept(kept: float, tokens: int, group_size: int, width: int) -> tup
 
 
 class LowRankGroup:
-    """A group's shared token bases ``(B, T_c, r_k)`` and ``(B, T_c, r_v)`` (``None`` until compressed)."""
+    """A group's shared token bases ``(B, T_c, r_k)`` and ``(B, T_c, r_v)`` (``None`` until compressed).
+
+    The bases are held as floats or, after :meth:`quantize_`, as codes only; reading ``basis_k`` /
+    ``basis_v`` returns floats (dequantized on access, a per-step temporary).
+    """
 
     def __init__(self, layers: tuple[int, ...]):
         self.layers = layers
-        self.basis_k: torch.Tensor | None = None
-        self.basis_v: torch.Tensor | None = None
+        self.held_k: Stored | None = None
+        self.held_v: Stored | None = None
+
+    basis_k = property(lambda self: dense(self.held_k), lambda self, x: setattr(self, "held_k", x))
+    basis_v = property(lambda self: dense(self.held_v), lambda self, x: setattr(self, "held_v", x))
 
     @property
     def compressed(self) -> bool:
-        return self.basis_k is not None
+        return self.held_k is not None
 
     def tensors(self) -> Iterator[torch.Tensor]:
-        if self.compressed:
-            yield self.basis_k
-            yield self.basis_v
+        yield from parts(self.held_k)
+        yield from parts(self.held_v)
+
+    def quantize_(self, spec: QuantSpec) -> None:
+        """Hold the bases as codes, quantized per token (groups along the rank axis)."""
+        self.held_k, self.held_v = quantize_rows(self.held_k, spec), quantize_rows(self.held_v, spec)
 
 
 class LowRankLayer(PrefixLayer):
@@ -210,13 +221,20 @@ class LowRankLayer(PrefixLayer):
         super().__init__()
         self.cache = cache
         self.group = group
-        self.factor_k: torch.Tensor | None = None
-        self.factor_v: torch.Tensor | None = None
+        self.held_factor_k: Stored | None = None
+        self.held_factor_v: Stored | None = None
+
+    factor_k = property(lambda self: dense(self.held_factor_k), lambda self, x: setattr(self, "held_factor_k", x))
+    factor_v = property(lambda self: dense(self.held_factor_v), lambda self, x: setattr(self, "held_factor_v", x))
 
     def prefix_tensors(self) -> Iterator[torch.Tensor]:
-        if self.factor_k is not None:
-            yield self.factor_k
-            yield self.factor_v
+        yield from parts(self.held_factor_k)
+        yield from parts(self.held_factor_v)
+
+    def quantize_(self, spec: QuantSpec) -> None:
+        """Hold the factors as codes, quantized per rank row (groups along the H_kv·d axis)."""
+        self.held_factor_k = quantize_rows(self.held_factor_k, spec)
+        self.held_factor_v = quantize_rows(self.held_factor_v, spec)
 
     def _rebuild(self, basis: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         """``(B, T_c, r) @ (B, r, H·d)`` → ``(B, H, T_c, d)``."""
