@@ -134,15 +134,16 @@ def composed(model, tokenizer, config, tokens):
     (one forward unless layer lengths differ), then one token per step → (logits (1, Q+S, V) of those tokens, cache)."""
     from crosskv.harness import feed
 
+    context = tokens.shape[1] - QUESTION - STEPS
     runner = config.bind(model, tokenizer)
     with runner.applied():
         cache = runner.new_cache()
         with runner.prefill(cache):
-            model(tokens[:, :CONTEXT], past_key_values=cache, position_ids=torch.arange(CONTEXT)[None])
+            model(tokens[:, :context], past_key_values=cache, position_ids=torch.arange(context)[None])
         runner.compress(cache)
-        question = tokens[0, CONTEXT:CONTEXT + QUESTION].tolist()
-        logits = [feed(model, cache, question, CONTEXT, "cpu")]
-        for step in range(CONTEXT + QUESTION, tokens.shape[1]):
+        question = tokens[0, context:context + QUESTION].tolist()
+        logits = [feed(model, cache, question, context, "cpu")]
+        for step in range(context + QUESTION, tokens.shape[1]):
             logits.append(feed(model, cache, [int(tokens[0, step])], step, "cpu"))
     return torch.stack(logits), cache, runner
 
@@ -153,15 +154,16 @@ def evicted_reference(model, tokens, kept: dict[int, torch.Tensor], mapping: dic
     then feed every later token alone at its absolute position → logits at the same points as :func:`composed`."""
     from crosskv.methods.kvsharer import SharingCache
 
+    context = tokens.shape[1] - QUESTION - STEPS
     cache = SharingCache(model.config, mapping) if mapping else DynamicCache(config=model.config)
-    model(tokens[:, :CONTEXT], past_key_values=cache)
+    model(tokens[:, :context], past_key_values=cache)
     for i, index in kept.items():
         layer = cache.layers[i]
         layer.keys, layer.values = layer.keys[:, :, index], layer.values[:, :, index]
     for consumer, producer in (mapping or {}).items():  # consumers count what their producer holds
         cache.layers[consumer].seen = cache.layers[producer].keys.shape[-2]
     out = []
-    for step in range(CONTEXT, tokens.shape[1]):
+    for step in range(context, tokens.shape[1]):
         out.append(model(tokens[:, step:step + 1], past_key_values=cache, position_ids=torch.tensor([[step]])).logits)
     logits = torch.cat(out, dim=1)[0]
     return torch.cat([logits[QUESTION - 1:QUESTION], logits[QUESTION:]])
@@ -186,7 +188,7 @@ def check_against_reference(model, tokenizer, tokens, config, units, mapping=Non
     assert cache.get_seq_length() == tokens.shape[1]
     for i, layer in enumerate(cache.layers):
         source = (mapping or {}).get(i, i)
-        expected = kept[source].numel() if source in kept else CONTEXT
+        expected = kept[source].numel() if source in kept else tokens.shape[1] - QUESTION - STEPS
         assert held(layer) == expected + QUESTION + STEPS, i
         assert layer.get_seq_length() == tokens.shape[1]
     return kept
@@ -223,6 +225,18 @@ def test_commonkv_full_rank_after_eviction_equals_eviction_alone(model32, essay)
     config = make_method("compose", base="commonkv", base_params="rank=576;unmerged_ratio=1",
                          evict="pyramidkv", evict_ratio="0.5", window_size="8")
     check_against_reference(model, tokenizer, essay, config, [tuple(range(s, s + 4)) for s in range(0, 28, 4)])
+
+
+@pytest.mark.parametrize("evict", ["knorm", "streamingllm", "expected_attention"])
+@pytest.mark.parametrize("base, base_params, units", [
+    ("xkv", "group_size=2;rank_k=64;rank_v=64", [(0, 1), (2, 3), (4, 5)]),
+    ("minicache", "gamma=1", [(3, 4)]),
+])
+def test_other_kvpress_scorers_evict_one_set_per_unit(evict, base, base_params, units):
+    model = tiny_model("llama")
+    tokens = ids(140 + QUESTION + STEPS)
+    config = make_method("compose", base=base, base_params=base_params, evict=evict, evict_ratio="0.5")
+    check_against_reference(model, None, tokens, config, units)
 
 
 @pytest.mark.parametrize("mapping", [{}, {5: 2, 11: 8, 20: 14, 21: 14}])

@@ -21,7 +21,6 @@ from typing import Iterator
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from crosskv.capture import attention_modules
 
 log = logging.getLogger(__name__)
 
@@ -120,12 +119,11 @@ class EvictionScorer:
 
     @contextlib.contextmanager
     def hooks(self) -> Iterator["EvictionScorer"]:
-        handles = [attn.register_forward_hook(self.hook, with_kwargs=True) for attn in attention_modules(self.model)]
-        try:
+        """The press's own context (its model set-up, e.g. ``rotary_emb`` for expected attention) with
+        :meth:`hook` registered on every attention layer in place of the press's compressing hook."""
+        self.press.forward_hook = self.hook
+        with self.press(self.model):
             yield self
-        finally:
-            for handle in handles:
-                handle.remove()
 
 
 def unit_budget(budgets: list[int]) -> int:
