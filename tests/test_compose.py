@@ -227,7 +227,7 @@ def test_commonkv_full_rank_after_eviction_equals_eviction_alone(model32, essay)
     check_against_reference(model, tokenizer, essay, config, [tuple(range(s, s + 4)) for s in range(0, 28, 4)])
 
 
-@pytest.mark.parametrize("evict", ["knorm", "streamingllm", "expected_attention"])
+@pytest.mark.parametrize("evict", ["knorm", "streaming_llm", "expected_attention"])
 @pytest.mark.parametrize("base, base_params, units", [
     ("xkv", "group_size=2;rank_k=64;rank_v=64", [(0, 1), (2, 3), (4, 5)]),
     ("minicache", "gamma=1", [(3, 4)]),
@@ -253,3 +253,52 @@ def test_kvsharer_after_eviction_consumers_read_the_evicted_producer(model32, es
     for consumer, producer in mapping.items():  # no stale pre-eviction copy: consumers read the live producer
         assert cache.layers[consumer].producer is cache.layers[producer]
     assert kv_bytes(cache) == sum(2 * layer.keys.numel() * 4 for i, layer in enumerate(cache.layers) if i not in mapping)
+
+
+# ----------------------------------------------------------------------------- refusals and the matrix
+
+@pytest.mark.parametrize("params, message", [
+    ({"base": "kvpress:snapkv"}, "base='kvpress:snapkv': a kvpress press evicts tokens.*evict='snapkv'"),
+    ({"base": "xkv", "base_params": "strict=true", "evict": "snapkv", "evict_ratio": "0.5"},
+     "evict=snapkv × base=xkv strict=true"),
+    ({"base": "svd", "base_params": "strict=true", "evict": "knorm", "evict_ratio": "0.5", "bits": "4"},
+     "evict=knorm × base=svd strict=true"),
+    ({"base": "full", "evict_ratio": "0.5"}, "evict_ratio=0.5 with evict='none'"),
+    ({"base": "full", "evict": "snapkv", "window_size": "0"}, "window_size=0"),
+])
+def test_unsupported_compositions_refused_at_config_time(params, message):
+    with pytest.raises(ValueError, match=message):
+        make_method("compose", **params)
+
+
+def test_composition_matrix_lists_every_base_evict_bits_and_agrees_with_config():
+    from crosskv.methods.compose import EVICTIONS, bases, composition_matrix
+    from crosskv.methods.quant import BITS
+
+    rows = composition_matrix()
+    assert {r["base"] for r in rows} == set(bases(include_refused=True))
+    assert {r["base"] for r in rows if r["supported"]} == set(bases()) >= {"full", "xkv", "svd", "minicache",
+                                                                           "commonkv", "kvsharer"}
+    assert {r["base"] for r in rows if not r["supported"]} == {n for n in REGISTRY if n.startswith("kvpress:")}
+    assert len(rows) == len(bases(include_refused=True)) * len(EVICTIONS) * (1 + len(BITS))
+    assert all(r["rule"] for r in rows)
+    for row in rows:
+        if row["base"] == "kvsharer":
+            continue  # needs a strategy file or a search to build its config
+        params = {"base": row["base"], "evict": row["evict"], "bits": str(row["bits"]),
+                  "evict_ratio": "0.5" if row["evict"] != "none" else "0"}
+        if row["supported"]:
+            make_method("compose", **params)
+        else:
+            with pytest.raises(ValueError):
+                make_method("compose", **params)
+    xkv = next(r for r in rows if (r["base"], r["evict"], r["bits"]) == ("xkv", "pyramidkv", 2))
+    assert xkv["supported"] and "one token set per group" in xkv["rule"]
+
+
+def test_list_shows_the_composition_matrix(capsys):
+    from crosskv.cli import main
+
+    assert main(["list", "compositions"]) == 0
+    out = capsys.readouterr().out
+    assert "Compositions" in out and "pyramidkv" in out and "mean of" in out and "refused" in out

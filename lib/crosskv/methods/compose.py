@@ -3,7 +3,7 @@
 The order is fixed and documented here (it is also the order of :attr:`ComposeRunner.stages`):
 
 1. **evict** — while the context is prefilled, a kvpress scorer press (``evict``: one of
-   :data:`~crosskv.methods.eviction.EVICTIONS` — snapkv, pyramidkv, knorm, streamingllm,
+   :data:`~crosskv.methods.eviction.EVICTIONS` — snapkv, pyramidkv, knorm, streaming_llm,
    expected_attention) scores every layer's context tokens, averaged over the KV heads, and gives
    each layer a budget (``compute_n_kept``, or PyramidKV's ``get_layer_budget``). After the prefill
    the layers are partitioned into *units* that must keep the same tokens, because they share
@@ -18,7 +18,7 @@ The order is fixed and documented here (it is also the order of :attr:`ComposeRu
    - ``kvsharer``: each producer is a unit of one; consumers are not evicted on their own, they read
      their producer's evicted layer (no stale pre-eviction copy stays alive).
 
-   **Budget rule**: a unit keeps the top ``round(mean of its layers' budgets)`` tokens of the mean of its
+   **Budget rule**: a unit keeps the top ``⌊mean of its layers' budgets + ½⌋`` tokens of the mean of its
    layers' scores. With a uniform budget (SnapKV …) that is every layer's budget; with per-layer budgets
    (PyramidKV) a group gets the mean of its layers' pyramid budgets, so the total stays ≈ the pyramid's.
 2. **compress** — the base method's own ``compress`` runs on the kept tokens (xKV's SVD, CommonKV's merge…).
@@ -61,7 +61,8 @@ UNIT_RULES = {
     "commonkv": "one token set per layer group; the merge runs on the group's kept tokens",
     "kvsharer": "producers evicted, each its own set; consumers read their producer's evicted layer",
 }
-BUDGET_RULE = "a unit of layers keeps round(mean of its layers' budgets) tokens, ranked by its layers' mean score"
+BUDGET_RULE = ("a unit of layers that share (group, pair) keeps the mean of its layers' budgets (rounded half up) "
+               "in tokens, ranked by the mean of its layers' scores")
 
 
 def parse_params(text: str) -> dict[str, str]:
@@ -104,17 +105,18 @@ def evict_cache(cache, kept: dict[int, torch.Tensor]) -> None:
         cache.layers[idx] = evict_plain(cache.layers[idx], index)
 
 
-def bases() -> list[str]:
-    """Registered methods usable as ``base`` (every method but compose itself and kvpress presses)."""
+def bases(include_refused: bool = False) -> list[str]:
+    """Registered methods usable as ``base`` (all but compose; kvpress presses only with ``include_refused``)."""
     from crosskv import methods  # noqa: F401  (imports every method module so REGISTRY is complete)
 
-    return sorted(n for n in REGISTRY if n != Compose.name and not n.startswith("kvpress:"))
+    return sorted(n for n in REGISTRY if n != Compose.name and (include_refused or not n.startswith("kvpress:")))
 
 
 def refusal(base: str, evict: str, bits: int, base_config: MethodConfig | None = None) -> str | None:
     """Why ``evict × base × bits`` (with ``base_config``'s parameters, if given) cannot be done correctly, or None."""
-    if base.startswith("kvpress:"):
-        return f"base={base!r} is a kvpress eviction press, not a cross-layer method: use evict={base[8:]!r}"
+    if base.startswith("kvpress:") and base in REGISTRY:
+        return (f"base={base!r}: a kvpress press evicts tokens, it is not a cross-layer method; use "
+                f"evict={base[8:]!r} with a cross-layer base")
     if base == Compose.name or base not in REGISTRY:
         return f"base={base!r} is not a registered method other than compose; known: {', '.join(bases())}"
     if evict not in EVICTIONS:
@@ -122,31 +124,33 @@ def refusal(base: str, evict: str, bits: int, base_config: MethodConfig | None =
     if bits and bits not in BITS:
         return f"bits={bits} is not 0 (off) or one of {BITS}"
     if evict != "none" and getattr(base_config, "strict", False):
-        return (f"evict={evict} × base={base} strict=true: strict mode compresses each group inside the prefill, "
-                "before the tokens to evict are known; use strict=false")
+        return (f"evict={evict} × base={base} strict=true × bits={bits}: strict mode compresses each group inside "
+                "the prefill, before the tokens to evict are known; use strict=false")
     return None
 
 
-def composition_matrix() -> list[dict[str, Any]]:
-    """Every ``base × evict × bits`` composition with its status: rows ``{base, evict, bits, supported, rule}``.
+PARAMETER_REFUSALS = (
+    "evict≠none × xkv|svd strict=true: strict compresses inside the prefill, before eviction",
+    "evict_ratio>0 × evict=none: no press to evict with",
+)
 
-    ``rule`` says how the composition is done (the token-set rule for eviction) or why it is refused.
-    Parameter-level refusals (e.g. xKV ``strict=true`` with eviction) are checked by :class:`Compose`.
+
+def composition_matrix() -> list[dict[str, Any]]:
+    """Every ``base × evict × bits`` composition: rows ``{base, evict, bits, supported, rule}``.
+
+    ``rule`` says how eviction is done for that base (its token-set rule) or, when refused, why.
+    ``bits`` > 0 quantizes whatever the cache stores, last. Refusals that depend on a base's parameters
+    (:data:`PARAMETER_REFUSALS`) are checked by :class:`Compose`. Accepted compositions:
+    ``[r for r in composition_matrix() if r["supported"]]``.
     """
     rows = []
-    for base in bases():
+    for base in bases(include_refused=True):
         for evict in EVICTIONS:
             for bits in (0, *BITS):
                 reason = refusal(base, evict, bits)
-                rules = []
-                if evict != "none":
-                    rules += [UNIT_RULES.get(base, UNIT_RULES["full"])]
-                    if base in ("xkv", "svd"):
-                        rules.append("strict=true refused")
-                if bits:
-                    rules.append(f"{bits}-bit quantization of what the cache stores, last")
+                rule = "no eviction" if evict == "none" else UNIT_RULES.get(base, UNIT_RULES["full"])
                 rows.append({"base": base, "evict": evict, "bits": bits, "supported": reason is None,
-                             "rule": reason or "; ".join(rules) or "the base method alone"})
+                             "rule": reason or rule})
     return rows
 
 

@@ -38,7 +38,7 @@ EVICTIONS: dict[str, Eviction] = {
     "snapkv": Eviction("SnapKVPress", True, "attention of the context's last window (uniform budget)"),
     "pyramidkv": Eviction("PyramidKVPress", True, "SnapKV scores, pyramid-shaped per-layer budgets"),
     "knorm": Eviction("KnormPress", False, "smallest key norms kept"),
-    "streamingllm": Eviction("StreamingLLMPress", False, "first n_sink (4) and most recent tokens kept"),
+    "streaming_llm": Eviction("StreamingLLMPress", False, "first n_sink (4) and most recent tokens kept"),
     "expected_attention": Eviction("ExpectedAttentionPress", False, "attention expected from future queries"),
 }
 
