@@ -7,8 +7,9 @@ from transformers import DynamicCache
 
 from crosskv.census import held_bytes, held_tensors
 from crosskv.methods import REGISTRY, kv_bytes, make_method
+from crosskv.methods.compose import STAGES, parse_params
+from crosskv.methods.eviction import EvictedLayer
 from crosskv.methods.kvsharer import SharingStrategy
-from crosskv.methods.compose import STAGES, EvictedLayer, parse_params
 from crosskv.methods.quant import KiviLayer
 from test_commonkv import ids, run, tiny_model
 
@@ -126,3 +127,202 @@ def test_quantized_kvsharer_consumers_read_the_producer_codes(tmp_path, bits, at
 def test_bad_input(params, message):
     with pytest.raises(ValueError, match=message):
         make_method("compose", **params)
+
+
+# ----------------------------------------------------------------------------- unit rule (small tensors)
+
+def test_token_sets_pool_scores_and_mean_budget_per_unit():
+    from crosskv.methods.eviction import token_sets
+
+    scores = {0: torch.tensor([5., 0, 0, 1, 9]), 1: torch.tensor([0., 5, 0, 2, 9]), 2: torch.tensor([1., 2, 3, 4, 5])}
+    kept = token_sets(scores, {0: 1, 1: 4, 2: 2}, [(0, 1), (2,)])
+    assert kept[0].tolist() == kept[1].tolist() == [0, 1, 4]  # pooled (2.5, 2.5, 0, 1.5, 9), budget 2.5 → 3
+    assert kept[2].tolist() == [3, 4]
+    with pytest.raises(ValueError, match="unscored"):
+        token_sets(scores, {0: 1, 1: 1, 2: 1}, [(0, 1, 3)])
+
+
+# ----------------------------------------------------------------------------- brute-force references (embedded model)
+
+CONTEXT, QUESTION, STEPS = 384, 6, 4
+
+
+def held(layer) -> int:
+    """Rows a cache layer attends to (before the next token): its mask length for one query, minus one."""
+    return layer.get_mask_sizes(torch.arange(1))[0] - 1
+
+
+@torch.no_grad()
+def composed(model, tokenizer, config, tokens):
+    """As the harness runs a method: prefill the context at explicit positions, compress, feed the question
+    (one forward unless layer lengths differ), then one token per step → (logits (1, Q+S, V) of those tokens, cache)."""
+    from crosskv.harness import feed
+
+    context = tokens.shape[1] - QUESTION - STEPS
+    runner = config.bind(model, tokenizer)
+    with runner.applied():
+        cache = runner.new_cache()
+        with runner.prefill(cache):
+            model(tokens[:, :context], past_key_values=cache, position_ids=torch.arange(context)[None])
+        runner.compress(cache)
+        question = tokens[0, context:context + QUESTION].tolist()
+        logits = [feed(model, cache, question, context, "cpu")]
+        for step in range(context + QUESTION, tokens.shape[1]):
+            logits.append(feed(model, cache, [int(tokens[0, step])], step, "cpu"))
+    return torch.stack(logits), cache, runner
+
+
+@torch.no_grad()
+def evicted_reference(model, tokens, kept: dict[int, torch.Tensor], mapping: dict[int, int] | None = None):
+    """Brute force: a plain (or KVSharer) cache, prefill, slice every evicted layer's rows to ``kept[layer]``,
+    then feed every later token alone at its absolute position → logits at the same points as :func:`composed`."""
+    from crosskv.methods.kvsharer import SharingCache
+
+    context = tokens.shape[1] - QUESTION - STEPS
+    cache = SharingCache(model.config, mapping) if mapping else DynamicCache(config=model.config)
+    model(tokens[:, :context], past_key_values=cache)
+    for i, index in kept.items():
+        layer = cache.layers[i]
+        layer.keys, layer.values = layer.keys[:, :, index], layer.values[:, :, index]
+    for consumer, producer in (mapping or {}).items():  # consumers count what their producer holds
+        cache.layers[consumer].seen = cache.layers[producer].keys.shape[-2]
+    out = []
+    for step in range(context, tokens.shape[1]):
+        out.append(model(tokens[:, step:step + 1], past_key_values=cache, position_ids=torch.tensor([[step]])).logits)
+    logits = torch.cat(out, dim=1)[0]
+    return torch.cat([logits[QUESTION - 1:QUESTION], logits[QUESTION:]])
+
+
+@pytest.fixture(scope="module")
+def essay(model32):
+    from crosskv.data import heldout_windows
+
+    return heldout_windows(model32[1], n=1, length=CONTEXT + QUESTION + STEPS)
+
+
+def check_against_reference(model, tokenizer, tokens, config, units, mapping=None, atol=2e-3):
+    """Composed run == brute-force eviction with the run's own token sets (within ``atol``, float32);
+    one set per unit; every layer's held and absolute lengths exact."""
+    got, cache, runner = composed(model, tokenizer, config, tokens)
+    kept = runner.kept
+    assert runner.stages[0] == "evict" and kept
+    for unit in units:
+        assert all(torch.equal(kept[i], kept[unit[0]]) for i in unit), unit
+    ref = evicted_reference(model, tokens, kept, mapping)
+    assert torch.allclose(got, ref, atol=atol, rtol=0), (got - ref).abs().max()
+    assert cache.get_seq_length() == tokens.shape[1]
+    for i, layer in enumerate(cache.layers):
+        source = (mapping or {}).get(i, i)
+        expected = kept[source].numel() if source in kept else tokens.shape[1] - QUESTION - STEPS
+        assert held(layer) == expected + QUESTION + STEPS, i
+        assert layer.get_seq_length() == tokens.shape[1]
+    return kept
+
+
+@pytest.mark.parametrize("evict", ["snapkv", "pyramidkv"])
+def test_xkv_lossless_after_eviction_equals_eviction_alone(model32, essay, evict):
+    model, tokenizer = model32
+    config = make_method("compose", base="xkv", base_params="group_size=4;rank_k=768;rank_v=768;end_layer=30",
+                         evict=evict, evict_ratio="0.5", window_size="8")
+    groups = [tuple(range(s, min(s + 4, 30))) for s in range(0, 30, 4)]
+    kept = check_against_reference(model, tokenizer, essay, config, groups)
+    if evict == "pyramidkv":  # one budget per group: the mean of its layers' pyramid budgets
+        assert len({kept[g[0]].numel() for g in groups}) > 1
+
+
+def test_svd_lossless_after_eviction_equals_eviction_alone(model32, essay):
+    model, tokenizer = model32
+    config = make_method("compose", base="svd", base_params="rank_k=192;rank_v=192;start_layer=3;end_layer=9",
+                         evict="pyramidkv", evict_ratio="0.5", window_size="8")
+    kept = check_against_reference(model, tokenizer, essay, config, [])
+    assert len({k.numel() for k in kept.values()}) > 1  # per-layer budgets, layers alone
+
+
+def test_minicache_retaining_everything_after_eviction_equals_eviction_alone(model32, essay):
+    model, tokenizer = model32
+    config = make_method("compose", base="minicache", base_params="gamma=1;start_layer=10;end_layer=20",
+                         evict="pyramidkv", evict_ratio="0.5", window_size="8")
+    check_against_reference(model, tokenizer, essay, config, [(i, i + 1) for i in range(10, 20, 2)])
+
+
+def test_commonkv_full_rank_after_eviction_equals_eviction_alone(model32, essay):
+    model, tokenizer = model32
+    config = make_method("compose", base="commonkv", base_params="rank=576;unmerged_ratio=1",
+                         evict="pyramidkv", evict_ratio="0.5", window_size="8")
+    check_against_reference(model, tokenizer, essay, config, [tuple(range(s, s + 4)) for s in range(0, 28, 4)])
+
+
+TINY_BASES = {  # lossless settings of every base on the 6-layer tiny model, and its units of layers
+    "full": ("", [(i,) for i in range(6)]),
+    "xkv": ("group_size=2;rank_k=64;rank_v=64", [(0, 1), (2, 3), (4, 5)]),
+    "svd": ("rank_k=32;rank_v=32", [(i,) for i in range(6)]),
+    "minicache": ("gamma=1", [(3, 4)]),
+    "commonkv": ("rank=64;unmerged_ratio=1", [(0, 1, 2, 3), (4, 5)]),
+    "kvsharer": ("", [(0,), (1,), (2,), (4,), (5,)]),
+}
+TINY_SHARING = {3: 1}
+
+
+@pytest.mark.parametrize("evict", ["snapkv", "pyramidkv", "knorm", "streaming_llm", "expected_attention"])
+@pytest.mark.parametrize("base", sorted(TINY_BASES))
+def test_every_base_and_press_lossless_after_eviction_equals_eviction_alone(base, evict, tmp_path):
+    from crosskv.methods.kvsharer import SharingStrategy
+
+    model = tiny_model("llama")
+    tokens = ids(140 + QUESTION + STEPS)
+    params, units = TINY_BASES[base]
+    mapping = None
+    if base == "kvsharer":
+        mapping = TINY_SHARING
+        params = f"strategy={SharingStrategy(mapping=mapping, num_layers=6).save(tmp_path / 's.json')}"
+    config = make_method("compose", base=base, base_params=params, evict=evict, evict_ratio="0.5", window_size="4")
+    check_against_reference(model, None, tokens, config, units, mapping, atol=2e-4)  # logits ≈ 0.5: tight
+
+
+# ----------------------------------------------------------------------------- refusals and the matrix
+
+@pytest.mark.parametrize("params, message", [
+    ({"base": "kvpress:snapkv"}, "base='kvpress:snapkv': a kvpress press evicts tokens.*evict='snapkv'"),
+    ({"base": "xkv", "base_params": "strict=true", "evict": "snapkv", "evict_ratio": "0.5"},
+     "evict=snapkv × base=xkv strict=true"),
+    ({"base": "svd", "base_params": "strict=true", "evict": "knorm", "evict_ratio": "0.5", "bits": "4"},
+     "evict=knorm × base=svd strict=true"),
+    ({"base": "full", "evict_ratio": "0.5"}, "evict_ratio=0.5 with evict='none'"),
+    ({"base": "full", "evict": "snapkv", "window_size": "0"}, "window_size=0"),
+])
+def test_unsupported_compositions_refused_at_config_time(params, message):
+    with pytest.raises(ValueError, match=message):
+        make_method("compose", **params)
+
+
+def test_composition_matrix_lists_every_base_evict_bits_and_agrees_with_config():
+    from crosskv.methods.compose import EVICTIONS, bases, composition_matrix
+    from crosskv.methods.quant import BITS
+
+    rows = composition_matrix()
+    assert {r["base"] for r in rows} == set(bases(include_refused=True))
+    assert {r["base"] for r in rows if r["supported"]} == set(bases()) >= {"full", "xkv", "svd", "minicache",
+                                                                           "commonkv", "kvsharer"}
+    assert {r["base"] for r in rows if not r["supported"]} == {n for n in REGISTRY if n.startswith("kvpress:")}
+    assert len(rows) == len(bases(include_refused=True)) * len(EVICTIONS) * (1 + len(BITS))
+    assert all(r["rule"] for r in rows)
+    for row in rows:
+        if row["base"] == "kvsharer":
+            continue  # needs a strategy file or a search to build its config
+        params = {"base": row["base"], "evict": row["evict"], "bits": str(row["bits"]),
+                  "evict_ratio": "0.5" if row["evict"] != "none" else "0"}
+        if row["supported"]:
+            make_method("compose", **params)
+        else:
+            with pytest.raises(ValueError):
+                make_method("compose", **params)
+    xkv = next(r for r in rows if (r["base"], r["evict"], r["bits"]) == ("xkv", "pyramidkv", 2))
+    assert xkv["supported"] and "one token set per group" in xkv["rule"]
+
+
+def test_list_shows_the_composition_matrix(capsys):
+    from crosskv.cli import main
+
+    assert main(["list", "compositions"]) == 0
+    out = capsys.readouterr().out
+    assert "Compositions" in out and "pyramidkv" in out and "mean of" in out and "refused" in out

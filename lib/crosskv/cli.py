@@ -141,7 +141,7 @@ def _type_name(annotation) -> str:
 
 
 def configure_list(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", nargs="?", choices=("methods", "tasks", "all"), default="all")
+    p.add_argument("what", nargs="?", choices=("methods", "compositions", "tasks", "all"), default="all")
 
 
 def run_list(args: argparse.Namespace) -> int:
@@ -160,6 +160,8 @@ def run_list(args: argparse.Namespace) -> int:
                 lines.append(f"      note: {cls.note}")
             for field, (annotation, default) in method_fields(cls).items():
                 lines.append(f"      {field}: {_type_name(annotation)} = {default!r}")
+    if args.what in ("compositions", "all"):
+        lines += composition_lines()
     if args.what in ("tasks", "all"):
         get_task("ppl")  # loads every task module
         lines.append("Tasks (--task NAME, --opt key=value; --context is the prompt length in tokens):")
@@ -179,6 +181,25 @@ def run_list(args: argparse.Namespace) -> int:
                      "LongBench's own length")
     print("\n".join(lines))
     return 0
+
+
+def composition_lines() -> list[str]:
+    """``crosskv list compositions``: the base × evict × bits matrix of ``compose``, one line per base and rule."""
+    from crosskv.methods.compose import BUDGET_RULE, EVICTIONS, PARAMETER_REFUSALS, composition_matrix
+
+    lines = ["Compositions (--method compose --set base=B evict=E evict_ratio=R bits=N): evict → base → quantize",
+             f"  budget rule: {BUDGET_RULE}", "  bits > 0: quantization of whatever the cache stores, last"]
+    groups: dict[tuple, list[dict]] = {}
+    for row in composition_matrix():
+        groups.setdefault((row["base"], row["supported"], row["rule"]), []).append(row)
+    every_evict = len(EVICTIONS)
+    for (base, supported, rule), rows in groups.items():
+        evicts = list(dict.fromkeys(r["evict"] for r in rows))
+        evicts = "any" if len(evicts) == every_evict else ",".join(evicts)
+        bits = ",".join(dict.fromkeys(str(r["bits"]) for r in rows))
+        lines.append(f"  {base:<26} evict={evicts:<58} bits={bits:<8} {'supported' if supported else 'REFUSED'}: {rule}")
+    lines += [f"  refused: {reason}" for reason in PARAMETER_REFUSALS]
+    return lines
 
 
 # --- assets, bench ---------------------------------------------------------------------------------

@@ -155,17 +155,15 @@ def _bytes(model, cache, tokens: int, held: RunCensus) -> dict[str, int]:
 
 
 def uneven(cache) -> bool:
-    """True when a plain cache's layers hold different token counts (per-layer budgets, e.g. PyramidKV).
+    """True when the cache's layers attend to different token counts (per-layer or per-group eviction budgets,
+    e.g. PyramidKV, alone or composed with a cross-layer method).
 
-    transformers builds one attention mask from layer 0's length, so a multi-token forward would fail
+    transformers builds one attention mask from layer 0's sizes, so a multi-token forward would fail
     on such a cache; :func:`feed` then appends tokens one at a time (exact: single queries need no mask).
-    Custom caches (``stored_tensors``) keep their own lengths consistent and are fed in one forward.
+    Each full-attention layer's length is what its ``get_mask_sizes`` reports for one query.
     """
-    if hasattr(cache, "stored_tensors"):
-        return False
-    lengths = {layer.held() if hasattr(layer, "held") else layer.keys.shape[-2]
-               for layer in cache.layers if getattr(layer, "keys", None) is not None}
-    return len(lengths) > 1
+    one = torch.zeros(1, dtype=torch.long)
+    return len({layer.get_mask_sizes(one)[0] for layer in cache.layers if not getattr(layer, "is_sliding", False)}) > 1
 
 
 def feed(model, cache, ids: list[int], start: int, device, hidden: bool = False):

@@ -2,16 +2,32 @@
 
 The order is fixed and documented here (it is also the order of :attr:`ComposeRunner.stages`):
 
-1. **evict** — while the context is prefilled, a kvpress press (``snapkv`` or ``pyramidkv``) scores every
-   layer's context tokens (its ``score`` method; its per-layer budget: ``compute_n_kept`` or PyramidKV's
-   ``get_layer_budget``). The scores are averaged over the KV heads, so a layer keeps one token set for
-   all heads — cross-layer representations (one latent per token, a token basis per group) are per
-   token, not per head. After the prefill the unkept tokens are dropped from the cache: through
-   ``cache.evict_tokens`` when the cache defines it (CommonKV keeps latents and absolute positions),
-   else from each ``DynamicLayer``'s K/V (plain layers become :class:`EvictedLayer`, which still counts
-   absolute positions). Other layer types (KVSharer's consumers) cannot be evicted: ``ValueError``.
+1. **evict** — while the context is prefilled, a kvpress scorer press (``evict``: one of
+   :data:`~crosskv.methods.eviction.EVICTIONS` — snapkv, pyramidkv, knorm, streaming_llm,
+   expected_attention) scores every layer's context tokens, averaged over the KV heads, and gives
+   each layer a budget (``compute_n_kept``, or PyramidKV's ``get_layer_budget``). After the prefill
+   the layers are partitioned into *units* that must keep the same tokens, because they share
+   something across layers (:func:`token_units`):
+
+   - ``full``: every layer is its own unit (plain per-layer eviction, as kvpress does);
+   - ``xkv`` / ``svd``: one unit per group of G layers (the group's shared token basis); RoPE is
+     undone before the SVD and redone at the **kept absolute positions**, stored with the group;
+     layers outside ``[start_layer, end_layer)`` are units of one;
+   - ``minicache``: one unit per merged pair (row t of both layers is one token); other layers alone;
+   - ``commonkv``: one unit per group (its merge compares a group's latents token by token);
+   - ``kvsharer``: each producer is a unit of one; consumers are not evicted on their own, they read
+     their producer's evicted layer (no stale pre-eviction copy stays alive).
+
+   **Budget rule**: a unit keeps the top ``⌊mean of its layers' budgets + ½⌋`` tokens of the mean of its
+   layers' scores. With a uniform budget (SnapKV …) that is every layer's budget; with per-layer budgets
+   (PyramidKV) a group gets the mean of its layers' pyramid budgets, so the total stays ≈ the pyramid's.
 2. **compress** — the base method's own ``compress`` runs on the kept tokens (xKV's SVD, CommonKV's merge…).
 3. **quantize** — :func:`crosskv.methods.quant.quantize_cache` quantizes whatever the cache now stores.
+
+Refused at config time (``ValueError`` naming the composition, see :func:`composition_matrix`):
+kvpress presses as ``base`` (they are eviction, use ``evict``); ``evict_ratio`` > 0 without an
+eviction press; eviction with ``xkv``/``svd`` ``strict=true`` (strict compresses each group inside the
+prefill, before the tokens to evict are known).
 
 ``kept`` as measured by the harness (bytes held / plain-cache bytes) is the combined fraction of all three.
 The base method and its parameters are given as strings so that ``make_method("compose", base="commonkv",
@@ -23,20 +39,30 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
-from transformers.cache_utils import DynamicLayer
 
 from crosskv import budget
-from crosskv.capture import attention_modules
 from crosskv.methods.base import REGISTRY, MethodConfig, Runner, make_method, register
+from crosskv.methods.eviction import EVICTIONS as PRESSES
+from crosskv.methods.eviction import EvictionScorer, evict_plain, kept_fraction, token_sets
 from crosskv.methods.quant import BITS, QuantSpec, quantize_cache
 
 log = logging.getLogger(__name__)
 
-EVICTIONS = ("none", "snapkv", "pyramidkv")
+EVICTIONS = ("none", *PRESSES)
 STAGES = ("evict", "compress", "quantize")
+UNIT_RULES = {
+    "full": "each layer keeps its own token set",
+    "xkv": "one token set per group of G layers; RoPE redone at the kept absolute positions",
+    "svd": "each layer keeps its own token set; RoPE redone at the kept absolute positions",
+    "minicache": "one token set per merged layer pair",
+    "commonkv": "one token set per layer group; the merge runs on the group's kept tokens",
+    "kvsharer": "producers evicted, each its own set; consumers read their producer's evicted layer",
+}
+BUDGET_RULE = ("a unit of layers that share (group, pair) keeps the mean of its layers' budgets (rounded half up) "
+               "in tokens, ranked by the mean of its layers' scores")
 
 
 def parse_params(text: str) -> dict[str, str]:
@@ -52,109 +78,90 @@ def parse_params(text: str) -> dict[str, str]:
     return params
 
 
-class EvictedLayer(DynamicLayer):
-    """A plain K/V layer after eviction: holds ``(B, H_kv, kept, d)`` but counts every token seen,
-    so positions and masks stay absolute (``get_seq_length`` = tokens seen)."""
+def token_units(cache) -> list[tuple[int, ...]]:
+    """The units of layers that must keep one token set (see the module docstring), from the base cache.
 
-    plain_kv = True
-
-    def __init__(self, layer: DynamicLayer, index: torch.Tensor):
-        super().__init__()
-        self.dtype, self.device, self.is_initialized = layer.keys.dtype, layer.keys.device, True
-        self.seen = layer.get_seq_length()
-        index = index.to(layer.keys.device)
-        self.keys = layer.keys.index_select(-2, index)
-        self.values = layer.values.index_select(-2, index)
-
-    def update(self, key_states, value_states, cache_kwargs=None):
-        self.seen += key_states.shape[-2]
-        return super().update(key_states, value_states, cache_kwargs)
-
-    def held(self) -> int:
-        return self.keys.shape[-2]
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
-        return self.held() + cache_position.shape[0], self.seen - self.held()
-
-
-def layer_kv(layer) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The K/V ``(B, H_kv, T, d)`` a cache layer currently attends with (``current_kv()`` if it defines one)."""
-    if hasattr(layer, "current_kv"):
-        return layer.current_kv()
-    return getattr(layer, "keys", None), getattr(layer, "values", None)
-
-
-class EvictionScorer:
-    """Collects, per layer, the context positions a kvpress press keeps (one set shared by the layer's heads)."""
-
-    def __init__(self, model, press: str, ratio: float, window_size: int = 64):
-        import kvpress  # lazy: importing kvpress patches transformers' attention functions
-
-        cls = {"snapkv": kvpress.SnapKVPress, "pyramidkv": kvpress.PyramidKVPress}[press]
-        self.press = cls(compression_ratio=ratio, window_size=window_size)
-        self.model, self.ratio = model, ratio
-        self.kept: dict[int, torch.Tensor] = {}
-
-    def budget(self, module, tokens: int) -> int:
-        from kvpress.utils import compute_n_kept
-
-        if hasattr(self.press, "get_layer_budget"):
-            return min(tokens, self.press.get_layer_budget(module, tokens))
-        return compute_n_kept(tokens, self.ratio)
-
-    def hook(self, module, args, kwargs, output):
-        cache = kwargs["past_key_values"]
-        keys, values = layer_kv(cache.layers[module.layer_idx])
-        if keys is None:
-            return output
-        scores = self.press.score(module, kwargs["hidden_states"], keys, values, None, kwargs)  # (B, H_kv, T)
-        token_scores = scores.float().mean(dim=(0, 1))  # (T,)
-        keep = self.budget(module, token_scores.numel())
-        self.kept[module.layer_idx] = token_scores.topk(keep).indices.sort().values
-        return output
-
-    @contextlib.contextmanager
-    def hooks(self) -> Iterator["EvictionScorer"]:
-        handles = [attn.register_forward_hook(self.hook, with_kwargs=True) for attn in attention_modules(self.model)]
-        try:
-            yield self
-        finally:
-            for handle in handles:
-                handle.remove()
+    Layers sharing an object (``cache.shared``: an xKV group, a MiniCache pair; ``cache.groups``: CommonKV)
+    form a unit; a KVSharer consumer belongs to no unit (it is never evicted itself); every other layer is
+    a unit of one.
+    """
+    layers = len(cache.layers)
+    if hasattr(cache, "shared"):
+        shared = [tuple(s.layers) for s in cache.shared]
+    else:
+        shared = [tuple(g) for g in getattr(cache, "groups", [])]
+    consumers = set(getattr(cache, "mapping", {}))
+    grouped = {i for unit in shared for i in unit}
+    singles = [(i,) for i in range(layers) if i not in grouped and i not in consumers]
+    return sorted(shared + singles)
 
 
 def evict_cache(cache, kept: dict[int, torch.Tensor]) -> None:
-    """Drop every context token not in ``kept[layer]`` (indices = absolute positions of a fresh cache)."""
+    """Drop every context token not in ``kept[layer]`` (absolute positions of the prompt)."""
     if hasattr(cache, "evict_tokens"):
         cache.evict_tokens(kept)
         return
     for idx, index in kept.items():
-        layer = cache.layers[idx]
-        if type(layer) is DynamicLayer:
-            cache.layers[idx] = EvictedLayer(layer, index)
-        elif isinstance(layer, DynamicLayer) and not getattr(layer, "prefix_len", 0):
-            layer.keys = layer.keys.index_select(-2, index.to(layer.keys.device))
-            layer.values = layer.values.index_select(-2, index.to(layer.values.device))
-        else:
-            raise ValueError(f"cannot evict tokens from layer {idx} of type {type(layer).__name__}: the cache needs "
-                             "evict_tokens() or plain DynamicLayer layers")
+        cache.layers[idx] = evict_plain(cache.layers[idx], index)
 
 
-def kept_fraction(kept: dict[int, torch.Tensor], tokens: int) -> float:
-    """Mean fraction of context tokens kept per layer."""
-    return sum(k.numel() for k in kept.values()) / (len(kept) * tokens) if kept else 1.0
+def bases(include_refused: bool = False) -> list[str]:
+    """Registered methods usable as ``base`` (all but compose; kvpress presses only with ``include_refused``)."""
+    from crosskv import methods  # noqa: F401  (imports every method module so REGISTRY is complete)
+
+    return sorted(n for n in REGISTRY if n != Compose.name and (include_refused or not n.startswith("kvpress:")))
+
+
+def refusal(base: str, evict: str, bits: int, base_config: MethodConfig | None = None) -> str | None:
+    """Why ``evict × base × bits`` (with ``base_config``'s parameters, if given) cannot be done correctly, or None."""
+    if base.startswith("kvpress:") and base in REGISTRY:
+        return (f"base={base!r}: a kvpress press evicts tokens, it is not a cross-layer method; use "
+                f"evict={base[8:]!r} with a cross-layer base")
+    if base == Compose.name or base not in REGISTRY:
+        return f"base={base!r} is not a registered method other than compose; known: {', '.join(bases())}"
+    if evict not in EVICTIONS:
+        return f"evict={evict!r} is not one of {EVICTIONS}"
+    if bits and bits not in BITS:
+        return f"bits={bits} is not 0 (off) or one of {BITS}"
+    if evict != "none" and getattr(base_config, "strict", False):
+        return (f"evict={evict} × base={base} strict=true × bits={bits}: strict mode compresses each group inside "
+                "the prefill, before the tokens to evict are known; use strict=false")
+    return None
+
+
+PARAMETER_REFUSALS = (
+    "evict≠none × xkv|svd strict=true: strict compresses inside the prefill, before eviction",
+    "evict_ratio>0 × evict=none: no press to evict with",
+)
+
+
+def composition_matrix() -> list[dict[str, Any]]:
+    """Every ``base × evict × bits`` composition: rows ``{base, evict, bits, supported, rule}``.
+
+    ``rule`` says how eviction is done for that base (its token-set rule) or, when refused, why.
+    ``bits`` > 0 quantizes whatever the cache stores, last. Refusals that depend on a base's parameters
+    (:data:`PARAMETER_REFUSALS`) are checked by :class:`Compose`. Accepted compositions:
+    ``[r for r in composition_matrix() if r["supported"]]``.
+    """
+    rows = []
+    for base in bases(include_refused=True):
+        for evict in EVICTIONS:
+            for bits in (0, *BITS):
+                reason = refusal(base, evict, bits)
+                rule = "no eviction" if evict == "none" else UNIT_RULES.get(base, UNIT_RULES["full"])
+                rows.append({"base": base, "evict": evict, "bits": bits, "supported": reason is None,
+                             "rule": reason or rule})
+    return rows
 
 
 @register
 @dataclass(frozen=True)
 class Compose(MethodConfig):
-    """Eviction (kvpress SnapKV/PyramidKV at ``evict_ratio``) → ``base`` method → ``bits``-bit quantization."""
+    """Eviction (a kvpress scorer at ``evict_ratio``) → ``base`` method → ``bits``-bit quantization."""
 
     name = "compose"
-    description = "evict (kvpress snapkv|pyramidkv) → base cross-layer method → KIVI-style quantization"
+    description = ("evict (kvpress scores; one token set per group/pair of layers sharing, group budget = mean) "
+                   "→ base cross-layer method → KIVI-style quantization")
 
     base: str = "commonkv"
     base_params: str = ""
@@ -166,19 +173,21 @@ class Compose(MethodConfig):
     residual: int = 128
 
     def __post_init__(self):
-        if self.base == self.name or self.base not in REGISTRY:
-            raise ValueError(f"base={self.base!r} is not a registered method other than compose; "
-                             f"known: {', '.join(sorted(n for n in REGISTRY if n != self.name))}")
-        if self.base.startswith("kvpress:"):
-            raise ValueError(f"base={self.base!r}: kvpress presses are eviction peers; use evict=snapkv|pyramidkv")
-        self.base_config()  # validates base_params
-        if self.evict not in EVICTIONS:
-            raise ValueError(f"evict={self.evict!r} is not one of {EVICTIONS}")
+        reason = refusal(self.base, self.evict, self.bits)
+        if reason:
+            raise ValueError(reason)
+        base = self.base_config()  # validates base_params
         budget.check_ratio("evict_ratio", self.evict_ratio)
         if self.evict_ratio >= 1:
             raise ValueError(f"evict_ratio={self.evict_ratio} would evict every token")
-        if self.bits and self.bits not in BITS:
-            raise ValueError(f"bits={self.bits} is not 0 (off) or one of {BITS}")
+        if self.evict == "none" and self.evict_ratio:
+            raise ValueError(f"evict_ratio={self.evict_ratio} with evict='none': name an eviction press "
+                             f"({', '.join(PRESSES)})")
+        if self.window_size < 1:
+            raise ValueError(f"window_size={self.window_size} must be >= 1")
+        reason = refusal(self.base, self.evict, self.bits, base)
+        if reason:
+            raise ValueError(reason)
         if self.bits:
             QuantSpec(self.bits, self.group_size, self.residual)
 
@@ -201,6 +210,7 @@ class ComposeRunner(Runner):
         self.scorer: EvictionScorer | None = None
         self.stages: list[str] = []
         self.evicted_kept = 1.0
+        self.kept: dict[int, torch.Tensor] = {}  # last run: kept absolute positions per evicted layer
         self.quant_storage: str | None = None
 
     def record_fields(self) -> dict:
@@ -226,12 +236,16 @@ class ComposeRunner(Runner):
             yield
 
     def compress(self, cache) -> None:
+        self.kept = {}
         if self.scorer is not None:
             tokens = cache.get_seq_length()
-            evict_cache(cache, self.scorer.kept)
-            self.evicted_kept = kept_fraction(self.scorer.kept, tokens)
+            units = token_units(cache)
+            self.kept = token_sets(self.scorer.scores, self.scorer.budgets, units)
+            evict_cache(cache, self.kept)
+            self.evicted_kept = kept_fraction(self.kept, tokens)
             self.stages.append("evict")
             self.scorer = None
+            log.info("compose: evicted with %d units of layers %s", len(units), units)
         self.base.compress(cache)
         self.stages.append("compress")
         spec = self.config.quant_spec()

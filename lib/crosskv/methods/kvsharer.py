@@ -32,6 +32,7 @@ from crosskv.argtypes import float_in, int_at_least, nonnegative_int, positive_i
 from crosskv.assets import PROJECT_ROOT
 from crosskv.capture import attention_modules, capture, decoder, kv_shape
 from crosskv.methods.base import MethodConfig, Runner, layer_tensors, register
+from crosskv.methods.eviction import evict_plain
 from crosskv.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
@@ -211,7 +212,8 @@ class SharedLayer(CacheLayerMixin):
         return self.producer.keys, self.producer.values
 
     def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
-        return self.seen + cache_position.shape[0], 0
+        """The producer's: this layer attends to exactly what the producer holds (fewer rows after eviction)."""
+        return self.producer.get_mask_sizes(cache_position)
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -256,6 +258,20 @@ class SharingCache(DynamicCache):
                 raise ValueError(f"sharing entry {consumer} → {producer} mixes a sliding-window and a full layer")
             self.layers[consumer] = SharedLayer(self.layers[producer], producer)
         self.mapping = dict(mapping)
+
+    def evict_tokens(self, kept: dict[int, torch.Tensor]) -> None:
+        """Evict prompt rows of producer layers (``kept[layer]``: absolute positions ``(kept,)``); each consumer
+        is re-pointed to its producer's evicted layer, so it reads the same rows and no stale copy stays alive."""
+        consumers = sorted(set(kept) & set(self.mapping))
+        if consumers:
+            raise ValueError(f"layers {consumers} are KVSharer consumers: they read their producer's tokens and "
+                             "cannot be evicted on their own")
+        for idx, index in kept.items():
+            self.layers[idx] = evict_plain(self.layers[idx], index)
+        for consumer, producer in self.mapping.items():
+            seen = self.layers[consumer].seen
+            self.layers[consumer] = SharedLayer(self.layers[producer], producer)
+            self.layers[consumer].seen = seen
 
     def stored_tensors(self) -> Iterator[torch.Tensor]:
         """K and V (or codes) of the producer layers (consumers hold nothing)."""

@@ -4,6 +4,8 @@ A :class:`PrefixLayer` keeps the tokens that arrived since the last compression 
 ``keys``/``values`` ``(B, H_kv, t, d)``. Once its method compresses it, the prefix of ``T_c`` tokens
 lives only in the method's own tensors (bases, factors, directions, …) and is rebuilt on every
 ``update`` by :meth:`PrefixLayer.prefix_kv`; new tokens (question, decoded) are appended exactly.
+Eviction before compression (:meth:`PrefixLayer.evict`) drops prompt rows; the layer counts them in
+``dropped`` so its sequence length, positions and masks stay absolute.
 :class:`PrefixCache` is the container; its ``stored_tensors()`` yields every tensor held, each
 shared tensor (a group's basis, a pair's direction) once.
 """
@@ -16,6 +18,7 @@ from transformers import Cache
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 
 from crosskv.methods.base import layer_tensors
+from crosskv.methods.eviction import evict_plain
 from crosskv.methods.quant import QuantSpec, quantize_plain_layers
 
 
@@ -25,6 +28,7 @@ class PrefixLayer(DynamicLayer):
     def __init__(self):
         super().__init__()
         self.prefix_len = 0  # T_c: tokens held in compressed form
+        self.dropped = 0     # tokens seen but evicted (not held)
 
     def prefix_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The rebuilt prefix K and V, each ``(B, H_kv, T_c, d)`` (post-RoPE keys, as attention expects)."""
@@ -59,8 +63,24 @@ class PrefixLayer(DynamicLayer):
     def tail_len(self) -> int:
         return 0 if not self.is_initialized or self.keys.numel() == 0 else self.keys.shape[-2]
 
-    def get_seq_length(self) -> int:
+    def held(self) -> int:
+        """Tokens attention reads: the compressed prefix plus the exact tail."""
         return self.prefix_len + self.tail_len()
+
+    def get_seq_length(self) -> int:
+        return self.held() + self.dropped
+
+    def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
+        return self.held() + cache_position.shape[0], self.dropped
+
+    def evict(self, index: torch.Tensor) -> None:
+        """Keep only the exact rows at ``index`` ``(kept,)`` (positions of the uncompressed prompt)."""
+        if self.prefix_len or self.dropped:
+            raise ValueError("eviction must precede compression and happen once")
+        tokens = self.tail_len()
+        index = index.to(self.keys.device)
+        self.keys, self.values = self.keys.index_select(-2, index), self.values.index_select(-2, index)
+        self.dropped = tokens - index.numel()
 
     def take_tail(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Remove and return the exact tokens ``(B, H_kv, t, d)`` each (called when compressing them)."""
@@ -73,9 +93,10 @@ class PrefixLayer(DynamicLayer):
     def crop(self, max_length: int) -> None:
         if max_length < 0:
             max_length = self.get_seq_length() + max_length
-        if max_length < self.prefix_len:
-            raise ValueError(f"cannot crop to {max_length} tokens inside the compressed prefix of {self.prefix_len}")
-        super().crop(max_length - self.prefix_len)
+        if max_length < self.prefix_len + self.dropped:
+            raise ValueError(f"cannot crop to {max_length} tokens inside the compressed prefix of "
+                             f"{self.prefix_len + self.dropped}")
+        super().crop(max_length - self.prefix_len - self.dropped)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise NotImplementedError("compressed caches do not support beam search")
@@ -95,6 +116,25 @@ class PrefixCache(Cache):
         super().__init__(layers=layers)
         self.shared: list = []
         self.in_prefill = False
+
+    def evict_tokens(self, kept: dict[int, torch.Tensor]) -> None:
+        """Keep, per layer index, only the prompt rows at ``kept[layer]`` ``(kept,)`` (absolute positions).
+
+        Layers sharing an object in ``shared`` (a group, a pair) must keep one token set, or rows of
+        different tokens would be combined: ``ValueError`` otherwise. Plain layers become
+        :class:`~crosskv.methods.eviction.EvictedLayer`.
+        """
+        for shared in self.shared:
+            sets = [kept.get(i) for i in shared.layers]
+            if any(s is None for s in sets) or any(not torch.equal(s, sets[0]) for s in sets[1:]):
+                raise ValueError(f"layers {shared.layers} share a compressed prefix but were given different "
+                                 "token sets to keep")
+        for idx, index in kept.items():
+            layer = self.layers[idx]
+            if isinstance(layer, PrefixLayer):
+                layer.evict(index)
+            else:
+                self.layers[idx] = evict_plain(layer, index)
 
     def stored_tensors(self) -> Iterator[torch.Tensor]:
         for shared in self.shared:

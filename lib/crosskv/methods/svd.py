@@ -6,6 +6,8 @@ per batch element and keeps rank ``rank_k``; values likewise with ``rank_v``. Th
 only the group's token basis ``(B, T, r)`` once and one factor ``(B, r, H_kv·d)`` per layer
 (singular values folded into the factors), plus tokens appended later (question, decoded) stored
 exactly. Keys are rebuilt as ``RoPE(basis @ factor)`` at their original absolute positions.
+After token eviction (``compose``) a group keeps one token set; its kept absolute positions
+``(T',)`` int32 are stored with the group and used to undo RoPE before the SVD and redo it after.
 
 Ranks are per group. When G does not divide the range, the last group has G' < G layers and ranks
 ``round(r·G'/G)`` (so a lossless rank G·H_kv·d stays lossless). With ``kept`` instead of ranks, the
@@ -197,9 +199,16 @@ class LowRankGroup:
         self.layers = layers
         self.held_k: Stored | None = None
         self.held_v: Stored | None = None
+        self.positions: torch.Tensor | None = None  # (T_c,) int32 kept absolute positions; None: 0…T_c−1
 
     basis_k = property(lambda self: dense(self.held_k), lambda self, x: setattr(self, "held_k", x))
     basis_v = property(lambda self: dense(self.held_v), lambda self, x: setattr(self, "held_v", x))
+
+    def prefix_positions(self, tokens: int, device) -> torch.Tensor:
+        """Absolute positions ``(T_c,)`` int64 of the group's compressed tokens."""
+        if self.positions is None:
+            return torch.arange(tokens, device=device)
+        return self.positions.to(device=device, dtype=torch.long)
 
     @property
     def compressed(self) -> bool:
@@ -208,6 +217,8 @@ class LowRankGroup:
     def tensors(self) -> Iterator[torch.Tensor]:
         yield from parts(self.held_k)
         yield from parts(self.held_v)
+        if self.positions is not None:
+            yield self.positions
 
     def quantize_(self, spec: QuantSpec) -> None:
         """Hold the bases as codes, quantized per token (groups along the rank axis)."""
@@ -243,7 +254,7 @@ class LowRankLayer(PrefixLayer):
 
     def prefix_keys(self) -> torch.Tensor:
         keys = self._rebuild(self.group.basis_k, self.factor_k)  # (B, H, T_c, d), pre-RoPE
-        return self.cache.rotary.rotate(keys, torch.arange(self.prefix_len, device=keys.device))
+        return self.cache.rotary.rotate(keys, self.group.prefix_positions(self.prefix_len, keys.device))
 
     def prefix_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.prefix_keys(), self._rebuild(self.group.basis_v, self.factor_v)
@@ -285,6 +296,13 @@ class LowRankCache(PrefixCache):
     def last_of(self, group: LowRankGroup) -> LowRankLayer:
         return self.layers[group.layers[-1]]
 
+    def evict_tokens(self, kept: dict[int, torch.Tensor]) -> None:
+        """Evict prompt rows before compression; each group keeps one token set, stored as its positions."""
+        super().evict_tokens(kept)
+        for group in self.groups:
+            group.positions = kept[group.layers[0]].to(device=self.layers[group.layers[0]].keys.device,
+                                                       dtype=torch.int32)
+
     def compress(self) -> None:
         """Compress every group not yet compressed (idempotent)."""
         for group in self.groups:
@@ -298,7 +316,9 @@ class LowRankCache(PrefixCache):
         tokens = tails[0][0].shape[-2]
         if any(k.shape[-2] != tokens for k, _ in tails) or any(layer.prefix_len for layer in members):
             raise RuntimeError(f"group {group.layers} has unequal or already-compressed prompts")
-        positions = torch.arange(tokens, device=tails[0][0].device)
+        positions = group.prefix_positions(tokens, tails[0][0].device)
+        if positions.numel() != tokens:
+            raise RuntimeError(f"group {group.layers} holds {tokens} prompt tokens but {positions.numel()} positions")
         keys = torch.stack([self.rotary.unrotate(k.float(), positions) for k, _ in tails])  # (G, B, H, T, d)
         values = torch.stack([v.float() for _, v in tails])                                 # (G, B, H, T, d)
         plan = {p.layers: p for p in self.config.plan(self.shape, tokens)}[group.layers]
