@@ -14,9 +14,15 @@ With no ranks and no ``kept``, ``rank_k = ⌈G·H_kv·d/8⌉`` (the xKV README's
 Llama-3.1-8B G=4, and Single SVD's 128 of 1024) and ``rank_v = round(1.5·rank_k)``.
 
 Attention paths (``attention``): ``reconstruct`` rebuilds K and V of the prefix and hands them to
-the model's own attention; ``factored`` rebuilds K (RoPE differs per token, so q·Kᵀ cannot skip it
-cheaply) but applies values in factored form, ``(softmax(qKᵀ)·basis)·factor``, via the
-``crosskv_lowrank`` attention function (never materialising V of the prefix).
+the model's own attention; ``factored`` (the default, the decode fast path) goes through the
+``crosskv_lowrank`` attention function, which never concatenates prefix and tail: it scores the
+prefix and the exact tail separately and softmaxes their concatenated *scores*; it rebuilds the
+prefix keys transposed, ``Kᵀ = factorᵀ·basisᵀ`` ``(B, H_kv, d, T_c)`` (one GEMM of T_c·r_k·H_kv·d
+multiply-adds, the floor for an exact low-rank key cache: RoPE differs per position, so the key
+up-projection cannot be absorbed into the query), rotates them with cos/sin tables computed once per
+forward for the whole cache (:class:`PrefixRope`, indexed by the prefix's absolute positions, shared
+by every layer and released after the last one, so nothing extra is held between decode steps), and
+applies values in factored form, ``(softmax(qKᵀ)·basis)·factor``, never materialising V of the prefix.
 
 Strict mode (``strict=True``, labelled "strict" in figures): a group is compressed inside the
 prefill forward as soon as its **last** layer's K/V arrive; that layer (and every later forward)
@@ -186,12 +192,27 @@ def ranks_for_kept(kept: float, tokens: int, group_size: int, width: int) -> tup
 
 
 class LowRankGroup:
-    """A group's shared token bases ``(B, T_c, r_k)`` and ``(B, T_c, r_v)`` (``None`` until compressed)."""
+    """A group's shared token bases ``(B, T_c, r_k)`` and ``(B, T_c, r_v)`` (``None`` until compressed).
+
+    ``kept_positions`` ``(T_c,)``: absolute positions of the compressed tokens when they are not
+    ``0…T_c−1`` (set by an evicting wrapper); ``None`` means ``arange(T_c)`` and holds nothing.
+    """
 
     def __init__(self, layers: tuple[int, ...]):
         self.layers = layers
         self.basis_k: torch.Tensor | None = None
         self.basis_v: torch.Tensor | None = None
+        self.kept_positions: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.basis_k is None else self.basis_k.shape[1]
+
+    def positions(self) -> torch.Tensor:
+        """Absolute positions of the compressed tokens, ``(T_c,)`` int64."""
+        if self.kept_positions is not None:
+            return self.kept_positions
+        return torch.arange(self.length, device=self.basis_k.device)
 
     @property
     def compressed(self) -> bool:
@@ -225,7 +246,7 @@ class LowRankLayer(PrefixLayer):
 
     def prefix_keys(self) -> torch.Tensor:
         keys = self._rebuild(self.group.basis_k, self.factor_k)  # (B, H, T_c, d), pre-RoPE
-        return self.cache.rotary.rotate(keys, torch.arange(self.prefix_len, device=keys.device))
+        return self.cache.rotary.rotate(keys, self.group.positions())
 
     def prefix_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.prefix_keys(), self._rebuild(self.group.basis_v, self.factor_v)
@@ -233,10 +254,13 @@ class LowRankLayer(PrefixLayer):
     def attend_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.prefix_len or not self.cache.factored:
             return super().attend_kv()
-        keys = torch.cat([self.prefix_keys().to(self.keys.dtype), self.keys], dim=-2)
+        prefix = FactoredPrefix(self.group.basis_k, self.factor_k, self.group.basis_v, self.factor_v,
+                                self.cache.prefix_rope(self.group, self.keys.dtype))
+        if self is self.cache.last_lowrank:
+            self.cache.release_rope()
         values = self.values.view_as(self.values)  # a fresh tensor object carrying the factored prefix
-        values.crosskv_prefix = (self.group.basis_v, self.factor_v)
-        return keys, values
+        values.crosskv_prefix = prefix
+        return self.keys, values
 
     def on_append(self) -> None:
         if self.cache.strict_now() and not self.group.compressed and self is self.cache.last_of(self.group):
@@ -260,6 +284,24 @@ class LowRankCache(PrefixCache):
                 layers[index] = LowRankLayer(self, group)
         super().__init__(layers)
         self.shared = self.groups
+        self._rope: dict = {}
+
+    @property
+    def last_lowrank(self) -> "LowRankLayer":
+        return self.layers[self.groups[-1].layers[-1]]
+
+    def prefix_rope(self, group: LowRankGroup, dtype: torch.dtype) -> "PrefixRope":
+        """cos/sin at ``group``'s prefix positions, computed once per forward and shared by all layers."""
+        positions = group.positions()
+        key = ("arange", len(positions)) if group.kept_positions is None else (positions.data_ptr(), len(positions))
+        table = self._rope.get(key)
+        if table is None:
+            table = self._rope[key] = PrefixRope.at(self.rotary, positions, dtype)
+        return table
+
+    def release_rope(self) -> None:
+        """Drop the per-forward RoPE tables (called after the last low-rank layer took its reference)."""
+        self._rope = {}
 
     def strict_now(self) -> bool:
         return self.config.strict and self.in_prefill
@@ -280,7 +322,9 @@ class LowRankCache(PrefixCache):
         tokens = tails[0][0].shape[-2]
         if any(k.shape[-2] != tokens for k, _ in tails) or any(layer.prefix_len for layer in members):
             raise RuntimeError(f"group {group.layers} has unequal or already-compressed prompts")
-        positions = torch.arange(tokens, device=tails[0][0].device)
+        positions = group.kept_positions
+        if positions is None:
+            positions = torch.arange(tokens, device=tails[0][0].device)
         keys = torch.stack([self.rotary.unrotate(k.float(), positions) for k, _ in tails])  # (G, B, H, T, d)
         values = torch.stack([v.float() for _, v in tails])                                 # (G, B, H, T, d)
         plan = {p.layers: p for p in self.config.plan(self.shape, tokens)}[group.layers]
@@ -343,32 +387,93 @@ def _causal_bias(attention_mask, q_len: int, kv_len: int, like: torch.Tensor) ->
     return attention_mask.to(like.dtype)
 
 
-def lowrank_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    """Attention where the prefix of V is ``basis @ factor``: ``out = (P_prefix @ basis) @ factor + P_tail @ V_tail``.
+@dataclass(frozen=True)
+class PrefixRope:
+    """RoPE cos and sin at a compressed prefix's positions, transposed for ``Kᵀ``: each ``(1, 1, d, T_c)``."""
 
-    ``query`` ``(B, Hq, q, d)``, ``key`` ``(B, H_kv, T, d)`` (prefix rebuilt + tail), ``value`` the exact
-    tail ``(B, H_kv, t, d)`` carrying ``crosskv_prefix = (basis (B, T_c, r), factor (B, r, H_kv·d))``.
-    Without that attribute this is the model's SDPA attention. Returns ``((B, q, Hq, d), None)``.
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    @classmethod
+    def at(cls, rotary: Rotary, positions: torch.Tensor, dtype: torch.dtype) -> "PrefixRope":
+        like = torch.empty(0, device=positions.device)
+        cos, sin = rotary.cos_sin(positions, like)  # (1, 1, T_c, d) float32
+        return cls(cos.transpose(-1, -2).to(dtype).contiguous(), sin.transpose(-1, -2).to(dtype).contiguous())
+
+
+@dataclass(frozen=True)
+class FactoredPrefix:
+    """A layer's compressed prefix as the factored attention reads it.
+
+    ``basis_k`` ``(B, T_c, r_k)``, ``factor_k`` ``(B, r_k, H_kv·d)`` (pre-RoPE keys = basis·factor),
+    ``basis_v`` ``(B, T_c, r_v)``, ``factor_v`` ``(B, r_v, H_kv·d)``, ``rope`` at the prefix positions.
+    """
+
+    basis_k: torch.Tensor
+    factor_k: torch.Tensor
+    basis_v: torch.Tensor
+    factor_v: torch.Tensor
+    rope: PrefixRope
+
+    @property
+    def length(self) -> int:
+        return self.basis_k.shape[1]
+
+    def key_scores(self, q: torch.Tensor) -> torch.Tensor:
+        """``q`` ``(B, H_kv, n, d)`` → ``q·RoPE(K)ᵀ`` ``(B, H_kv, n, T_c)`` float32, K rebuilt transposed.
+
+        Rebuild: one GEMM ``factorᵀ·basisᵀ`` → ``(B, H_kv, d, T_c)``; RoPE on its two halves with the
+        cached tables (rotate-half form); then two half-width score GEMMs, so no concatenation.
+        """
+        b, h_kv, _, d = q.shape
+        half = d // 2
+        keys_t = (self.factor_k.transpose(1, 2) @ self.basis_k.transpose(1, 2)).view(b, h_kv, d, -1)
+        keys_t = keys_t.to(q.dtype)
+        x1, x2 = keys_t[:, :, :half], keys_t[:, :, half:]                  # (B, H_kv, d/2, T_c) each
+        cos, sin = self.rope.cos.to(q.dtype), self.rope.sin.to(q.dtype)
+        rot1 = (x1 * cos[:, :, :half]).addcmul_(x2, sin[:, :, :half], value=-1)
+        rot2 = (x2 * cos[:, :, half:]).addcmul_(x1, sin[:, :, half:])
+        return (q[..., :half] @ rot1).float() + (q[..., half:] @ rot2).float()
+
+    def apply_values(self, probs: torch.Tensor) -> torch.Tensor:
+        """``probs`` ``(B, H_kv, n, T_c)`` → ``(probs·basis_v)·factor_v`` ``(B, H_kv, n, d)``."""
+        b, h_kv, n, t = probs.shape
+        mixed = probs.reshape(b, h_kv * n, t) @ self.basis_v                   # (B, H_kv·n, r_v)
+        mixed = mixed.view(b, h_kv, n, -1)
+        factor = self.factor_v.view(b, self.factor_v.shape[1], h_kv, -1).transpose(1, 2)  # (B, H_kv, r_v, d)
+        return mixed @ factor
+
+
+def lowrank_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """Attention over a factored prefix and an exact tail, without concatenating their K or V.
+
+    ``query`` ``(B, Hq, q, d)``; ``key``, ``value`` the exact tail ``(B, H_kv, t, d)``, ``value`` carrying
+    ``crosskv_prefix`` (a :class:`FactoredPrefix` of ``T_c`` tokens that precede the tail). Scores of
+    prefix and tail are concatenated (``(B, H_kv, g·q, T_c + t)``, no K/V copies), softmaxed in
+    float32, and ``out = (P_prefix·basis_v)·factor_v + P_tail·V_tail``. Without that attribute this is
+    the model's SDPA attention. Returns ``((B, q, Hq, d), None)``.
     """
     prefix = getattr(value, "crosskv_prefix", None)
     if prefix is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    basis, factor = prefix
     b, hq, q_len, d = query.shape
-    h_kv, kv_len = key.shape[1], key.shape[2]
+    h_kv = key.shape[1]
+    prefix_len = prefix.length
+    kv_len = prefix_len + key.shape[2]
     groups = hq // h_kv
     scale = scaling if scaling is not None else d ** -0.5
     q = query.reshape(b, h_kv, groups * q_len, d)
-    scores = (q @ key.transpose(-1, -2)).float() * scale                   # (B, H_kv, g·q, T)
+    scores = prefix.key_scores(q)                                          # (B, H_kv, g·q, T_c)
+    if key.shape[2]:
+        scores = torch.cat([scores, (q @ key.transpose(-1, -2)).float()], dim=-1)
+    scores = scores * scale                                                # (B, H_kv, g·q, T)
     bias = _causal_bias(attention_mask, q_len, kv_len, scores)
-    scores = scores.view(b, h_kv, groups, q_len, kv_len)
     if bias is not None:
-        scores = scores + bias.view(bias.shape[0], 1, 1, q_len, kv_len)
-    probs = scores.softmax(-1).to(query.dtype).view(b, h_kv, groups * q_len, kv_len)
-    prefix_len = basis.shape[1]
-    factor = factor.view(b, -1, h_kv, d).transpose(1, 2)                    # (B, H_kv, r, d)
-    out = (probs[..., :prefix_len] @ basis.unsqueeze(1)) @ factor         # (B, H_kv, g·q, d)
+        scores = (scores.view(b, h_kv, groups, q_len, kv_len)
+                  + bias.view(bias.shape[0], 1, 1, q_len, kv_len)).view(b, h_kv, groups * q_len, kv_len)
+    probs = scores.softmax(-1).to(query.dtype)
+    out = prefix.apply_values(probs[..., :prefix_len])                     # (B, H_kv, g·q, d)
     if kv_len > prefix_len:
         out = out + probs[..., prefix_len:] @ value
     return out.view(b, hq, q_len, d).transpose(1, 2).contiguous(), None
