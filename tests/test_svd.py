@@ -7,7 +7,7 @@ import torch
 from conftest import drive
 from crosskv.accounting import full_bytes, xkv_bytes
 from crosskv.capture import KVShape, capture, kv_shape
-from crosskv.lowrank import (energy_captured, factored_elements, group_matrix, grouped_vs_single_error,
+from crosskv.lowrank import (energy_captured, factored_elements, gram_factors, group_matrix, grouped_vs_single_error,
                              rank_error, split_group_matrix, truncated_svd)
 from crosskv.methods import kv_bytes, make_method
 from crosskv.methods.svd import XKV, FactoredPrefix, PrefixRope, lowrank_attention, ranks_for_kept, scale_rank
@@ -34,6 +34,18 @@ def test_truncated_svd_full_rank_is_exact_and_error_falls_with_rank():
     assert errors[-1] < 1e-6
     energy = energy_captured(torch.linalg.svdvals(x))
     assert torch.all(energy.diff(dim=-1) >= 0) and torch.allclose(energy[..., -1], torch.ones(2))
+
+
+@pytest.mark.parametrize("tokens,features", [(40, 24), (24, 40)])
+def test_gram_factors_equal_the_svd_projection_and_full_rank_is_exact(tokens, features):
+    x = torch.randn(3, tokens, features) * torch.logspace(0, -3, features)  # decaying spectrum
+    for rank in (1, 5, min(tokens, features)):
+        basis, factor = gram_factors(x, rank)
+        svd_basis, svd_factor = truncated_svd(x, rank)
+        assert basis.shape == svd_basis.shape and factor.shape == svd_factor.shape
+        assert torch.allclose(basis @ factor, svd_basis @ svd_factor, atol=1e-4)
+        assert torch.allclose(basis.transpose(1, 2) @ basis, torch.eye(basis.shape[-1]).expand(3, -1, -1), atol=1e-3)
+    assert torch.allclose(basis @ factor, x, atol=1e-5)
 
 
 def test_rank_plan_last_group_scales_and_lossless_stays_lossless():

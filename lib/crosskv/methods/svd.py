@@ -2,7 +2,8 @@
 
 After the context prefill, each group of G consecutive layers in ``[start_layer, end_layer)``
 stacks its layers' **pre-RoPE** keys side by side, ``(B, T, G·H_kv·d)``, takes a float32 thin SVD
-per batch element and keeps rank ``rank_k``; values likewise with ``rank_v``. The cache then holds
+per batch element and keeps rank ``rank_k``; values likewise with ``rank_v``. The factorisation is
+:func:`crosskv.lowrank.gram_factors` (Gram-matrix eigendecomposition, K and V of a group batched). The cache then holds
 only the group's token basis ``(B, T, r)`` once and one factor ``(B, r, H_kv·d)`` per layer
 (singular values folded into the factors), plus tokens appended later (question, decoded) stored
 exactly. Keys are rebuilt as ``RoPE(basis @ factor)`` at their original absolute positions.
@@ -46,7 +47,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from crosskv.capture import KVShape, Rotary, kv_shape
-from crosskv.lowrank import group_matrix, split_group_matrix, truncated_svd
+from crosskv.lowrank import gram_factors, group_matrix, split_group_matrix
 from crosskv.methods.base import MethodConfig, Runner, register
 from crosskv.methods.prefixcache import PrefixCache, PrefixLayer
 
@@ -330,14 +331,22 @@ class LowRankCache(PrefixCache):
         plan = {p.layers: p for p in self.config.plan(self.shape, tokens)}[group.layers]
         rank_k, rank_v = plan.effective(tokens)
         dtype = tails[0][0].dtype
-        group.basis_k, factor_k = truncated_svd(group_matrix(keys), rank_k)    # (B, T, r_k), (B, r_k, G·W)
-        group.basis_v, factor_v = truncated_svd(group_matrix(values), rank_v)  # (B, T, r_v), (B, r_v, G·W)
-        group.basis_k, group.basis_v = group.basis_k.to(dtype).contiguous(), group.basis_v.to(dtype).contiguous()
+        b = keys.shape[1]
+        bases, factors = gram_factors(torch.cat([group_matrix(keys), group_matrix(values)]), max(rank_k, rank_v))
+        group.basis_k, factor_k = bases[:b, :, :rank_k], factors[:b, :rank_k]  # (B, T, r_k), (B, r_k, G·W)
+        group.basis_v, factor_v = bases[b:, :, :rank_v], factors[b:, :rank_v]  # (B, T, r_v), (B, r_v, G·W)
+        group.basis_k, group.basis_v = _owned(group.basis_k, dtype), _owned(group.basis_v, dtype)
         for i, layer in enumerate(members):
-            layer.factor_k = factor_k[..., i * self.shape.width:(i + 1) * self.shape.width].to(dtype).contiguous()
-            layer.factor_v = factor_v[..., i * self.shape.width:(i + 1) * self.shape.width].to(dtype).contiguous()
+            layer.factor_k = _owned(factor_k[..., i * self.shape.width:(i + 1) * self.shape.width], dtype)
+            layer.factor_v = _owned(factor_v[..., i * self.shape.width:(i + 1) * self.shape.width], dtype)
             layer.prefix_len = tokens
         log.debug("compressed layers %s: T=%d rank_k=%d rank_v=%d", group.layers, tokens, rank_k, rank_v)
+
+
+def _owned(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in ``dtype``, contiguous, in its own storage (a view would pin the whole factorisation)."""
+    y = x.to(dtype).contiguous()
+    return y.clone() if y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() else y
 
 
 class LowRankRunner(Runner):
