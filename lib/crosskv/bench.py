@@ -25,8 +25,10 @@ from typing import Any
 import torch
 
 from crosskv.data import heldout_windows
+from crosskv.capture import kv_shape
 from crosskv.harness import PeakMemory, _sync, bind, full_cache_bytes
 from crosskv.methods import MethodConfig, kv_bytes, make_method
+from crosskv.methods.svd import XKV
 from crosskv.models import is_random, model_name
 from crosskv.progress import bar as progress_bar
 
@@ -37,8 +39,8 @@ DEFAULT_METHODS = ("full", "kvsharer:rate=0.25", "minicache", "xkv:kept=0.25,gro
 MODES = ("eager",)
 QUESTION = "\n\nIn one sentence, what is the text above about?"
 COLUMNS = ("method", "mode", "context", "batch", "prefill_s", "compress_s", "decode_tok_s", "decode_vs_full",
-           "held_bytes", "kept", "peak_mem_mb", "peak_delta_mb", "repeats", "device", "machine", "threads",
-           "load_start", "load_end", "model", "dtype")
+           "rebuild_gmac", "attention_gmac", "floor_tok_s", "vs_floor", "held_bytes", "kept", "peak_mem_mb",
+           "peak_delta_mb", "repeats", "device", "machine", "threads", "load_start", "load_end", "model", "dtype")
 
 
 def parse_method(spec: str | MethodConfig) -> MethodConfig:
@@ -145,6 +147,47 @@ def measure(runner, context_ids: torch.Tensor, question_ids: torch.Tensor, decod
             "peak_delta_mb": (peak_bytes - start_bytes) / 2 ** 20}
 
 
+def attention_macs(model, context: int, batch: int) -> int:
+    """Multiply-adds of a plain cache's attention per decode step: q·Kᵀ and P·V over T tokens, all layers."""
+    shape = kv_shape(model)
+    return 2 * batch * shape.layers * shape.heads * context * shape.head_dim
+
+
+def rebuild_gemms(config: MethodConfig, model, context: int) -> list[tuple[int, int, int]]:
+    """The key-rebuild GEMMs of one decode step of an xKV/SVD cache: ``(T_c, r_k, H_kv·d)`` per layer.
+
+    An exact low-rank key cache must rebuild ``K = basis·factor`` every step (RoPE differs per position,
+    so the up-projection cannot be absorbed into the query): ``T_c·r_k·H_kv·d`` multiply-adds per layer.
+    Empty for other methods and for xKV's ``reconstruct`` path (it rebuilds V too).
+    """
+    if not isinstance(config, XKV) or config.attention != "factored":
+        return []
+    shape = kv_shape(model)
+    gemms = []
+    for plan in config.plan(shape, context):
+        rank_k, _ = plan.effective(context)
+        gemms += [(context, rank_k, shape.width)] * len(plan.layers)
+    return gemms
+
+
+def gemm_seconds(gemms: list[tuple[int, int, int]], batch: int, device, dtype, repeats: int = 5) -> float:
+    """Median seconds of running ``gemms`` ``(T, r, W)`` as ``factorᵀ·basisᵀ`` once each, on random data."""
+    operands = {}
+    for t, r, w in set(gemms):
+        operands[(t, r, w)] = (torch.randn(batch, t, r, device=device, dtype=dtype),
+                               torch.randn(batch, r, w, device=device, dtype=dtype))
+    times = []
+    for _ in range(repeats + 1):
+        _sync(device)
+        start = time.perf_counter()
+        for key in gemms:
+            basis, factor = operands[key]
+            factor.transpose(1, 2) @ basis.transpose(1, 2)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
 def _median(values: list) -> float | None:
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
@@ -165,6 +208,12 @@ def bench(model, tokenizer, methods=DEFAULT_METHODS, contexts=(2048, 4096), batc
     - ``decode_tok_s``: B × ``decode_tokens`` / seconds of the greedy decode steps after the question;
     - ``decode_vs_full``: ``decode_tok_s`` / that of ``full`` at the same (mode, context, batch) in this run
       (empty when ``full`` is not among the methods);
+    - ``rebuild_gmac``: for xKV/SVD (factored), the multiply-adds of rebuilding the prefix keys per decode
+      step, Σ_layers B·T_c·r_k·H_kv·d — the arithmetic floor of an exact low-rank key cache;
+      ``attention_gmac``: a plain cache's attention multiply-adds per step (2·B·L·Hq·T·d), for scale;
+    - ``floor_tok_s``: B / (B / full's decode_tok_s + seconds of those rebuild GEMMs alone, timed here on
+      random data): the decode speed if the rest of the step cost what full's whole step costs;
+      ``vs_floor`` = decode_tok_s / floor_tok_s (≥ 1 means at or above that floor);
     - ``held_bytes``: bytes the cache holds right after compression (:func:`crosskv.methods.kv_bytes`);
       ``kept``: held_bytes / a plain cache of the context (2·L·B·H_kv·T·d·element size);
     - ``peak_mem_mb``: peak during the run — CUDA max allocated, or on CPU the process RSS high-water mark
@@ -202,18 +251,25 @@ def bench(model, tokenizer, methods=DEFAULT_METHODS, contexts=(2048, 4096), batc
                     runs[label].append(result)
                 log.info("bench %s T=%d B=%d round %d: %s", label, context, batch, round_, result)
         full_bytes = full_cache_bytes(model, context, batch)
-        for label in labels:
+        dtype = next(model.parameters()).dtype
+        for label, config in configs:
             row = {"method": label, "mode": "eager", "context": context, "batch": batch, "repeats": repeats}
             for key in ("prefill_s", "compress_s", "decode_tok_s", "held_bytes", "peak_mem_mb", "peak_delta_mb"):
                 row[key] = _median([r[key] for r in runs[label]])
             row["kept"] = row["held_bytes"] / full_bytes
+            row["attention_gmac"] = attention_macs(model, context, batch) / 1e9
+            gemms = rebuild_gemms(config, model, context)
+            row["rebuild_gmac"] = batch * sum(t * r * w for t, r, w in gemms) / 1e9 if gemms else None
+            row["rebuild_s"] = gemm_seconds(gemms, batch, device, dtype) if gemms else None
             rows.append(row)
     end = machine()
     table = pd.DataFrame(rows)
     full = table[table["method"] == "full"].set_index(["mode", "context", "batch"])["decode_tok_s"]
-    table["decode_vs_full"] = [full.get((r.mode, r.context, r.batch)) and r.decode_tok_s / full[(r.mode, r.context,
-                                                                                                  r.batch)]
-                               for r in table.itertuples()]
+    reference = [full.get((r.mode, r.context, r.batch)) for r in table.itertuples()]
+    table["decode_vs_full"] = [ref and r.decode_tok_s / ref for r, ref in zip(table.itertuples(), reference)]
+    table["floor_tok_s"] = [r.batch / (r.batch / ref + r.rebuild_s) if ref and r.rebuild_s else None
+                            for r, ref in zip(table.itertuples(), reference)]
+    table["vs_floor"] = [r.decode_tok_s / r.floor_tok_s if r.floor_tok_s else None for r in table.itertuples()]
     table["device"] = str(device)
     table["machine"] = start["machine"]
     table["threads"] = start["threads"]
