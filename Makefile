@@ -36,7 +36,7 @@ figures: setup assets  ## execute every notebook on the embedded model (PROFILE=
 smoke: setup assets  ## execute every notebook with the smoke profile into build/ (never touches figures/)
 	$(PY) -m crosskv figures --profile smoke
 
-bench: setup assets  ## print prefill/decode speed and KV bytes for full and the kvpress peers
+bench: setup assets  ## prefill/compress/decode speed, held bytes and peak memory of the methods vs full
 	$(PY) -m crosskv bench
 
 lab: setup assets  ## start JupyterLab with the project kernel

@@ -7,10 +7,10 @@ import torch
 from conftest import drive
 from crosskv.accounting import full_bytes, xkv_bytes
 from crosskv.capture import KVShape, capture, kv_shape
-from crosskv.lowrank import (energy_captured, factored_elements, group_matrix, grouped_vs_single_error,
+from crosskv.lowrank import (energy_captured, factored_elements, gram_factors, group_matrix, grouped_vs_single_error,
                              rank_error, split_group_matrix, truncated_svd)
 from crosskv.methods import kv_bytes, make_method
-from crosskv.methods.svd import XKV, lowrank_attention, ranks_for_kept, scale_rank
+from crosskv.methods.svd import XKV, FactoredPrefix, PrefixRope, lowrank_attention, ranks_for_kept, scale_rank
 
 SMOL = KVShape(layers=30, kv_heads=3, head_dim=64, hidden=576, heads=9)
 
@@ -34,6 +34,18 @@ def test_truncated_svd_full_rank_is_exact_and_error_falls_with_rank():
     assert errors[-1] < 1e-6
     energy = energy_captured(torch.linalg.svdvals(x))
     assert torch.all(energy.diff(dim=-1) >= 0) and torch.allclose(energy[..., -1], torch.ones(2))
+
+
+@pytest.mark.parametrize("tokens,features", [(40, 24), (24, 40)])
+def test_gram_factors_equal_the_svd_projection_and_full_rank_is_exact(tokens, features):
+    x = torch.randn(3, tokens, features) * torch.logspace(0, -3, features)  # decaying spectrum
+    for rank in (1, 5, min(tokens, features)):
+        basis, factor = gram_factors(x, rank)
+        svd_basis, svd_factor = truncated_svd(x, rank)
+        assert basis.shape == svd_basis.shape and factor.shape == svd_factor.shape
+        assert torch.allclose(basis @ factor, svd_basis @ svd_factor, atol=1e-4)
+        assert torch.allclose(basis.transpose(1, 2) @ basis, torch.eye(basis.shape[-1]).expand(3, -1, -1), atol=1e-3)
+    assert torch.allclose(basis @ factor, x, atol=1e-5)
 
 
 def test_rank_plan_last_group_scales_and_lossless_stays_lossless():
@@ -90,22 +102,34 @@ class _Module:
     num_key_value_groups = 3
 
 
-def test_factored_attention_equals_sdpa_on_the_rebuilt_values():
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-4), (torch.bfloat16, 0.1)])
+def test_factored_attention_equals_sdpa_on_the_rebuilt_prefix(dtype, atol):
     torch.manual_seed(0)
     b, h_kv, g, d, prefix, tail, r = 1, 3, 3, 8, 11, 2, 5
-    basis, factor = torch.randn(b, prefix, r), torch.randn(b, r, h_kv * d)
+    basis_k, factor_k = torch.randn(b, prefix, r), torch.randn(b, r, h_kv * d)
+    basis_v, factor_v = torch.randn(b, prefix, r + 1), torch.randn(b, r + 1, h_kv * d)
+    angles = torch.arange(prefix)[:, None] * torch.rand(d // 2)            # (T_c, d/2)
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)  # (T_c, d)
+    pre_rope = (basis_k @ factor_k).view(b, prefix, h_kv, d).transpose(1, 2)
+    keys = torch.cat([pre_rope * cos + _rotate_half(pre_rope) * sin, torch.randn(b, h_kv, tail, d)], dim=-2)
     tail_v = torch.randn(b, h_kv, tail, d)
-    values = torch.cat([(basis @ factor).view(b, prefix, h_kv, d).transpose(1, 2), tail_v], dim=-2)
-    keys = torch.randn(b, h_kv, prefix + tail, d)
+    values = torch.cat([(basis_v @ factor_v).view(b, prefix, h_kv, d).transpose(1, 2), tail_v], dim=-2)
+    rope = PrefixRope(cos.T[None, None].contiguous(), sin.T[None, None].contiguous())
+    factored = FactoredPrefix(*(x.to(dtype) for x in (basis_k, factor_k, basis_v, factor_v)), rope)
     causal = torch.ones(1, 1, 2, prefix + tail, dtype=torch.bool).tril(prefix + tail - 2)
     for q_len, mask in ((1, None), (2, causal)):  # decode, and a multi-token append (bottom-right causal)
         query = torch.randn(b, h_kv * g, q_len, d)
-        marked = tail_v.view_as(tail_v)
-        marked.crosskv_prefix = (basis, factor)
         want, _ = lowrank_attention(_Module(), query, keys, values, mask, scaling=0.3)  # plain sdpa
+        tail_k, marked = keys[..., prefix:, :].to(dtype), tail_v.to(dtype)
+        marked.crosskv_prefix = factored
         for given in (mask, None):  # without a mask the factored path applies the causal rule itself
-            got, _ = lowrank_attention(_Module(), query, keys, marked, given, scaling=0.3)
-            assert torch.allclose(got, want, atol=1e-5)
+            got, _ = lowrank_attention(_Module(), query.to(dtype), tail_k, marked, given, scaling=0.3)
+            assert torch.allclose(got.float(), want, atol=atol), (got.float() - want).abs().max()
 
 
 # --- integration tests on the embedded model --------------------------------------------------

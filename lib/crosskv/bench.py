@@ -1,36 +1,280 @@
-"""Speed and memory benchmark: prefill seconds, decode tokens/s, KV bytes and peak memory per method.
+"""Speed and memory benchmark: prefill, compress and decode time, held bytes and peak memory per method.
 
-Runs ``niah_single_2`` (short answers, ``new_tokens`` decode steps at most) through
-:func:`crosskv.harness.evaluate` without the results store, for each method and context length.
-kvpress peers run at ``compression_ratio=ratio``. Not a test: timings depend on the machine's load.
+:func:`bench` runs each method × context × batch size the way the harness does (prefill the context
+under the method, compress, append a short question exactly, then decode) but with a fixed number of
+greedy decode steps (end-of-sequence ignored), so every method decodes the same number of tokens.
+One process; ``warmup`` untimed rounds over all methods first; then ``repeats`` rounds, each over
+all methods in an order shuffled with ``seed``; the row reports the median over the repeats. Each
+row states the machine, torch threads and the load average at the start and end of the whole run.
+Not a test: timings depend on the machine's load.
+
+Contexts: a held-out window of the embedded essay corpus for real models, seeded random token ids
+for ``random:`` models (their text does not matter and they may need more tokens than the corpus has).
 """
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
+import platform
+import random
+import statistics
+import time
+from typing import Any
 
-from crosskv.harness import evaluate
-from crosskv.methods import make_method
+import torch
+
+from crosskv.data import heldout_windows
+from crosskv.capture import kv_shape
+from crosskv.harness import PeakMemory, _sync, bind, full_cache_bytes
+from crosskv.methods import MethodConfig, kv_bytes, make_method
+from crosskv.methods.svd import XKV
+from crosskv.models import is_random, model_name
+from crosskv.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
 
-DEFAULT_METHODS = ("full", "kvpress:snapkv", "kvpress:pyramidkv", "kvpress:knorm", "kvpress:streaming_llm",
-                   "kvpress:expected_attention")
-COLUMNS = ("method", "context", "score", "prefill_s", "decode_tok_s", "kv_bytes", "kept", "peak_mem_mb")
+DEFAULT_METHODS = ("full", "kvsharer:rate=0.25", "minicache", "xkv:kept=0.25,group_size=2", "svd:kept=0.25",
+                   "commonkv")
+MODES = ("eager",)
+QUESTION = "\n\nIn one sentence, what is the text above about?"
+COLUMNS = ("method", "mode", "context", "batch", "prefill_s", "compress_s", "decode_tok_s", "decode_vs_full",
+           "rebuild_gmac", "attention_gmac", "floor_tok_s", "vs_floor", "held_bytes", "kept", "peak_mem_mb",
+           "peak_delta_mb", "repeats", "device", "machine", "threads", "load_start", "load_end", "model", "dtype")
 
 
-def bench_table(model, tokenizer, contexts=(2048, 4096), methods=DEFAULT_METHODS, ratio: float = 0.5,
-                samples: int = 2, new_tokens: int = 32):
-    """One row per (method, context) with the columns of :data:`COLUMNS` → ``pandas.DataFrame``."""
+def parse_method(spec: str | MethodConfig) -> MethodConfig:
+    """``"name"`` or ``"name:key=value,key=value"`` (e.g. ``xkv:kept=0.25,group_size=2``,
+    ``kvpress:snapkv:compression_ratio=0.5``) → a method config."""
+    if isinstance(spec, MethodConfig):
+        return spec
+    name, params = spec, {}
+    if "=" in spec:
+        name, _, body = spec.rpartition(":")
+        if not name:
+            raise ValueError(f"method spec {spec!r}: expected name:key=value,…")
+        for item in body.split(","):
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"method spec {spec!r}: {item!r} is not key=value")
+            params[key.strip()] = value.strip()
+    return make_method(name, **params)
+
+
+def method_label(config: MethodConfig, spec: str | MethodConfig) -> str:
+    return spec if isinstance(spec, str) else config.name
+
+
+def machine() -> dict[str, Any]:
+    """Device description, torch threads and the 1-minute load average now."""
+    device = "cpu: " + (platform.processor() or platform.machine()) + f", {os.cpu_count()} cores"
+    if torch.cuda.is_available():
+        device = "cuda: " + torch.cuda.get_device_name()
+    return {"machine": f"{platform.node()} · {device}", "threads": torch.get_num_threads(),
+            "load": os.getloadavg()[0]}
+
+
+def _release_freed_memory() -> None:
+    """Return freed heap pages to the OS (glibc), so the RSS high-water mark of the next run starts low."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _resident(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _inputs(model, tokenizer, context: int, batch: int, seed: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Context ids ``(B, T)`` (the same sequence in every row) and question ids ``(B, Q)``."""
+    if is_random(model):
+        generator = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, len(tokenizer), (1, context), generator=generator)
+    else:
+        ids = heldout_windows(tokenizer, n=1, length=context, seed=seed)
+    question = torch.tensor([tokenizer(QUESTION, add_special_tokens=False).input_ids])
+    return ids.expand(batch, -1).to(device), question.expand(batch, -1).to(device)
+
+
+def _positions(start: int, count: int, batch: int, device) -> torch.Tensor:
+    return torch.arange(start, start + count, device=device).unsqueeze(0).expand(batch, -1)
+
+
+@torch.no_grad()
+def measure(runner, context_ids: torch.Tensor, question_ids: torch.Tensor, decode_tokens: int) -> dict[str, Any]:
+    """One run: prefill, compress, question, ``decode_tokens`` greedy steps → timings, bytes, peak memory."""
+    model = runner.model
+    device = context_ids.device
+    batch, context = context_ids.shape
+    if device.type == "cpu":
+        _release_freed_memory()
+    peak = PeakMemory(device)
+    start_bytes = _resident(device)
+    peak.reset()
+    with runner.applied():
+        cache = runner.new_cache()
+        t0 = time.perf_counter()
+        with runner.prefill(cache):
+            model(input_ids=context_ids, past_key_values=cache, use_cache=True,
+                  position_ids=_positions(0, context, batch, device), logits_to_keep=1)
+        _sync(device)
+        t1 = time.perf_counter()
+        runner.compress(cache)
+        _sync(device)
+        t2 = time.perf_counter()
+        held = kv_bytes(cache)
+        fed = context + question_ids.shape[1]
+        out = model(input_ids=question_ids, past_key_values=cache, use_cache=True,
+                    position_ids=_positions(context, question_ids.shape[1], batch, device), logits_to_keep=1)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+        _sync(device)
+        t3 = time.perf_counter()
+        for _ in range(decode_tokens):
+            out = model(input_ids=token, past_key_values=cache, use_cache=True,
+                        position_ids=_positions(fed, 1, batch, device), logits_to_keep=1)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            fed += 1
+        _sync(device)
+        t4 = time.perf_counter()
+    peak_bytes = peak.read()
+    return {"prefill_s": t1 - t0, "compress_s": t2 - t1,
+            "decode_tok_s": batch * decode_tokens / (t4 - t3) if decode_tokens else None,
+            "held_bytes": held, "peak_mem_mb": peak_bytes / 2 ** 20,
+            "peak_delta_mb": (peak_bytes - start_bytes) / 2 ** 20}
+
+
+def attention_macs(model, context: int, batch: int) -> int:
+    """Multiply-adds of a plain cache's attention per decode step: q·Kᵀ and P·V over T tokens, all layers."""
+    shape = kv_shape(model)
+    return 2 * batch * shape.layers * shape.heads * context * shape.head_dim
+
+
+def rebuild_gemms(config: MethodConfig, model, context: int) -> list[tuple[int, int, int]]:
+    """The key-rebuild GEMMs of one decode step of an xKV/SVD cache: ``(T_c, r_k, H_kv·d)`` per layer.
+
+    An exact low-rank key cache must rebuild ``K = basis·factor`` every step (RoPE differs per position,
+    so the up-projection cannot be absorbed into the query): ``T_c·r_k·H_kv·d`` multiply-adds per layer.
+    Empty for other methods and for xKV's ``reconstruct`` path (it rebuilds V too).
+    """
+    if not isinstance(config, XKV) or config.attention != "factored":
+        return []
+    shape = kv_shape(model)
+    gemms = []
+    for plan in config.plan(shape, context):
+        rank_k, _ = plan.effective(context)
+        gemms += [(context, rank_k, shape.width)] * len(plan.layers)
+    return gemms
+
+
+def gemm_seconds(gemms: list[tuple[int, int, int]], batch: int, device, dtype, repeats: int = 5) -> float:
+    """Median seconds of running ``gemms`` ``(T, r, W)`` as ``factorᵀ·basisᵀ`` once each, on random data."""
+    operands = {}
+    for t, r, w in set(gemms):
+        operands[(t, r, w)] = (torch.randn(batch, t, r, device=device, dtype=dtype),
+                               torch.randn(batch, r, w, device=device, dtype=dtype))
+    times = []
+    for _ in range(repeats + 1):
+        _sync(device)
+        start = time.perf_counter()
+        for key in gemms:
+            basis, factor = operands[key]
+            factor.transpose(1, 2) @ basis.transpose(1, 2)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def _median(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def bench(model, tokenizer, methods=DEFAULT_METHODS, contexts=(2048, 4096), batch_sizes=(1,), repeats: int = 3,
+          warmup: int = 1, decode_tokens: int = 32, seed: int = 0, modes=MODES, progress: bool = True):
+    """Benchmark ``methods`` (names, ``name:key=value,…`` specs or configs) → ``pandas.DataFrame``.
+
+    One row per (method, mode, context, batch), medians over ``repeats`` timed runs after ``warmup``
+    untimed rounds; within each round the method order is shuffled (seeded by ``seed`` and the round).
+    Columns:
+
+    - ``method``: the spec as given; ``mode``: ``eager`` (the model's own forward, no graphs/compile);
+    - ``context`` T (prompt tokens compressed), ``batch`` B (the same sequence in every row);
+    - ``prefill_s``: the context forward (including work a method does inside it), seconds;
+    - ``compress_s``: the method's post-prefill compression, seconds;
+    - ``decode_tok_s``: B × ``decode_tokens`` / seconds of the greedy decode steps after the question;
+    - ``decode_vs_full``: ``decode_tok_s`` / that of ``full`` at the same (mode, context, batch) in this run
+      (empty when ``full`` is not among the methods);
+    - ``rebuild_gmac``: for xKV/SVD (factored), the multiply-adds of rebuilding the prefix keys per decode
+      step, Σ_layers B·T_c·r_k·H_kv·d — the arithmetic floor of an exact low-rank key cache;
+      ``attention_gmac``: a plain cache's attention multiply-adds per step (2·B·L·Hq·T·d), for scale;
+    - ``floor_tok_s``: B / (B / full's decode_tok_s + seconds of those rebuild GEMMs alone, timed here on
+      random data): the decode speed if the rest of the step cost what full's whole step costs;
+      ``vs_floor`` = decode_tok_s / floor_tok_s (≥ 1 means at or above that floor);
+    - ``held_bytes``: bytes the cache holds right after compression (:func:`crosskv.methods.kv_bytes`);
+      ``kept``: held_bytes / a plain cache of the context (2·L·B·H_kv·T·d·element size);
+    - ``peak_mem_mb``: peak during the run — CUDA max allocated, or on CPU the process RSS high-water mark
+      (model weights included); ``peak_delta_mb``: that peak minus what was resident at the run's start
+      (the run's own working set: activations, cache, SVD buffers);
+    - ``repeats``; ``device``, ``machine`` (host, processor, cores or GPU name), ``threads`` (torch
+      threads), ``load_start``/``load_end`` (1-minute load average at the start and end of the whole
+      benchmark), ``model``, ``dtype``.
+    """
     import pandas as pd
 
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise ValueError(f"bench mode(s) {unknown} not available; implemented: {', '.join(MODES)}")
+    if repeats < 1 or warmup < 0 or decode_tokens < 0:
+        raise ValueError(f"repeats={repeats} must be ≥ 1, warmup={warmup} and decode_tokens={decode_tokens} ≥ 0")
+    configs = [(method_label(parse_method(m), m), parse_method(m)) for m in methods]
+    labels = [label for label, _ in configs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"methods {labels} repeat a label")
+    device = next(model.parameters()).device
+    start = machine()
+    runners = {label: bind(model, tokenizer, config) for label, config in configs}
     rows = []
-    for context in contexts:
-        for name in methods:
-            config = make_method(name, compression_ratio=ratio) if name.startswith("kvpress:") else make_method(name)
-            record = evaluate(model, tokenizer, config, "niah_single_2", context=context, samples=samples,
-                              store=False, max_new_tokens=new_tokens)
-            row = {k: record[k] for k in COLUMNS if k in record}
-            row["peak_mem_mb"] = record["peak_mem_bytes"] / 2 ** 20
+    jobs = [(c, b) for c in contexts for b in batch_sizes]
+    for context, batch in progress_bar(jobs, enabled=progress, desc="bench", leave=False):
+        context_ids, question_ids = _inputs(model, tokenizer, context, batch, seed, device)
+        runs: dict[str, list[dict]] = {label: [] for label in labels}
+        for round_ in range(warmup + repeats):
+            order = list(labels)
+            random.Random(seed * 1000 + round_).shuffle(order)
+            for label in order:
+                result = measure(runners[label], context_ids, question_ids, decode_tokens)
+                if round_ >= warmup:
+                    runs[label].append(result)
+                log.info("bench %s T=%d B=%d round %d: %s", label, context, batch, round_, result)
+        full_bytes = full_cache_bytes(model, context, batch)
+        dtype = next(model.parameters()).dtype
+        for label, config in configs:
+            row = {"method": label, "mode": "eager", "context": context, "batch": batch, "repeats": repeats}
+            for key in ("prefill_s", "compress_s", "decode_tok_s", "held_bytes", "peak_mem_mb", "peak_delta_mb"):
+                row[key] = _median([r[key] for r in runs[label]])
+            row["kept"] = row["held_bytes"] / full_bytes
+            row["attention_gmac"] = attention_macs(model, context, batch) / 1e9
+            gemms = rebuild_gemms(config, model, context)
+            row["rebuild_gmac"] = batch * sum(t * r * w for t, r, w in gemms) / 1e9 if gemms else None
+            row["rebuild_s"] = gemm_seconds(gemms, batch, device, dtype) if gemms else None
             rows.append(row)
-            log.info("bench %s", row)
-    return pd.DataFrame(rows, columns=list(COLUMNS))
+    end = machine()
+    table = pd.DataFrame(rows)
+    full = table[table["method"] == "full"].set_index(["mode", "context", "batch"])["decode_tok_s"]
+    reference = [full.get((r.mode, r.context, r.batch)) for r in table.itertuples()]
+    table["decode_vs_full"] = [ref and r.decode_tok_s / ref for r, ref in zip(table.itertuples(), reference)]
+    table["floor_tok_s"] = [r.batch / (r.batch / ref + r.rebuild_s) if ref and r.rebuild_s else None
+                            for r, ref in zip(table.itertuples(), reference)]
+    table["vs_floor"] = [r.decode_tok_s / r.floor_tok_s if r.floor_tok_s else None for r in table.itertuples()]
+    table["device"] = str(device)
+    table["machine"] = start["machine"]
+    table["threads"] = start["threads"]
+    table["load_start"], table["load_end"] = start["load"], end["load"]
+    table["model"] = model_name(model)
+    table["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return table[list(COLUMNS)]
+

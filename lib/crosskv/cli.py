@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from crosskv import figures
-from crosskv.argtypes import float_in, nonnegative_int, positive_int
+from crosskv.argtypes import nonnegative_int, positive_int
 from crosskv.methods import kvsharer
 
 log = logging.getLogger(__name__)
@@ -217,29 +217,37 @@ def run_assets(args: argparse.Namespace) -> int:
 
 
 def configure_bench(p: argparse.ArgumentParser) -> None:
-    from crosskv.bench import DEFAULT_METHODS
+    from crosskv.bench import DEFAULT_METHODS, MODES
 
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--model", default="smollm2-135m", help="alias, random:<shape>, local folder or hub id")
     p.add_argument("--contexts", type=positive_int, nargs="+", default=[2048, 4096])
+    p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1])
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
-                   help="method names; kvpress peers run at --ratio")
-    p.add_argument("--ratio", type=float_in(0.0, 1.0, "ratio"), default=0.5,
-                   help="compression_ratio of the kvpress peers")
-    p.add_argument("--samples", type=positive_int, default=2)
-    p.add_argument("--new-tokens", type=positive_int, default=32)
+                   help="method names or name:key=value,… specs (default: %(default)s)")
+    p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument("--warmup", type=nonnegative_int, default=1)
+    p.add_argument("--decode-tokens", type=positive_int, default=32)
+    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--out", default=None, help="also write the table as CSV to this file")
     add_threads(p)
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from crosskv.bench import bench_table
+    from crosskv.bench import bench
     from crosskv.models import load_model
 
     set_threads(args)
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
-    table = bench_table(model, tokenizer, args.contexts, args.methods, ratio=args.ratio, samples=args.samples,
-                        new_tokens=args.new_tokens)
-    print(table.to_markdown(index=False, floatfmt=".3g"))
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    table = bench(model, tokenizer, args.methods, args.contexts, batch_sizes=args.batch_sizes, repeats=args.repeats,
+                  warmup=args.warmup, decode_tokens=args.decode_tokens, seed=args.seed, modes=args.modes)
+    shown = table.drop(columns=["device", "machine", "model", "dtype"])
+    print(f"{table['model'][0]} ({table['dtype'][0]}) on {table['machine'][0]}, device {table['device'][0]}")
+    print(shown.to_markdown(index=False, floatfmt=".4g"))
+    if args.out:
+        table.to_csv(args.out, index=False)
     return 0
 
 
@@ -247,7 +255,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "eval": Subcommand("score one method on one task (one JSON line on stdout)", configure_eval, run_eval),
     "list": Subcommand("list methods (parameters, defaults) and tasks (options)", configure_list, run_list),
     "assets": Subcommand("fetch, verify and convert the embedded model and corpus", configure_assets, run_assets),
-    "bench": Subcommand("prefill/decode speed, KV bytes and peak memory of full and the kvpress peers",
+    "bench": Subcommand("prefill/compress/decode speed, held bytes and peak memory of methods × contexts",
                         configure_bench, run_bench),
     "search": Subcommand("KVSharer strategy search on calibration data -> strategy JSON",
                          kvsharer.search_parser, kvsharer.run_search),

@@ -50,7 +50,7 @@ import torch
 from crosskv import capture, fingerprint, results
 from crosskv.census import RunCensus
 from crosskv.methods import MethodConfig, Runner, kv_bytes, make_method
-from crosskv.models import model_name
+from crosskv.models import is_random, model_name
 from crosskv.tasks import Sample, TaskConfig, make_task
 from crosskv.progress import bar as progress_bar
 
@@ -363,6 +363,9 @@ def evaluate(model, tokenizer, method: MethodConfig | str, task: TaskConfig | st
         if found is not None:
             log.info("skipping %s on %s: stored as %s", config.name, task_config.name, key[:12])
             return found
+    if is_random(model):
+        log.warning("%s has random weights: %s scores are meaningless (speed and memory are not)", name,
+                    task_config.name)
     started = time.perf_counter()
     spec = task_config.spec
     samples_ = spec.build(task_config, tokenizer, range(rank, task_config.samples, world))

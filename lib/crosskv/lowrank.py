@@ -32,6 +32,31 @@ def truncated_svd(x: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
     return u[..., :r], s[..., :r, None] * vh[..., :r, :]
 
 
+def gram_factors(x: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-``rank`` factorisation through the Gram matrix's eigendecomposition, float32, batched.
+
+    ``x``: ``(N, T, F)`` → ``basis`` ``(N, T, r)`` (orthonormal columns) and ``factor`` ``(N, r, F)``
+    (singular values folded in), ``r = min(rank, T, F)``: the same projection onto the top-r singular
+    subspace as :func:`truncated_svd`, for ``T·min(T,F)²`` multiply-adds (the Gram matrix) and one
+    ``min(T,F)``-sized symmetric eigendecomposition instead of an SVD of the tall matrix. The product
+    ``basis @ factor`` is formed as ``x·V·Vᵀ`` (or ``U·Uᵀ·x``), so full rank reproduces ``x`` up to float32
+    rounding even where singular values vanish.
+    """
+    x = x.float()
+    _, t, f = x.shape
+    r = min(rank, t, f)
+    if f <= t:
+        _, vectors = torch.linalg.eigh(x.transpose(1, 2) @ x)             # (N, F, F), ascending
+        v = vectors[..., -r:].flip(-1)                                     # (N, F, r), top first
+        projected = x @ v                                                  # (N, T, r) = U·S
+        sigma = projected.norm(dim=1, keepdim=True)                        # (N, 1, r)
+        basis = projected / sigma.clamp_min(torch.finfo(x.dtype).tiny)
+        return basis, sigma.transpose(1, 2) * v.transpose(1, 2)
+    _, vectors = torch.linalg.eigh(x @ x.transpose(1, 2))                 # (N, T, T), ascending
+    basis = vectors[..., -r:].flip(-1)                                     # (N, T, r)
+    return basis, basis.transpose(1, 2) @ x
+
+
 def spectrum(x: torch.Tensor) -> torch.Tensor:
     """Singular values of each batch element of ``x`` ``(B, T, F)`` → ``(B, min(T, F))``, descending."""
     return torch.linalg.svdvals(x.float())

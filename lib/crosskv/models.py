@@ -1,7 +1,10 @@
 """Model loading: registered aliases, local folders and hub ids; supported-family checks.
 
 ``load_model("smollm2-135m")`` loads the embedded default (converted by :mod:`crosskv.assets`);
-any other name is a local folder or a hub id (which needs a reachable hub). Cross-layer methods
+``load_model("random:<shape>")`` builds a published architecture (:data:`RANDOM_SHAPES`) with seeded
+random weights and the embedded tokenizer, for speed and memory work where no weights can be
+fetched (its scores are meaningless); any other name is a local folder or a hub id (which needs a
+reachable hub). Cross-layer methods
 need a decoder-only model with rotary attention whose layers expose ``self_attn.{k,v}_proj``.
 """
 from __future__ import annotations
@@ -41,6 +44,31 @@ ALIASES: dict[str, ModelAlias] = {
     )
 }
 DEFAULT_MODEL = "smollm2-135m"
+RANDOM_PREFIX = "random:"
+
+# Published shapes as literal config data (from each model's config.json); weights are random.
+_LLAMA31_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+RANDOM_SHAPES: dict[str, dict] = {
+    "llama-3.1-8b": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
+                     "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                     "head_dim": 128, "vocab_size": 128256, "max_position_embeddings": 131072,
+                     "rms_norm_eps": 1e-5, "rope_parameters": _LLAMA31_ROPE, "tie_word_embeddings": False},
+    "qwen2.5-7b": {"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944,
+                   "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+                   "vocab_size": 152064, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+                   "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+                   "tie_word_embeddings": False, "use_sliding_window": False},
+    "mistral-7b": {"model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336,
+                   "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                   "head_dim": 128, "vocab_size": 32768, "max_position_embeddings": 32768,
+                   "rms_norm_eps": 1e-5, "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+                   "sliding_window": None, "tie_word_embeddings": False},
+    "tiny": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 49157,
+             "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
+             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "tie_word_embeddings": True},
+}
 
 
 class UnsupportedModelError(ValueError):
@@ -90,6 +118,49 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16
 
 
+def is_random(model) -> bool:
+    """True for a model built by ``load_model("random:…")`` (random weights: quality scores are meaningless)."""
+    return model_name(model).startswith(RANDOM_PREFIX)
+
+
+def random_config(shape: str, vocab: int):
+    """The transformers config of ``random:<shape>``; a vocabulary smaller than the tokenizer's ``vocab`` is
+    enlarged to fit it (logged), since the embedded tokenizer's ids must all be valid."""
+    from transformers import AutoConfig
+
+    if shape not in RANDOM_SHAPES:
+        raise ValueError(f"unknown random shape {shape!r}; known: {', '.join(sorted(RANDOM_SHAPES))}")
+    fields = dict(RANDOM_SHAPES[shape])
+    if fields["vocab_size"] < vocab:
+        log.warning("random:%s: vocab_size %d enlarged to %d to fit the embedded tokenizer",
+                    shape, fields["vocab_size"], vocab)
+        fields["vocab_size"] = vocab
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)
+
+
+def load_random(shape: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """``random:<shape>`` → ``(model, tokenizer)``: weights drawn (seeded) directly on ``device`` in ``dtype``.
+
+    Parameters are created under a ``torch.device`` context with the default dtype set to ``dtype``, so an
+    8B shape never exists in float32 or on the CPU when the target is a GPU.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(assets.require(assets.embedded_model_dir(), "embedded tokenizer")),
+                                              local_files_only=True)
+    config = random_config(shape, len(tokenizer))
+    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    check_supported(config)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.crosskv_name = RANDOM_PREFIX + shape
+    log.warning("loaded %s%s with RANDOM weights (seed %d): quality scores are meaningless", RANDOM_PREFIX, shape, seed)
+    return model, tokenizer
+
+
 def resolve(name: str) -> tuple[str, bool]:
     """Map ``name`` to (path or hub id, is_local)."""
     if name in ALIASES:
@@ -122,18 +193,21 @@ def load_model(name: str = DEFAULT_MODEL, device: str | torch.device | None = No
                dtype: torch.dtype | str | None = None):
     """Load ``name`` → ``(model, tokenizer)`` in eval mode.
 
-    ``name``: a registered alias (see :data:`ALIASES`), a local folder, or a hub id. On several GPUs a
-    hub model is spread with ``device_map="auto"``. ``dtype`` defaults to bfloat16.
+    ``name``: a registered alias (see :data:`ALIASES`), ``random:<shape>`` (see :data:`RANDOM_SHAPES`;
+    seeded random weights), a local folder, or a hub id. On several GPUs a hub model is spread with
+    ``device_map="auto"``. ``dtype`` defaults to bfloat16.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    source, local = resolve(name)
     device = torch.device(device) if device is not None else default_device()
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     dtype = dtype or default_dtype(device)
+    if name.startswith(RANDOM_PREFIX):
+        return load_random(name.removeprefix(RANDOM_PREFIX), device, dtype)
+    source, local = resolve(name)
     try:
         config = AutoConfig.from_pretrained(source, local_files_only=local)
     except OSError as err:

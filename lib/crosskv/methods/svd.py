@@ -2,7 +2,8 @@
 
 After the context prefill, each group of G consecutive layers in ``[start_layer, end_layer)``
 stacks its layers' **pre-RoPE** keys side by side, ``(B, T, G·H_kv·d)``, takes a float32 thin SVD
-per batch element and keeps rank ``rank_k``; values likewise with ``rank_v``. The cache then holds
+per batch element and keeps rank ``rank_k``; values likewise with ``rank_v``. The factorisation is
+:func:`crosskv.lowrank.gram_factors` (Gram-matrix eigendecomposition, K and V of a group batched). The cache then holds
 only the group's token basis ``(B, T, r)`` once and one factor ``(B, r, H_kv·d)`` per layer
 (singular values folded into the factors), plus tokens appended later (question, decoded) stored
 exactly. Keys are rebuilt as ``RoPE(basis @ factor)`` at their original absolute positions.
@@ -16,9 +17,15 @@ With no ranks and no ``kept``, ``rank_k = ⌈G·H_kv·d/8⌉`` (the xKV README's
 Llama-3.1-8B G=4, and Single SVD's 128 of 1024) and ``rank_v = round(1.5·rank_k)``.
 
 Attention paths (``attention``): ``reconstruct`` rebuilds K and V of the prefix and hands them to
-the model's own attention; ``factored`` rebuilds K (RoPE differs per token, so q·Kᵀ cannot skip it
-cheaply) but applies values in factored form, ``(softmax(qKᵀ)·basis)·factor``, via the
-``crosskv_lowrank`` attention function (never materialising V of the prefix).
+the model's own attention; ``factored`` (the default, the decode fast path) goes through the
+``crosskv_lowrank`` attention function, which never concatenates prefix and tail: it scores the
+prefix and the exact tail separately and softmaxes their concatenated *scores*; it rebuilds the
+prefix keys transposed, ``Kᵀ = factorᵀ·basisᵀ`` ``(B, H_kv, d, T_c)`` (one GEMM of T_c·r_k·H_kv·d
+multiply-adds, the floor for an exact low-rank key cache: RoPE differs per position, so the key
+up-projection cannot be absorbed into the query), rotates them with cos/sin tables computed once per
+forward for the whole cache (:class:`PrefixRope`, indexed by the prefix's absolute positions, shared
+by every layer and released after the last one, so nothing extra is held between decode steps), and
+applies values in factored form, ``(softmax(qKᵀ)·basis)·factor``, never materialising V of the prefix.
 
 Strict mode (``strict=True``, labelled "strict" in figures): a group is compressed inside the
 prefill forward as soon as its **last** layer's K/V arrive; that layer (and every later forward)
@@ -42,7 +49,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from crosskv.capture import KVShape, Rotary, kv_shape
-from crosskv.lowrank import group_matrix, split_group_matrix, truncated_svd
+from crosskv.lowrank import gram_factors, group_matrix, split_group_matrix
 from crosskv.methods.base import MethodConfig, Runner, register
 from crosskv.methods.prefixcache import PrefixCache, PrefixLayer
 from crosskv.methods.quant import QuantSpec, Stored, dense, parts, quantize_rows
@@ -192,7 +199,9 @@ class LowRankGroup:
     """A group's shared token bases ``(B, T_c, r_k)`` and ``(B, T_c, r_v)`` (``None`` until compressed).
 
     The bases are held as floats or, after :meth:`quantize_`, as codes only; reading ``basis_k`` /
-    ``basis_v`` returns floats (dequantized on access, a per-step temporary).
+    ``basis_v`` returns floats (dequantized on access, a per-step temporary). ``positions`` ``(T_c,)``:
+    absolute positions of the compressed tokens when an evicting composition kept a subset; ``None``
+    means ``0…T_c−1`` and holds nothing.
     """
 
     def __init__(self, layers: tuple[int, ...]):
@@ -262,10 +271,13 @@ class LowRankLayer(PrefixLayer):
     def attend_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.prefix_len or not self.cache.factored:
             return super().attend_kv()
-        keys = torch.cat([self.prefix_keys().to(self.keys.dtype), self.keys], dim=-2)
+        rope = self.cache.prefix_rope(self.group, self.prefix_len, self.keys.device, self.keys.dtype)
+        prefix = FactoredPrefix(self.group.basis_k, self.factor_k, self.group.basis_v, self.factor_v, rope)
+        if self is self.cache.last_lowrank:
+            self.cache.release_rope()
         values = self.values.view_as(self.values)  # a fresh tensor object carrying the factored prefix
-        values.crosskv_prefix = (self.group.basis_v, self.factor_v)
-        return keys, values
+        values.crosskv_prefix = prefix
+        return self.keys, values
 
     def on_append(self) -> None:
         if self.cache.strict_now() and not self.group.compressed and self is self.cache.last_of(self.group):
@@ -289,6 +301,23 @@ class LowRankCache(PrefixCache):
                 layers[index] = LowRankLayer(self, group)
         super().__init__(layers)
         self.shared = self.groups
+        self._rope: dict = {}
+
+    @property
+    def last_lowrank(self) -> "LowRankLayer":
+        return self.layers[self.groups[-1].layers[-1]]
+
+    def prefix_rope(self, group: LowRankGroup, tokens: int, device, dtype: torch.dtype) -> "PrefixRope":
+        """cos/sin at ``group``'s ``tokens`` prefix positions, computed once per forward and shared by all layers."""
+        key = ("arange", tokens) if group.positions is None else (group.positions.data_ptr(), tokens)
+        table = self._rope.get(key)
+        if table is None:
+            table = self._rope[key] = PrefixRope.at(self.rotary, group.prefix_positions(tokens, device), dtype)
+        return table
+
+    def release_rope(self) -> None:
+        """Drop the per-forward RoPE tables (called after the last low-rank layer took its reference)."""
+        self._rope = {}
 
     def strict_now(self) -> bool:
         return self.config.strict and self.in_prefill
@@ -324,14 +353,22 @@ class LowRankCache(PrefixCache):
         plan = {p.layers: p for p in self.config.plan(self.shape, tokens)}[group.layers]
         rank_k, rank_v = plan.effective(tokens)
         dtype = tails[0][0].dtype
-        group.basis_k, factor_k = truncated_svd(group_matrix(keys), rank_k)    # (B, T, r_k), (B, r_k, G·W)
-        group.basis_v, factor_v = truncated_svd(group_matrix(values), rank_v)  # (B, T, r_v), (B, r_v, G·W)
-        group.basis_k, group.basis_v = group.basis_k.to(dtype).contiguous(), group.basis_v.to(dtype).contiguous()
+        b = keys.shape[1]
+        bases, factors = gram_factors(torch.cat([group_matrix(keys), group_matrix(values)]), max(rank_k, rank_v))
+        group.basis_k, factor_k = bases[:b, :, :rank_k], factors[:b, :rank_k]  # (B, T, r_k), (B, r_k, G·W)
+        group.basis_v, factor_v = bases[b:, :, :rank_v], factors[b:, :rank_v]  # (B, T, r_v), (B, r_v, G·W)
+        group.basis_k, group.basis_v = _owned(group.basis_k, dtype), _owned(group.basis_v, dtype)
         for i, layer in enumerate(members):
-            layer.factor_k = factor_k[..., i * self.shape.width:(i + 1) * self.shape.width].to(dtype).contiguous()
-            layer.factor_v = factor_v[..., i * self.shape.width:(i + 1) * self.shape.width].to(dtype).contiguous()
+            layer.factor_k = _owned(factor_k[..., i * self.shape.width:(i + 1) * self.shape.width], dtype)
+            layer.factor_v = _owned(factor_v[..., i * self.shape.width:(i + 1) * self.shape.width], dtype)
             layer.prefix_len = tokens
         log.debug("compressed layers %s: T=%d rank_k=%d rank_v=%d", group.layers, tokens, rank_k, rank_v)
+
+
+def _owned(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in ``dtype``, contiguous, in its own storage (a view would pin the whole factorisation)."""
+    y = x.to(dtype).contiguous()
+    return y.clone() if y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() else y
 
 
 class LowRankRunner(Runner):
@@ -381,32 +418,93 @@ def _causal_bias(attention_mask, q_len: int, kv_len: int, like: torch.Tensor) ->
     return attention_mask.to(like.dtype)
 
 
-def lowrank_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    """Attention where the prefix of V is ``basis @ factor``: ``out = (P_prefix @ basis) @ factor + P_tail @ V_tail``.
+@dataclass(frozen=True)
+class PrefixRope:
+    """RoPE cos and sin at a compressed prefix's positions, transposed for ``Kᵀ``: each ``(1, 1, d, T_c)``."""
 
-    ``query`` ``(B, Hq, q, d)``, ``key`` ``(B, H_kv, T, d)`` (prefix rebuilt + tail), ``value`` the exact
-    tail ``(B, H_kv, t, d)`` carrying ``crosskv_prefix = (basis (B, T_c, r), factor (B, r, H_kv·d))``.
-    Without that attribute this is the model's SDPA attention. Returns ``((B, q, Hq, d), None)``.
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    @classmethod
+    def at(cls, rotary: Rotary, positions: torch.Tensor, dtype: torch.dtype) -> "PrefixRope":
+        like = torch.empty(0, device=positions.device)
+        cos, sin = rotary.cos_sin(positions, like)  # (1, 1, T_c, d) float32
+        return cls(cos.transpose(-1, -2).to(dtype).contiguous(), sin.transpose(-1, -2).to(dtype).contiguous())
+
+
+@dataclass(frozen=True)
+class FactoredPrefix:
+    """A layer's compressed prefix as the factored attention reads it.
+
+    ``basis_k`` ``(B, T_c, r_k)``, ``factor_k`` ``(B, r_k, H_kv·d)`` (pre-RoPE keys = basis·factor),
+    ``basis_v`` ``(B, T_c, r_v)``, ``factor_v`` ``(B, r_v, H_kv·d)``, ``rope`` at the prefix positions.
+    """
+
+    basis_k: torch.Tensor
+    factor_k: torch.Tensor
+    basis_v: torch.Tensor
+    factor_v: torch.Tensor
+    rope: PrefixRope
+
+    @property
+    def length(self) -> int:
+        return self.basis_k.shape[1]
+
+    def key_scores(self, q: torch.Tensor) -> torch.Tensor:
+        """``q`` ``(B, H_kv, n, d)`` → ``q·RoPE(K)ᵀ`` ``(B, H_kv, n, T_c)`` float32, K rebuilt transposed.
+
+        Rebuild: one GEMM ``factorᵀ·basisᵀ`` → ``(B, H_kv, d, T_c)``; RoPE on its two halves with the
+        cached tables (rotate-half form); then two half-width score GEMMs, so no concatenation.
+        """
+        b, h_kv, _, d = q.shape
+        half = d // 2
+        keys_t = (self.factor_k.transpose(1, 2) @ self.basis_k.transpose(1, 2)).view(b, h_kv, d, -1)
+        keys_t = keys_t.to(q.dtype)
+        x1, x2 = keys_t[:, :, :half], keys_t[:, :, half:]                  # (B, H_kv, d/2, T_c) each
+        cos, sin = self.rope.cos.to(q.dtype), self.rope.sin.to(q.dtype)
+        rot1 = (x1 * cos[:, :, :half]).addcmul_(x2, sin[:, :, :half], value=-1)
+        rot2 = (x2 * cos[:, :, half:]).addcmul_(x1, sin[:, :, half:])
+        return (q[..., :half] @ rot1).float() + (q[..., half:] @ rot2).float()
+
+    def apply_values(self, probs: torch.Tensor) -> torch.Tensor:
+        """``probs`` ``(B, H_kv, n, T_c)`` → ``(probs·basis_v)·factor_v`` ``(B, H_kv, n, d)``."""
+        b, h_kv, n, t = probs.shape
+        mixed = probs.reshape(b, h_kv * n, t) @ self.basis_v                   # (B, H_kv·n, r_v)
+        mixed = mixed.view(b, h_kv, n, -1)
+        factor = self.factor_v.view(b, self.factor_v.shape[1], h_kv, -1).transpose(1, 2)  # (B, H_kv, r_v, d)
+        return mixed @ factor
+
+
+def lowrank_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """Attention over a factored prefix and an exact tail, without concatenating their K or V.
+
+    ``query`` ``(B, Hq, q, d)``; ``key``, ``value`` the exact tail ``(B, H_kv, t, d)``, ``value`` carrying
+    ``crosskv_prefix`` (a :class:`FactoredPrefix` of ``T_c`` tokens that precede the tail). Scores of
+    prefix and tail are concatenated (``(B, H_kv, g·q, T_c + t)``, no K/V copies), softmaxed in
+    float32, and ``out = (P_prefix·basis_v)·factor_v + P_tail·V_tail``. Without that attribute this is
+    the model's SDPA attention. Returns ``((B, q, Hq, d), None)``.
     """
     prefix = getattr(value, "crosskv_prefix", None)
     if prefix is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    basis, factor = prefix
     b, hq, q_len, d = query.shape
-    h_kv, kv_len = key.shape[1], key.shape[2]
+    h_kv = key.shape[1]
+    prefix_len = prefix.length
+    kv_len = prefix_len + key.shape[2]
     groups = hq // h_kv
     scale = scaling if scaling is not None else d ** -0.5
     q = query.reshape(b, h_kv, groups * q_len, d)
-    scores = (q @ key.transpose(-1, -2)).float() * scale                   # (B, H_kv, g·q, T)
+    scores = prefix.key_scores(q)                                          # (B, H_kv, g·q, T_c)
+    if key.shape[2]:
+        scores = torch.cat([scores, (q @ key.transpose(-1, -2)).float()], dim=-1)
+    scores = scores * scale                                                # (B, H_kv, g·q, T)
     bias = _causal_bias(attention_mask, q_len, kv_len, scores)
-    scores = scores.view(b, h_kv, groups, q_len, kv_len)
     if bias is not None:
-        scores = scores + bias.view(bias.shape[0], 1, 1, q_len, kv_len)
-    probs = scores.softmax(-1).to(query.dtype).view(b, h_kv, groups * q_len, kv_len)
-    prefix_len = basis.shape[1]
-    factor = factor.view(b, -1, h_kv, d).transpose(1, 2)                    # (B, H_kv, r, d)
-    out = (probs[..., :prefix_len] @ basis.unsqueeze(1)) @ factor         # (B, H_kv, g·q, d)
+        scores = (scores.view(b, h_kv, groups, q_len, kv_len)
+                  + bias.view(bias.shape[0], 1, 1, q_len, kv_len)).view(b, h_kv, groups * q_len, kv_len)
+    probs = scores.softmax(-1).to(query.dtype)
+    out = prefix.apply_values(probs[..., :prefix_len])                     # (B, H_kv, g·q, d)
     if kv_len > prefix_len:
         out = out + probs[..., prefix_len:] @ value
     return out.view(b, hq, q_len, d).transpose(1, 2).contiguous(), None
