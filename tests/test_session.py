@@ -105,7 +105,7 @@ def test_sampling_and_stop_strings(model32, prompt):
         stop = text.strip()[:3]
         stopped = c.generate(question, max_new_tokens=NEW, do_sample=False, stop_strings=[stop], tokenizer=tok)
     assert torch.equal(first, again)
-    assert stopped.shape[1] < greedy.shape[1] and tok.decode(stopped[0, context.shape[1]:]).endswith(stop)
+    assert stopped.shape[1] < greedy.shape[1] and stop in tok.decode(stopped[0, context.shape[1] + question.shape[1]:])
 
 
 def test_a_cache_counting_held_tokens_is_refused_for_generate(tiny_model):

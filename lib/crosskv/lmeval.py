@@ -2,8 +2,13 @@
 
 ::
 
-    lm_eval --model crosskv --model_args pretrained=meta-llama/Llama-3.1-8B-Instruct,method=xkv,kept=0.25 \\
+    python -m crosskv.lmeval run --model crosskv \\
+        --model_args pretrained=meta-llama/Llama-3.1-8B-Instruct,method=xkv,kept=0.25 \\
         --tasks longbench_hotpotqa --apply_chat_template
+
+``python -m crosskv.lmeval`` is lm-eval's own command line with the ``crosskv`` model registered (lm-eval
+0.4.13 does not discover models from other packages, so its ``lm_eval`` script does not know it); from
+Python, ``import crosskv.lmeval`` then ``lm_eval.simple_evaluate(model="crosskv", …)``.
 
 ``pretrained``: a crosskv model alias or a local folder / hub id (:func:`crosskv.load_model`); ``method``: a
 registered method name; every other model argument is a parameter of that method (``kept=0.25``).
@@ -67,10 +72,7 @@ class CrossKVLM(LM):
         if not split and question_tokens is None:
             raise ValueError("split is empty: give a marker or question_tokens=N")
         self.method = make_method(method, **method_params)
-        kwargs = {"device": device} if device else {}
-        if dtype:
-            kwargs["dtype"] = getattr(torch, str(dtype))
-        self.model, self.tokenizer = load_model(pretrained, **kwargs)
+        self.model, self.tokenizer = load_model(pretrained, device=device or None, dtype=dtype or None)
         self.pretrained, self.split = pretrained, split
         self.question_tokens = None if question_tokens is None else int(question_tokens)
         self.chat = False
@@ -149,3 +151,9 @@ class CrossKVLM(LM):
     def loglikelihood_rolling(self, requests) -> list[float]:
         raise ValueError("the crosskv lm-eval model does not score loglikelihood_rolling (perplexity) requests: "
                          "there is no context/question split to compress; use crosskv's ppl tasks")
+
+
+if __name__ == "__main__":
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
