@@ -10,7 +10,7 @@ lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness not insta
 
 from crosskv import harness  # noqa: E402
 from crosskv.data import heldout_text  # noqa: E402
-from crosskv.lmeval import CrossKVLM, cut_at_stops, split_prompt  # noqa: E402
+from crosskv.lmeval import DEFAULT_SPLIT, CrossKVLM, cut_at_stops, split_prompt  # noqa: E402
 from crosskv.methods import make_method  # noqa: E402
 from crosskv.tasks import Sample  # noqa: E402
 
@@ -33,8 +33,10 @@ metric_list:
 
 def test_split_prompt_and_stop_strings():
     assert split_prompt("a\n\nb\n\nQuestion: q", "\n\n") == ("a\n\nb", "\n\nQuestion: q")
-    with pytest.raises(ValueError, match="split marker"):
-        split_prompt("no marker here", "\n\n")
+    assert split_prompt("a\n\nQuestion: q\n\nAnswer:", DEFAULT_SPLIT) == ("a", "\n\nQuestion: q\n\nAnswer:")
+    assert split_prompt("doc\n\nNow summarize.\n\nSummary:", DEFAULT_SPLIT) == ("doc\n\nNow summarize.", "\n\nSummary:")
+    with pytest.raises(ValueError, match="split markers"):
+        split_prompt("no marker here", DEFAULT_SPLIT)
     assert cut_at_stops("yes\nmore", ["\n"]) == "yes"
 
 
@@ -58,8 +60,8 @@ def test_crosskv_model_in_lm_eval_answers_as_the_harness(model32, tmp_path):
     method = make_method("xkv", kept=0.3)
     runner, stops = harness.bind(model, tok, method), harness._stop_ids(model, tok)
     for entry in logged:
-        prompt = entry["arguments"]["gen_args_0"]["arg_0"]
-        context, question = split_prompt(prompt, "\n\n")
+        prompt = entry["arguments"][0][0]  # (prompt, gen_kwargs) of the one request
+        context, question = split_prompt(prompt, DEFAULT_SPLIT)
         sample = Sample(0, tok.encode(context), tok.encode(question, add_special_tokens=False), max_new_tokens=8)
         want = cut_at_stops(harness.run_generate(runner, sample, stops)["prediction"], ["\n"])
         assert entry["resps"][0][0] == want
@@ -70,7 +72,7 @@ def test_loglikelihood_of_full_equals_a_plain_forward(tmp_path):
     lm = CrossKVLM(pretrained="smollm2-135m", method="full", dtype="float32", device="cpu")
     prompt, continuation = heldout_text(lm.tokenizer, 60) + "\n\nThe essay is about", " money and work"
     got, greedy = lm.score_continuation(prompt, continuation)
-    context, question = split_prompt(prompt, "\n\n")
+    context, question = split_prompt(prompt, DEFAULT_SPLIT)
     ids = lm.encode(context, True) + lm.encode(question, False)
     target = lm.encode(continuation, False)
     with torch.no_grad():

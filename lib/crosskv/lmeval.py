@@ -13,19 +13,22 @@ Python, ``import crosskv.lmeval`` then ``lm_eval.simple_evaluate(model="crosskv"
 ``pretrained``: a crosskv model alias or a local folder / hub id (:func:`crosskv.load_model`); ``method``: a
 registered method name; every other model argument is a parameter of that method (``kept=0.25``).
 
-**Which part of a request is compressed.** lm-eval hands over one prompt string. The prompt is cut at the
-*last* occurrence of ``split`` (default ``"\\n\\n"``): the text before it is the compressible context (run
-under the method's prefill and compressed), the marker and the text after it are appended exactly, like the
-question in crosskv's harness. LongBench's lm-eval prompts end in ``…{context}\\n\\n<instruction>\\n\\nQuestion:
-{question}\\nAnswer:`` (or a task's own tail after the last blank line), so the default keeps the question
-out of the compressed part; RULER prompts put the question after a single newline — use
-``split="\\nWhat"`` there, or ``question_tokens=N`` (the last N tokens are the question). A prompt without
-the marker is refused. For ``loglikelihood`` requests the same split applies to the context and the
-continuation is scored teacher-forced through the compressed cache; ``loglikelihood_rolling`` is refused
-(use crosskv's ``ppl`` tasks).
+**Which part of a request is compressed.** lm-eval hands over one prompt string. ``split`` lists markers
+separated by ``|`` (backslash escapes decoded); the first marker the prompt contains cuts it at that
+marker's *last* occurrence: the text before is the compressible context (run under the method's prefill and
+compressed), the marker and the rest are appended exactly, like the question in crosskv's harness. The
+default ``\\n\\nQuestion:|\\n\\nQuery:|\\n\\nThe following is an abstract.|\\n\\n`` fits lm-eval's LongBench
+prompts: the QA tasks end ``…\\n\\nQuestion: {question}\\nAnswer:`` (or ``Query:``), the summaries
+``…\\n\\nNow, write a one-page summary…\\n\\nSummary:``; for the few-shot tasks (trec, triviaqa, samsum) and
+code completion the cut is the last blank line, inside the examples or code. RULER's NIAH prompts put the
+question after one newline: use ``split=\\nWhat``; ``question_tokens=N`` makes the last N tokens the question
+instead. A prompt with none of the markers is refused. For ``loglikelihood`` requests the same split
+applies to the context and the continuation is scored teacher-forced through the compressed cache;
+``loglikelihood_rolling`` is refused (use crosskv's ``ppl`` tasks).
 """
 from __future__ import annotations
 
+import codecs
 import logging
 from typing import Any
 
@@ -40,13 +43,17 @@ from crosskv.session import compressed
 log = logging.getLogger(__name__)
 
 
+DEFAULT_SPLIT = "\n\nQuestion:|\n\nQuery:|\n\nThe following is an abstract.|\n\n"
+
+
 def split_prompt(prompt: str, split: str) -> tuple[str, str]:
-    """``prompt`` → (context, question) at the last ``split``; the question keeps the marker."""
-    at = prompt.rfind(split)
-    if at <= 0:
-        raise ValueError(f"prompt has no split marker {split!r} after its start (prompt ends {prompt[-80:]!r}); "
-                         "pass split=… or question_tokens=N in --model_args")
-    return prompt[:at], prompt[at:]
+    """``prompt`` → (context, question) at the last occurrence of the first ``|``-separated marker it contains."""
+    for marker in split.split("|"):
+        at = prompt.rfind(marker) if marker else -1
+        if at > 0:
+            return prompt[:at], prompt[at:]
+    raise ValueError(f"prompt contains none of the split markers {split!r} after its start (prompt ends "
+                     f"{prompt[-80:]!r}); pass split=… or question_tokens=N in --model_args")
 
 
 def cut_at_stops(text: str, stops: list[str]) -> str:
@@ -62,7 +69,7 @@ class CrossKVLM(LM):
     """A crosskv method on a transformers model, one request at a time (batch size 1)."""
 
     def __init__(self, pretrained: str = "smollm2-135m", method: str = "full", device: str | None = None,
-                 dtype: str | None = None, split: str = "\n\n", question_tokens: int | None = None,
+                 dtype: str | None = None, split: str = DEFAULT_SPLIT, question_tokens: int | None = None,
                  batch_size: Any = 1, max_batch_size: Any = None, **method_params: Any):
         super().__init__()
         if str(batch_size) not in ("1", "auto"):
@@ -73,7 +80,7 @@ class CrossKVLM(LM):
             raise ValueError("split is empty: give a marker or question_tokens=N")
         self.method = make_method(method, **method_params)
         self.model, self.tokenizer = load_model(pretrained, device=device or None, dtype=dtype or None)
-        self.pretrained, self.split = pretrained, split
+        self.pretrained, self.split = pretrained, codecs.decode(str(split), "unicode_escape")  # "\\n" → newline
         self.question_tokens = None if question_tokens is None else int(question_tokens)
         self.chat = False
         self._device = next(self.model.parameters()).device
@@ -103,7 +110,6 @@ class CrossKVLM(LM):
         return self.encode(context, first=True), self.encode(question, first=False)
 
     # --- requests
-    @torch.no_grad()
     def generate_until(self, requests) -> list[str]:
         answers = []
         for request in requests:
@@ -111,6 +117,7 @@ class CrossKVLM(LM):
             answers.append(self.generate_one(prompt, dict(gen_kwargs)))
         return answers
 
+    @torch.no_grad()
     def generate_one(self, prompt: str, gen_kwargs: dict[str, Any]) -> str:
         stops = gen_kwargs.pop("until", None) or []
         stops = [stops] if isinstance(stops, str) else list(stops)
@@ -126,10 +133,10 @@ class CrossKVLM(LM):
         new = out[0, len(context) + len(question):]
         return cut_at_stops(self.tokenizer.decode(new, skip_special_tokens=True), stops)
 
-    @torch.no_grad()
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
         return [self.score_continuation(*request.args) for request in requests]
 
+    @torch.no_grad()
     def score_continuation(self, prompt: str, continuation: str) -> tuple[float, bool]:
         """Summed log-probability of ``continuation`` after the compressed ``prompt`` and whether it is greedy."""
         context, question = self.context_question(prompt)
