@@ -58,7 +58,9 @@ def test_raw_generate_from_the_cache_equals_the_wrapper(model32, prompt):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,params", [("xkv", dict(kept=0.3)), ("minicache", {})])
+@pytest.mark.parametrize("name,params", [
+    ("xkv", dict(kept=0.3)), ("minicache", {}), ("compose", dict(base="full", evict="snapkv", evict_ratio=0.5, window_size=16)),
+])
 def test_compressing_method_answers_as_the_harness(model32, prompt, name, params):
     model, tok = model32
     context, (question, _) = prompt

@@ -36,6 +36,7 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from crosskv.harness import max_positions
 from crosskv.methods import make_method
 from crosskv.models import load_model
 from crosskv.session import compressed
@@ -109,6 +110,12 @@ class CrossKVLM(LM):
         context, question = split_prompt(prompt, self.split)
         return self.encode(context, first=True), self.encode(question, first=False)
 
+    def check_length(self, tokens: int) -> None:
+        """Refuse a request longer than the model's positions (crosskv does not truncate lm-eval's prompts)."""
+        limit = max_positions(self.model)
+        if limit is not None and tokens > limit:
+            raise ValueError(f"request needs {tokens} positions, beyond the model's max_position_embeddings={limit}")
+
     # --- requests
     def generate_until(self, requests) -> list[str]:
         answers = []
@@ -126,6 +133,7 @@ class CrossKVLM(LM):
         if not do_sample:
             gen_kwargs.pop("temperature", None)
         context, question = self.context_question(prompt)
+        self.check_length(len(context) + len(question) + max_new)
         with compressed(self.model, self.method, self.tokenizer) as c:
             c.prefill(context)
             out = c.generate(question, max_new_tokens=max_new, do_sample=do_sample,
@@ -143,6 +151,7 @@ class CrossKVLM(LM):
         target = self.encode(continuation, first=False)
         if not target:
             raise ValueError(f"continuation {continuation!r} encodes to no tokens")
+        self.check_length(len(context) + len(question) + len(target))
         with compressed(self.model, self.method, self.tokenizer) as c:
             c.prefill(context)
             ids = torch.tensor([question + target], device=self._device)
