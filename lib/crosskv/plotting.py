@@ -2,18 +2,18 @@
 
 Multi-panel composition belongs to the notebooks; :func:`savefig` writes ``fig_NN_name.{png,pdf}``
 with TrueType fonts and stable bytes (no creation dates), so a re-run that changes nothing
-produces no diff.
+produces no diff; :func:`publish` saves *and* displays the figure in the notebook's output, so every
+figure a notebook writes is also visible in the rendered notebook. The backend is left to the
+environment (inline in a Jupyter kernel, Agg headless), never forced.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import matplotlib
-
-matplotlib.use("Agg", force=False)
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#17becf"]
 
@@ -44,6 +44,20 @@ def savefig(fig, name: str, figures_dir: str | Path) -> list[Path]:
     paths = [out / f"{name}.png", out / f"{name}.pdf"]
     fig.savefig(paths[0], metadata={"Software": None})
     fig.savefig(paths[1], metadata={"CreationDate": None, "ModDate": None, "Producer": None, "Creator": None})
+    return paths
+
+
+def publish(fig, name: str, figures_dir: str | Path) -> list[Path]:
+    """:func:`savefig`, then show ``fig`` in the notebook output (an image output per written figure) and close it."""
+    paths = savefig(fig, name, figures_dir)
+    try:
+        from IPython import get_ipython
+        from IPython.display import display
+    except ImportError:  # pragma: no cover
+        get_ipython = None
+    if get_ipython is not None and get_ipython() is not None:
+        display(fig)
+    plt.close(fig)
     return paths
 
 

@@ -1,0 +1,72 @@
+"""Bootstrap intervals and paired comparisons (crosskv.stats) and rendered verdicts (crosskv.report)."""
+import math
+
+import numpy as np
+import pytest
+
+from crosskv import report, stats
+
+
+def _run(method, scores, task="niah", nll=None):
+    if nll is None:
+        details = [{"index": i, "score": s} for i, s in enumerate(scores)]
+        return {"method": method, "task": task, "context": 1024, "seed": 0, "details": details,
+                "metric": "accuracy", "higher_is_better": True}
+    details = [{"index": i, "nll": a, "scored_tokens": t} for i, (a, t) in enumerate(nll)]
+    return {"method": method, "task": task, "context": 1024, "seed": 0, "details": details,
+            "metric": "perplexity", "higher_is_better": False}
+
+
+def test_mean_interval_covers_mean_and_shrinks_with_n():
+    rng = np.random.default_rng(1)
+    small = stats.mean_ci(rng.integers(0, 2, 20))
+    large = stats.mean_ci(rng.integers(0, 2, 400))
+    assert small.lo <= small.estimate <= small.hi
+    assert (large.hi - large.lo) < (small.hi - small.lo)
+
+
+def test_interval_is_seeded_and_repeatable():
+    values = [0, 1, 1, 0, 1, 1, 1, 0]
+    assert stats.mean_ci(values, seed=3) == stats.mean_ci(values, seed=3)
+
+
+def test_perplexity_interval_matches_pooled_estimate():
+    record = _run("full", None, task="ppl", nll=[(100.0, 50), (120.0, 50), (90.0, 50)])
+    iv = stats.interval(record)
+    assert iv.estimate == pytest.approx(math.exp(310 / 150))
+    assert iv.lo <= iv.estimate <= iv.hi and iv.n == 3
+
+
+def test_paired_comparison_calls_only_clear_differences():
+    a = _run("a", [1] * 40)
+    b = _run("b", [0] * 40)
+    same = _run("c", [1, 0] * 20)
+    clear = stats.compare(a, b)
+    assert clear.verdict == "better" and clear.diff.excludes(0)
+    assert "a is better than b" in clear.sentence and "n = 40" in clear.sentence
+    assert stats.compare(b, a).verdict == "worse"
+    assert stats.compare(same, _run("d", [0, 1] * 20)).verdict == "tie"
+
+
+def test_lower_perplexity_is_better():
+    low = _run("low", None, task="ppl", nll=[(100.0 + i, 50) for i in range(10)])
+    high = _run("high", None, task="ppl", nll=[(130.0 + i, 50) for i in range(10)])
+    assert stats.compare(low, high).verdict == "better"
+
+
+def test_pairing_refuses_different_samples():
+    a, b = _run("a", [1, 0, 1]), _run("b", [1, 0])
+    with pytest.raises(ValueError, match="different samples"):
+        stats.compare(a, b)
+    with pytest.raises(ValueError, match="different task"):
+        stats.compare(a, _run("b", [1, 0, 1], task="other"))
+
+
+def test_table_has_interval_columns_and_verdicts_render():
+    a, b = _run("a", [1] * 10), _run("b", [0, 1] * 5)
+    df = stats.table([a, b], columns=("method", "task"))
+    assert {"score", "score_lo", "score_hi", "n"} <= set(df.columns)
+    rows = report.verdicts([stats.compare(a, b)])
+    assert rows.loc[0, "verdict"] in {"better", "tie"}
+    assert report.bullets(["x", "", "y"]) == "- x\n- y"
+    assert report.seconds([3.0, 1.0, 2.0]).startswith("1–3 s (median 2")
