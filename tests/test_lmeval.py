@@ -82,3 +82,21 @@ def test_loglikelihood_of_full_equals_a_plain_forward(tmp_path):
     assert greedy == bool((logits.argmax(-1) == torch.tensor(target)).all())
     with pytest.raises(ValueError, match="loglikelihood_rolling"):
         lm.loglikelihood_rolling([])
+
+
+@pytest.mark.slow
+def test_command_line_runs_the_crosskv_model(model32, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    data = tmp_path / "essays.jsonl"
+    doc = {"context": heldout_text(model32[1], 80), "question": "What is the essay about?", "answer": "x"}
+    data.write_text(json.dumps(doc) + "\n")
+    (tmp_path / "crosskv_essays.yaml").write_text(TASK.format(data=data))
+    command = [sys.executable, "-m", "crosskv.lmeval", "run", "--model", "crosskv", "--model_args",
+               "pretrained=smollm2-135m,method=xkv,kept=0.3", "--device", "cpu", "--tasks", "crosskv_essays",
+               "--include_path", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "crosskv_essays" in done.stdout and "exact_match" in done.stdout
