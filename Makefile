@@ -15,7 +15,7 @@ help:  ## list the targets
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet -e '.[lmeval]'
 	$(PY) -m ipykernel install --sys-prefix --name crosskv --display-name "crosskv (.venv)" >/dev/null
 	@touch $(STAMP)
 

@@ -231,6 +231,23 @@ class CommonKVLayer(CacheLayerMixin):
     def get_max_cache_shape(self) -> int:
         return -1
 
+    def crop(self, max_length: int) -> None:
+        """Drop the newest own latents down to ``max_length`` seen (float latents appended after compression)."""
+        max_length = self.seen + max_length if max_length < 0 else max_length
+        if max_length >= self.seen:
+            return
+        drop = int((self.pos >= max_length).sum())
+        lat = 0 if self.lat is None else self.lat.shape[-2]
+        merged_late = len(self.store) and bool((self.store.pos >= max_length).any())
+        if drop > lat or bool((self.pos[self.pos.numel() - drop:] < max_length).any()) or merged_late:
+            raise ValueError(f"cannot crop to {max_length} tokens: some later tokens were merged or quantized")
+        if drop:
+            self.lat, self.pos = self.lat[:, :lat - drop].clone(), self.pos[:self.pos.numel() - drop].clone()  # no pinning views
+            if self.buffer is not None:
+                rows = self.buffer[0].shape[-2] - drop
+                self.buffer = (self.buffer[0][..., :rows, :].clone(), self.buffer[1][..., :rows, :].clone())
+        self.seen = max_length
+
     def reset(self) -> None:
         self.lat, self.qlat, self.buffer, self.seen = None, None, None, 0
         self.pos = torch.zeros(0, dtype=torch.int32, device=self.pos.device)

@@ -164,6 +164,7 @@ class KiviLayer(DynamicLayer):
         keys, values = layer.keys, layer.values
         self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
         self.seen = layer.get_seq_length()  # absolute tokens seen (more than held after eviction)
+        self.quantized_at = self.seen  # tokens appended after quantization can be cropped again
         n_q = split_residual(keys, spec.residual, multiple=spec.group_size)
         self.n_q = n_q
         self.qkeys = quantize(keys[..., :n_q, :], spec.bits, spec.group_size, axis=-2) if n_q else None
@@ -192,6 +193,17 @@ class KiviLayer(DynamicLayer):
     def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
         held = self.held()
         return held + cache_position.shape[0], self.seen - held
+
+    def crop(self, max_length: int) -> None:
+        """Drop the newest float tokens down to ``max_length`` seen (only tokens appended after quantization)."""
+        max_length = self.seen + max_length if max_length < 0 else max_length
+        if max_length >= self.seen:
+            return
+        if max_length < self.quantized_at:
+            raise ValueError(f"cannot crop to {max_length} tokens: the first {self.quantized_at} were quantized")
+        keep = self.keys.shape[-2] - (self.seen - max_length)
+        self.keys, self.values = self.keys[..., :keep, :].clone(), self.values[..., :keep, :].clone()  # no view pins the old storage
+        self.seen = max_length
 
     def stored(self) -> Iterator[torch.Tensor]:
         for q in (self.qkeys, self.qvalues):
