@@ -36,7 +36,9 @@ MIX_CONTEXTS: tuple[int, ...] = (1024,)
 # unless noted — the measurement behind TASK_MIX: (task, context) -> (score, samples).
 MEASURED: dict[tuple[str, int], tuple[float, int]] = {
     ("niah_single_2", 2048): (1.0, 20),
+    ("niah_single_2", 1024): (1.0, 10),
     ("niah_multikey_1", 1024): (0.6, 10),
+    ("niah_multivalue", 1024): (0.825, 10),
     ("niah_multikey_1", 2048): (0.6, 10),
     ("fwe", 1024): (0.233, 10),
     ("vt", 1024): (0.0, 10),          # hops = 4; also 0.0 with hops = 1 and hops = 2 (10 samples each)
