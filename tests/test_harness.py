@@ -64,6 +64,25 @@ def test_decode_matches_generate(tiny_model):
     assert detail["prediction"] == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
+def test_settled_decoding_stops_early_with_the_same_score(tiny_model):
+    """Decoding stops once every reference appears; the score equals a full-length decode's."""
+    from crosskv.tasks.ruler import all_found, score_all
+
+    model, tok = tiny_model
+    config = make_task("niah_single_1", 256, 1, max_new_tokens=8)
+    (sample,) = config.spec.build(config, tok)
+    runner = make_method("full").bind(model, tok)
+    whole = harness.run_generate(runner, sample, stops=set())
+    sample.answers = [tok.decode(tok.encode(whole["prediction"], add_special_tokens=False)[:2]).strip()]
+    early = harness.run_generate(runner, sample, stops=set(), settled=all_found)
+    assert early["settled"] and not whole["settled"]
+    assert early["generated_tokens"] < whole["generated_tokens"] == 8
+    assert whole["prediction"].startswith(early["prediction"])
+    assert score_all(early["prediction"], sample, config) == score_all(whole["prediction"], sample, config) == 1.0
+    sample.answers = ["no such answer anywhere"]
+    assert not harness.run_generate(runner, sample, stops=set(), settled=all_found)["settled"]
+
+
 def test_stepwise_feed_equals_one_forward(tiny_model, monkeypatch):
     """Uneven per-layer lengths (PyramidKV) make ``feed`` append one token at a time; that path is exact."""
     model, _ = tiny_model

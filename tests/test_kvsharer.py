@@ -340,3 +340,20 @@ def test_consumers_skip_their_projections_and_logits_are_unchanged(arch):
     assert [(attns[i].k_proj, attns[i].v_proj) for i in range(4)] == originals  # restored on exit
     for a, b in zip(skipped, reference):
         assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_sweep_prefix_equals_its_own_search(model32, tmp_path, monkeypatch):
+    from crosskv.kvsharer_sweep import prefix_strategy, search_sweep
+
+    model, tok = model32
+    monkeypatch.setattr(kvs, "CACHE_DIR", tmp_path)
+    options = dict(calibration_samples=4, calibration_length=16, order="random")
+    direct = kvs.search(model, tok, kvs.SearchConfig(shared_layers=2, **options))
+    swept = search_sweep(model, tok, make_method("kvsharer", shared_layers=4, **options), [2, 4])
+    assert swept[2].mapping == direct.mapping and swept[2].candidates_tried == direct.candidates_tried
+    assert len(swept[4].mapping) == 4
+    bound = make_method("kvsharer", shared_layers=2, **options).bind(model, tok)  # resolves from the cache
+    assert bound.strategy.mapping == direct.mapping
+    with pytest.raises(ValueError, match="exceeds"):
+        prefix_strategy(swept[4], 5)

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from crosskv import figures
+from test_evidence import check_executed
 
 NOTEBOOKS = figures.notebooks()
 
@@ -51,6 +52,7 @@ def test_smoke_run_writes_figures_and_finite_results(notebook, tmp_path):
     nb = json.loads(executed.read_text())
     errors = [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
+    check_executed(executed, where.figures)  # every written figure shown; score tables carry intervals
     assert all(c.get("execution_count") is None for c in nb["cells"] if c["cell_type"] == "code")
     # committed figures are never touched by a smoke run
     assert str(where.figures).startswith(str(tmp_path))

@@ -163,3 +163,10 @@ def test_weight_similarity(model32):
     assert torch.allclose(out[("w_k", "cka")].diagonal(), torch.ones(30, dtype=torch.float64))
     w = sim.projection_weights(model, "k")
     assert sim.linear_cka(w[3].T, w[3].T.flip(1)) == pytest.approx(1.0)  # output permutation leaves CKA unchanged
+
+
+def test_distance_profile_averages_each_diagonal():
+    m = torch.arange(16.0).reshape(1, 4, 4)
+    profile = sim.distance_profile(m)
+    assert profile.shape == (1, 3)
+    assert profile[0].tolist() == [(1 + 6 + 11) / 3, (2 + 7) / 2, 3.0]

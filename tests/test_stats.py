@@ -70,3 +70,23 @@ def test_table_has_interval_columns_and_verdicts_render():
     assert rows.loc[0, "verdict"] in {"better", "tie"}
     assert report.bullets(["x", "", "y"]) == "- x\n- y"
     assert report.seconds([3.0, 1.0, 2.0]).startswith("1–3 s (median 2")
+
+
+def test_pool_averages_a_mix_and_pairs_with_another_pool():
+    a = stats.pool([_run("x", [1, 1, 0, 1], task="t1"), _run("x", [0, 0, 1, 0], task="t2")])
+    b = stats.pool([_run("y", [0, 1, 0, 0], task="t1"), _run("y", [0, 0, 0, 0], task="t2")])
+    assert stats.interval(a).estimate == pytest.approx(4 / 8) and stats.interval(a).n == 8
+    assert a["task"] == b["task"] == "t1@1024+t2@1024"
+    assert stats.compare(a, b).diff.estimate == pytest.approx(3 / 8)
+    with pytest.raises(ValueError, match="different task"):
+        stats.compare(a, stats.pool([_run("y", [0] * 4, task="t1")]))
+    with pytest.raises(ValueError, match="cannot mix"):
+        stats.pool([_run("x", [1]), _run("p", None, task="ppl", nll=[(1.0, 2)])])
+
+
+def test_versus_picks_the_sentence_the_interval_supports():
+    iv = stats.Interval(0.5, 0.4, 0.6, 20)
+    assert report.versus(iv, 0.1, "above", "below", "neither").startswith("above (")
+    assert report.versus(iv, 0.9, "above", "below", "neither").startswith("below (")
+    assert report.versus(iv, 0.5, "above", "below", "neither").startswith("neither (")
+    assert "n = 20" in report.versus(iv, 0.5, "a", "b", "c")

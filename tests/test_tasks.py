@@ -248,3 +248,13 @@ def test_ruler_qa_prompt_holds_the_gold_document_within_the_context(tokenizer):
     context, question = text_of(tokenizer, sample)
     assert "Ada wrote the gold note." in context and "Question: Who wrote it?" in question
     assert 0.9 * 512 <= sample.prompt_tokens <= 512 and sample.info["documents"] > 5
+
+
+def test_task_mix_is_registered_tasks_with_families():
+    from crosskv.tasks import get_task
+    from crosskv.tasks.mix import FULL_MIX, TASK_MIX, family
+
+    assert set(TASK_MIX) <= set(FULL_MIX)
+    assert {family(t) for t in FULL_MIX} >= {"single key", "multi-key", "multi-value", "variable tracking", "aggregation"}
+    for task in FULL_MIX:
+        assert get_task(task).kind == "generate"

@@ -200,8 +200,12 @@ def _prefill(runner: Runner, cache, ids: list[int], device, hidden: bool):
 
 
 @torch.no_grad()
-def run_generate(runner: Runner, sample: Sample, stops: set[int]) -> dict[str, Any]:
-    """Prefill the context, compress, append the question exactly, decode greedily → the sample's details."""
+def run_generate(runner: Runner, sample: Sample, stops: set[int], settled=None) -> dict[str, Any]:
+    """Prefill the context, compress, append the question exactly, decode greedily → the sample's details.
+
+    Decoding ends at a stop token, at ``sample.max_new_tokens``, or as soon as ``settled(prediction, sample)``
+    says more tokens cannot change the score (``details["settled"]``; see :class:`~crosskv.tasks.TaskSpec`).
+    """
     model, tokenizer = runner.model, runner.tokenizer
     device = next(model.parameters()).device
     with runner.applied():
@@ -218,7 +222,11 @@ def run_generate(runner: Runner, sample: Sample, stops: set[int]) -> dict[str, A
         generated = [token]
         _sync(device)
         t0 = time.perf_counter()
+        done = False
         while token not in stops and len(generated) < sample.max_new_tokens:
+            if settled is not None and settled(tokenizer.decode(generated, skip_special_tokens=True), sample):
+                done = True
+                break
             out = model(input_ids=_ids([token], device), past_key_values=cache, use_cache=True,
                         position_ids=_positions(fed, 1, device), logits_to_keep=1)
             fed += 1
@@ -228,7 +236,7 @@ def run_generate(runner: Runner, sample: Sample, stops: set[int]) -> dict[str, A
         decode_s = time.perf_counter() - t0
         end = _bytes(model, cache, fed, census)
     prediction = tokenizer.decode(generated, skip_special_tokens=True)
-    return {"prediction": prediction, "generated_tokens": len(generated), "decode_steps": len(generated) - 1,
+    return {"prediction": prediction, "generated_tokens": len(generated), "decode_steps": len(generated) - 1, "settled": done,
             "decode_s": decode_s, "prefill_s": prefill_s, "compress_s": compress_s, **after,
             **{f"{k}_end": v for k, v in end.items()}}
 
@@ -379,7 +387,7 @@ def evaluate(model, tokenizer, method: MethodConfig | str, task: TaskConfig | st
     label = f"{config.name} · {task_config.name} · {task_config.context}"
     for sample in progress_bar(samples_, enabled=progress and rank == 0, desc=label, leave=False):
         if spec.kind == "generate":
-            detail = run_generate(runner, sample, stops)
+            detail = run_generate(runner, sample, stops, spec.settled)
             detail["score"] = spec.score(detail["prediction"], sample, task_config)
             detail["answers"] = sample.answers
         else:

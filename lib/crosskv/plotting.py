@@ -72,12 +72,19 @@ def publish(fig, name: str, figures_dir: str | Path) -> list[Path]:
     return paths
 
 
-def heatmap(matrix, ax=None, title: str = "", cmap: str = "viridis", vmin=None, vmax=None,
+def heatmap(matrix, ax=None, title: str = "", cmap: str | None = None, vmin=None, vmax=None,
             label: str = "", tick_every: int = 5):
-    """Layer × layer matrix ``(L, L)`` as an image with a colour bar."""
+    """Layer × layer matrix ``(L, L)`` as an image with a colour bar labelled ``label``.
+
+    Without ``cmap``, a matrix with negative entries gets a diverging map centred on zero (``RdBu_r``,
+    limits ±max|value| unless given), otherwise ``viridis``.
+    """
     ax = _axes(ax, (3.6, 3.2))
     data = np.asarray(matrix, dtype=float)
-    im = ax.imshow(data, cmap=cmap, vmin=vmin, vmax=vmax, origin="upper")
+    if cmap is None and np.nanmin(data) < 0:
+        bound = float(np.nanmax(np.abs(data)))
+        cmap, vmin, vmax = "RdBu_r", -bound if vmin is None else vmin, bound if vmax is None else vmax
+    im = ax.imshow(data, cmap=cmap or "viridis", vmin=vmin, vmax=vmax, origin="upper")
     ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label=label)
     ticks = np.arange(0, data.shape[0], tick_every)
     ax.set_xticks(ticks)
@@ -91,15 +98,24 @@ def heatmap(matrix, ax=None, title: str = "", cmap: str = "viridis", vmin=None, 
 
 def lines(df: pd.DataFrame, x: str, y: str, hue: str | None = None, ax=None, marker: str = "o",
           title: str = "", xlabel: str | None = None, ylabel: str | None = None, logy: bool = False,
-          reference: float | None = None, reference_label: str = "full"):
-    """``y`` against ``x``, one line per ``hue`` value (sorted by ``x``); optional horizontal reference."""
+          reference: float | None = None, reference_label: str = "full", band: tuple[str, str] | None = None,
+          reference_band: tuple[float, float] | None = None):
+    """``y`` against ``x``, one line per ``hue`` value (sorted by ``x``); optional horizontal reference.
+
+    ``band=(lo, hi)`` shades the columns ``lo``..``hi`` around each line (an interval or a spread);
+    ``reference_band`` shades an interval around the reference line.
+    """
     ax = _axes(ax)
     groups = [(None, df)] if hue is None else df.groupby(hue, sort=True)
     for key, part in groups:
         part = part.sort_values(x)
-        ax.plot(part[x], part[y], marker=marker, label=None if key is None else str(key))
+        line, = ax.plot(part[x], part[y], marker=marker, label=None if key is None else str(key))
+        if band is not None:
+            ax.fill_between(part[x], part[band[0]], part[band[1]], color=line.get_color(), alpha=0.18, lw=0)
     if reference is not None:
         ax.axhline(reference, color="k", ls="--", lw=0.8, label=reference_label)
+        if reference_band is not None:
+            ax.axhspan(*reference_band, color="k", alpha=0.08, lw=0)
     if logy:
         ax.set_yscale("log")
     ax.set_xlabel(xlabel or x)

@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 
 import pandas as pd
 
-from crosskv.stats import Comparison
+from crosskv.stats import Comparison, Interval
 
 
 def bullets(lines: Iterable[str]) -> str:
@@ -60,3 +60,10 @@ def seconds(values: float | Sequence[float]) -> str:
         raise ValueError("seconds() needs at least one value")
     median = v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
     return f"{v[0]:.3g}–{v[-1]:.3g} s (median {median:.3g}, n = {len(v)})"
+
+
+def versus(iv: Interval, against: float, above: str, below: str, neither: str) -> str:
+    """The sentence for an interval checked against a value: ``above`` when the whole interval lies above
+    ``against``, ``below`` when below, ``neither`` otherwise; the interval and its n are appended."""
+    text = above if iv.lo > against else below if iv.hi < against else neither
+    return f"{text} ({iv.format()}, n = {iv.n}, 95 % bootstrap)"

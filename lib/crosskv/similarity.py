@@ -137,7 +137,7 @@ class _Accumulator:
         self.metrics, self.rank, self.unbiased = metrics, rank, unbiased
         self.total: torch.Tensor | None = None
         self.hsic: torch.Tensor | None = None
-        self.overlap: torch.Tensor | None = None
+        self.overlaps: list[torch.Tensor] = []  # one (L, L) subspace-overlap matrix per sample
         self.samples = 0
 
     @staticmethod
@@ -153,7 +153,7 @@ class _Accumulator:
             if "cka" in self.metrics:
                 self.hsic = self._add(self.hsic, hsic_matrix(grams(feats[:, b]), self.unbiased))
             if "subspace" in self.metrics:
-                self.overlap = self._add(self.overlap, subspace_overlap_matrix(dominant_subspace(feats[:, b], self.rank)))
+                self.overlaps.append(subspace_overlap_matrix(dominant_subspace(feats[:, b], self.rank)))
         self.samples += x.shape[1]
 
     def result(self) -> dict[str, torch.Tensor]:
@@ -167,7 +167,7 @@ class _Accumulator:
             elif metric == "cka":
                 out[metric] = cka_from_hsic(self.hsic)
             else:
-                out[metric] = self.overlap / self.samples
+                out[metric] = torch.stack(self.overlaps).mean(0)
         return out
 
 
@@ -181,13 +181,14 @@ def _check(values: Iterable[str], allowed: tuple[str, ...], what: str) -> tuple[
 
 def activation_similarity(model, batches: Iterable[torch.Tensor], fields: Iterable[str] = ACTIVATIONS,
                           metrics: Iterable[str] = METRICS, rank: int = 8, unbiased: bool = True,
-                          progress: bool = False) -> dict[tuple[str, str], torch.Tensor]:
+                          progress: bool = False, per_sample: bool = False) -> dict[tuple[str, str], torch.Tensor]:
     """Cross-layer similarity of captured activations, streaming over token batches ``(B, T)``.
 
     Returns ``{(field, metric): (L, L)}`` (``L+1`` rows for ``hidden``, embeddings first). ``cosine`` and
     ``euclidean`` compare the sample-averaged tensors; ``cka`` uses tokens of each sample as examples
     (HSIC summed over samples); ``subspace`` averages the rank-``rank`` left-singular-subspace overlap
-    over samples. All batches must share one length ``T``.
+    over samples. All batches must share one length ``T``. ``per_sample=True`` (with ``subspace``) adds
+    ``(field, "subspace_per_sample")``: the ``(N, L, L)`` overlap matrix of each of the N samples.
     """
     fields = _check(fields, ACTIVATIONS, "activation field(s)")
     metrics = _check(metrics, METRICS, "metric(s)")
@@ -196,7 +197,12 @@ def activation_similarity(model, batches: Iterable[torch.Tensor], fields: Iterab
         cap = capture(model, [ids], fields=fields)
         for field in fields:
             accs[field].update(getattr(cap, field), field)
-    return {(field, metric): matrix for field, acc in accs.items() for metric, matrix in acc.result().items()}
+    out = {(field, metric): matrix for field, acc in accs.items() for metric, matrix in acc.result().items()}
+    if per_sample:
+        if "subspace" not in metrics:
+            raise ValueError("per_sample=True needs the 'subspace' metric")
+        out.update({(field, "subspace_per_sample"): torch.stack(acc.overlaps) for field, acc in accs.items()})
+    return out
 
 
 def projection_weights(model, which: str) -> torch.Tensor:
@@ -248,6 +254,12 @@ def by_distance(matrix: torch.Tensor) -> pd.DataFrame:
         rows.append({"distance": k, "mean": float(diag.mean()), "std": float(diag.std()) if len(diag) > 1 else 0.0,
                      "min": float(diag.min()), "max": float(diag.max()), "pairs": len(diag)})
     return pd.DataFrame(rows)
+
+
+def distance_profile(matrices: torch.Tensor) -> torch.Tensor:
+    """Mean over layer pairs at each distance ``k = 1 … L-1`` of each matrix: ``(N, L, L)`` → ``(N, L-1)``."""
+    n = matrices.shape[-1]
+    return torch.stack([matrices.diagonal(k, dim1=-2, dim2=-1).double().mean(-1) for k in range(1, n)], dim=-1)
 
 
 def adjacent(matrix: torch.Tensor) -> pd.DataFrame:

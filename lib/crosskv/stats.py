@@ -181,6 +181,30 @@ def compare(a: dict[str, Any], b: dict[str, Any], label_a: str | None = None, la
                       str(a.get("metric", "score")))
 
 
+def pool(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One record whose samples are all of ``records``' samples (a method's runs over a task mix).
+
+    Its score is the mean over every sample — the mix average when every task has the same sample
+    count — so :func:`interval` and :func:`compare` work on it unchanged. Two pools pair when they were
+    built from the same (task, context) list in the same order. Perplexity and generation runs cannot mix.
+    """
+    records = list(records)
+    if not records:
+        raise ValueError("pool needs at least one record")
+    if len({_is_perplexity(r) for r in records}) > 1:
+        raise ValueError("pool cannot mix perplexity and generation runs")
+    details, offset = [], 0
+    for record in records:
+        part = _details(record)
+        details += [{**d, "index": offset + d["index"]} for d in part]
+        offset += max(d["index"] for d in part) + 1
+    first = records[0]
+    return {"method": first.get("method"), "params": first.get("params", {}),
+            "task": "+".join(f"{r.get('task')}@{r.get('context')}" for r in records), "context": None,
+            "seed": first.get("seed"), "metric": first.get("metric", "score"),
+            "higher_is_better": first.get("higher_is_better", True), "details": details}
+
+
 def table(records: Iterable[dict[str, Any]], columns: Sequence[str] = ("method", "task", "context", "kept"),
           labels: Sequence[str] | None = None, level: float = LEVEL, seed: int = 0) -> pd.DataFrame:
     """Tidy rows: ``columns`` of each record (``param.<name>`` reads a method parameter), an optional

@@ -50,6 +50,9 @@ class TaskSpec:
 
     ``options`` maps each accepted option to ``(type, default)``; ``build(config, tokenizer, indices=None)``
     returns the config's samples (only those of ``indices`` when given: a rank's share); ``score(prediction, sample, config)`` scores one generated answer in [0, 1].
+    ``settled(prediction, sample)``, when given, is True once more generated text can no longer change the
+    score (e.g. every reference already appears under ``string_match_all``): greedy decoding stops there, and
+    the score is exactly the one a full-length decode gets.
     """
 
     name: str
@@ -60,6 +63,7 @@ class TaskSpec:
     score: Callable[[str, Sample, "TaskConfig"], float] | None = None
     options: dict[str, tuple[Any, Any]] = field(default_factory=dict)
     higher_is_better: bool = True
+    settled: Callable[[str, Sample], bool] | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:

@@ -344,6 +344,12 @@ def score_all(prediction: str, sample: Sample, config: TaskConfig) -> float:
     return string_match_all(prediction, sample.answers)
 
 
+def all_found(prediction: str, sample: Sample) -> bool:
+    """Every reference appears in ``prediction`` (case-insensitive): ``string_match_all`` is 1 and stays 1."""
+    found = prediction.lower()
+    return all(answer.lower() in found for answer in sample.answers)
+
+
 def _builder(one: Callable[[TaskConfig, object, int], Sample]):
     def build(config: TaskConfig, tokenizer, indices=None) -> list[Sample]:
         return [one(config, tokenizer, i) for i in (range(config.samples) if indices is None else indices)]
@@ -355,14 +361,18 @@ for _name, _setup in NIAH_TASKS.items():
         _name, "generate", "string_match_all",
         f"RULER NIAH: {_setup.haystack} haystack, {_setup.key_type}→{_setup.value_type}, "
         f"{_setup.keys} key(s), {_setup.values} value(s), {_setup.queries} query(ies)",
-        _builder(build_niah), score_all, {"depth": (float | None, None), "max_new_tokens": (int, 128)}))
+        _builder(build_niah), score_all, {"depth": (float | None, None), "max_new_tokens": (int, 128)},
+        settled=all_found))
 register_task(TaskSpec("vt", "generate", "string_match_all",
                        "RULER variable tracking: one chain of `hops` assignments in noise (one-shot)",
-                       _builder(build_vt), score_all, {"hops": (int, 4), "chains": (int, 1), "max_new_tokens": (int, 30)}))
+                       _builder(build_vt), score_all, {"hops": (int, 4), "chains": (int, 1), "max_new_tokens": (int, 30)},
+                       settled=all_found))
 register_task(TaskSpec("cwe", "generate", "string_match_all",
                        "RULER common words extraction: the num_cw words repeated freq_cw times (one-shot)",
                        _builder(build_cwe), score_all,
-                       {"num_cw": (int, 10), "freq_cw": (int, 30), "freq_ucw": (int, 3), "max_new_tokens": (int, 120)}))
+                       {"num_cw": (int, 10), "freq_cw": (int, 30), "freq_ucw": (int, 3), "max_new_tokens": (int, 120)},
+                       settled=all_found))
 register_task(TaskSpec("fwe", "generate", "string_match_all",
                        "RULER frequent words extraction: top-3 Zipf(alpha) coded words (one-shot)",
-                       _builder(build_fwe), score_all, {"alpha": (float, 2.0), "max_new_tokens": (int, 50)}))
+                       _builder(build_fwe), score_all, {"alpha": (float, 2.0), "max_new_tokens": (int, 50)},
+                       settled=all_found))
