@@ -277,3 +277,36 @@ def test_search_cli_writes_a_valid_strategy(tmp_path):
                            "--order", "similar", "--out", str(out)]) == 0
     s = kvs.SharingStrategy.load(out)
     assert len(s.mapping) == 1 and s.search["order"] == "similar" and s.num_layers == L
+
+
+def test_next_token_kl_is_zero_for_identical_and_positive_otherwise(model32):
+    model, _ = model32
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 5, model.config.hidden_size)
+    assert kvs.next_token_kl(model, hidden, hidden, chunk=3) == pytest.approx(0.0, abs=1e-6)
+    assert kvs.next_token_kl(model, hidden + torch.randn_like(hidden), hidden, chunk=3) > 0.01
+
+
+def test_kl_criterion_is_stricter_and_its_prefixes_replay(model32):
+    model, tok = model32
+    base = dict(shared_layers=3, calibration_samples=4, calibration_length=16)
+    loose = kvs.search(model, tok, kvs.SearchConfig(**base), progress=False)
+    strict = kvs.search(model, tok, kvs.SearchConfig(**base, criterion="kl", max_kl=0.05), progress=False)
+    assert all(t["kl"] <= 0.05 for t in strict.trace if t["accepted"])
+    assert all(t["kl"] > 0.05 for t in strict.trace if not t["accepted"])
+    # the cosine test accepts the first candidates it sees; the KL test rejects at least one of them here
+    assert not all(t["accepted"] for t in strict.trace)
+    assert strict.trace[0]["consumer"] == loose.trace[0]["consumer"]
+    shorter = kvs.search(model, tok, kvs.SearchConfig(**dict(base, shared_layers=2)), progress=False)
+    assert kvs.first_consumers(loose, 2).mapping == shorter.mapping
+    assert kvs.first_consumers(loose, 0).mapping == {}
+    with pytest.raises(ValueError, match="count=4"):
+        kvs.first_consumers(loose, 4)
+
+
+def test_kl_criterion_options_are_validated():
+    with pytest.raises(ValueError, match="criterion='l2'"):
+        kvs.SearchConfig(shared_layers=1, criterion="l2")
+    with pytest.raises(ValueError, match="max_kl=0"):
+        kvs.SearchConfig(shared_layers=1, max_kl=0)
+    assert make_method("kvsharer", shared_layers="2", criterion="kl", max_kl="0.2").search_config().max_kl == 0.2
