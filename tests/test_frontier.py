@@ -28,6 +28,7 @@ def test_family_labels():
     assert frontier.family_of(rec("compose", "t", [1], 0.3, {"base": "full", "evict": "none", "bits": 2})) == "KIVI 2-bit"
     assert frontier.family_of(rec("compose", "t", [1], 0.1, {"base": "xkv", "evict": "snapkv", "bits": 4})) == \
         "snapkv × xkv × 4-bit"
+    assert frontier.family_of(rec("kvsharer_xkv", "t", [1], 0.2, {"group_size": 2})) == "KVSharer + xKV G=2"
     assert frontier.family_of(rec("minicache", "t", [1], 0.9, {"retention": "code"})) == "MiniCache (code reading)"
 
 

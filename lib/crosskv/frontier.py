@@ -50,6 +50,8 @@ def family_of(record: dict[str, Any]) -> str:
         return f"xKV G={params.get('group_size', 4)}"
     if method == "svd":
         return "Single SVD"
+    if method == "kvsharer_xkv":
+        return f"KVSharer + xKV G={params.get('group_size', 4)}"
     if method == "minicache":
         return f"MiniCache ({params.get('retention', 'paper')} reading)"
     if method == "compose":
