@@ -300,6 +300,8 @@ def test_kl_criterion_is_stricter_and_its_prefixes_replay(model32):
     shorter = kvs.search(model, tok, kvs.SearchConfig(**dict(base, shared_layers=2)), progress=False)
     assert kvs.first_consumers(loose, 2).mapping == shorter.mapping
     assert kvs.first_consumers(loose, 0).mapping == {}
+    capped = kvs.search(model, tok, kvs.SearchConfig(**base, criterion="kl", max_kl=1e-6, max_candidates=2))
+    assert capped.candidates_tried == 2 and capped.mapping == {}
     with pytest.raises(ValueError, match="count=4"):
         kvs.first_consumers(loose, 4)
 
@@ -309,4 +311,6 @@ def test_kl_criterion_options_are_validated():
         kvs.SearchConfig(shared_layers=1, criterion="l2")
     with pytest.raises(ValueError, match="max_kl=0"):
         kvs.SearchConfig(shared_layers=1, max_kl=0)
+    with pytest.raises(ValueError, match="max_candidates=0"):
+        kvs.SearchConfig(shared_layers=1, max_candidates=0)
     assert make_method("kvsharer", shared_layers="2", criterion="kl", max_kl="0.2").search_config().max_kl == 0.2

@@ -280,6 +280,7 @@ class SearchConfig:
     corpus: str = "essays"
     criterion: str = "cosine"
     max_kl: float = 0.1
+    max_candidates: int | None = None  # stop after evaluating this many candidates (None: all pairs)
 
     def __post_init__(self):
         if (self.shared_layers is None) == (self.rate is None):
@@ -299,6 +300,8 @@ class SearchConfig:
             raise ValueError(f"criterion={self.criterion!r}; choose from {', '.join(CRITERIA)}")
         if not self.max_kl > 0:
             raise ValueError(f"max_kl={self.max_kl} must be positive (nats per token)")
+        if self.max_candidates is not None and self.max_candidates < 1:
+            raise ValueError(f"max_candidates={self.max_candidates} must be >= 1 (or None for every pair)")
         if self.calibration_samples < 1:
             raise ValueError(f"calibration_samples={self.calibration_samples} must be >= 1")
         if self.calibration_length < 2:
@@ -438,6 +441,8 @@ def search(model, tokenizer, config: SearchConfig, progress: bool = False) -> Sh
         for consumer, producer, distance in candidates:
             if consumer in mapping:
                 continue
+            if config.max_candidates is not None and len(trace) >= config.max_candidates:
+                break
             tentative = with_pair(mapping, consumer, producer)
             verdict = accept(model, config, final_hidden(model, calibration, tentative), reference)
             trace.append({"consumer": consumer, "producer": producer, "distance": distance, **verdict})
