@@ -357,3 +357,40 @@ def test_sweep_prefix_equals_its_own_search(model32, tmp_path, monkeypatch):
     assert bound.strategy.mapping == direct.mapping
     with pytest.raises(ValueError, match="exceeds"):
         prefix_strategy(swept[4], 5)
+
+
+def test_next_token_kl_is_zero_for_identical_and_positive_otherwise(model32):
+    model, _ = model32
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 5, model.config.hidden_size)
+    assert kvs.next_token_kl(model, hidden, hidden, chunk=3) == pytest.approx(0.0, abs=1e-6)
+    assert kvs.next_token_kl(model, hidden + torch.randn_like(hidden), hidden, chunk=3) > 0.01
+
+
+def test_kl_criterion_is_stricter_and_its_prefixes_replay(model32):
+    model, tok = model32
+    base = dict(shared_layers=3, calibration_samples=4, calibration_length=16)
+    loose = kvs.search(model, tok, kvs.SearchConfig(**base), progress=False)
+    strict = kvs.search(model, tok, kvs.SearchConfig(**base, criterion="kl", max_kl=0.05), progress=False)
+    assert all(t["kl"] <= 0.05 for t in strict.trace if t["accepted"])
+    assert all(t["kl"] > 0.05 for t in strict.trace if not t["accepted"])
+    # the cosine test accepts the first candidates it sees; the KL test rejects at least one of them here
+    assert not all(t["accepted"] for t in strict.trace)
+    assert strict.trace[0]["consumer"] == loose.trace[0]["consumer"]
+    shorter = kvs.search(model, tok, kvs.SearchConfig(**dict(base, shared_layers=2)), progress=False)
+    assert kvs.first_consumers(loose, 2).mapping == shorter.mapping
+    assert kvs.first_consumers(loose, 0).mapping == {}
+    capped = kvs.search(model, tok, kvs.SearchConfig(**base, criterion="kl", max_kl=1e-6, max_candidates=2))
+    assert capped.candidates_tried == 2 and capped.mapping == {}
+    with pytest.raises(ValueError, match="count=4"):
+        kvs.first_consumers(loose, 4)
+
+
+def test_kl_criterion_options_are_validated():
+    with pytest.raises(ValueError, match="criterion='l2'"):
+        kvs.SearchConfig(shared_layers=1, criterion="l2")
+    with pytest.raises(ValueError, match="max_kl=0"):
+        kvs.SearchConfig(shared_layers=1, max_kl=0)
+    with pytest.raises(ValueError, match="max_candidates=0"):
+        kvs.SearchConfig(shared_layers=1, max_candidates=0)
+    assert make_method("kvsharer", shared_layers="2", criterion="kl", max_kl="0.2").search_config().max_kl == 0.2

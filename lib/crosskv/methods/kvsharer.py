@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ FORMAT = "crosskv.kvsharer/1"
 CACHE_DIR = PROJECT_ROOT / "data" / "cache" / "kvsharer"
 METRICS = ("euclidean", "cosine")
 ORDERS = ("dissimilar", "similar", "random")
+CRITERIA = ("cosine", "kl")  # accept a candidate on final-hidden cosine > threshold, or next-token KL ≤ max_kl
 
 
 # ----------------------------------------------------------------------------- the strategy (data)
@@ -296,6 +298,9 @@ class SearchConfig:
     calibration_length: int = 64
     seed: int = 0
     corpus: str = "essays"
+    criterion: str = "cosine"
+    max_kl: float = 0.1
+    max_candidates: int | None = None  # stop after evaluating this many candidates (None: all pairs)
 
     def __post_init__(self):
         if (self.shared_layers is None) == (self.rate is None):
@@ -311,6 +316,12 @@ class SearchConfig:
             raise ValueError(f"order={self.order!r}; choose from {', '.join(ORDERS)}")
         if not -1.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold={self.threshold} must lie in [-1, 1] (a cosine)")
+        if self.criterion not in CRITERIA:
+            raise ValueError(f"criterion={self.criterion!r}; choose from {', '.join(CRITERIA)}")
+        if not self.max_kl > 0:
+            raise ValueError(f"max_kl={self.max_kl} must be positive (nats per token)")
+        if self.max_candidates is not None and self.max_candidates < 1:
+            raise ValueError(f"max_candidates={self.max_candidates} must be >= 1 (or None for every pair)")
         if self.calibration_samples < 1:
             raise ValueError(f"calibration_samples={self.calibration_samples} must be >= 1")
         if self.calibration_length < 2:
@@ -362,6 +373,25 @@ def with_pair(mapping: dict[int, int], consumer: int, producer: int) -> dict[int
     return out
 
 
+def first_consumers(strategy: SharingStrategy, count: int) -> SharingStrategy:
+    """The strategy the same search would return with C = ``count``: its first ``count`` accepted pairs.
+
+    The greedy search visits candidates in a fixed order, so a search for C = k stops exactly after
+    the first k acceptances of a search for C > k; replaying them from ``strategy.trace`` gives the
+    smaller strategy without searching again.
+    """
+    accepted = [t for t in strategy.trace if t["accepted"]]
+    if not 0 <= count <= len(accepted):
+        raise ValueError(f"count={count}: the strategy's trace has {len(accepted)} accepted consumers")
+    mapping: dict[int, int] = {}
+    for step in accepted[:count]:
+        mapping = with_pair(mapping, step["consumer"], step["producer"])
+    last = strategy.trace.index(accepted[count - 1]) + 1 if count else 0
+    search_ = dict(strategy.search or {}, shared_layers=count, rate=None)
+    return SharingStrategy(mapping=mapping, num_layers=strategy.num_layers, model=strategy.model, search=search_,
+                           candidates_tried=last, trace=strategy.trace[:last])
+
+
 @torch.no_grad()
 def final_hidden(model, ids: torch.Tensor, mapping: dict[int, int], batch_size: int = 10) -> torch.Tensor:
     """Final (normed) hidden states with layer sharing ``mapping``: ``ids`` ``(N, T)`` → ``(N, T, D)`` float32."""
@@ -379,12 +409,41 @@ def hidden_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a, b, dim=-1).mean())
 
 
+@torch.no_grad()
+def next_token_kl(model, hidden: torch.Tensor, reference: torch.Tensor, chunk: int = 512) -> float:
+    """Mean per-token KL(original ‖ sharing) of the next-token distributions, in nats.
+
+    ``hidden``/``reference`` ``(N, T, D)`` final normed hidden states of the sharing and original model;
+    logits come from the model's output head, ``chunk`` tokens at a time (never all ``N·T·vocab`` at once).
+    """
+    head = model.get_output_embeddings()
+    weight = head.weight
+    h, r = hidden.reshape(-1, hidden.shape[-1]), reference.reshape(-1, reference.shape[-1])
+    total = 0.0
+    for start in range(0, h.shape[0], chunk):
+        log_q = head(h[start:start + chunk].to(weight.device, weight.dtype)).float().log_softmax(-1)
+        log_p = head(r[start:start + chunk].to(weight.device, weight.dtype)).float().log_softmax(-1)
+        total += float((log_p.exp() * (log_p - log_q)).sum())
+    return total / h.shape[0]
+
+
+def accept(model, config: SearchConfig, hidden: torch.Tensor, reference: torch.Tensor) -> dict[str, Any]:
+    """The acceptance test of one candidate: ``{"cosine", ["kl",] "accepted"}`` (see :class:`SearchConfig`)."""
+    cosine = hidden_cosine(hidden, reference)
+    if config.criterion == "cosine":
+        return {"cosine": cosine, "accepted": cosine > config.threshold}
+    kl = next_token_kl(model, hidden, reference)
+    return {"cosine": cosine, "kl": kl, "accepted": kl <= config.max_kl}
+
+
 def search(model, tokenizer, config: SearchConfig, progress: bool = False) -> SharingStrategy:
     """KVSharer's greedy search (Algorithm 1) on ``model`` → a :class:`SharingStrategy` with C consumers.
 
     Candidates are visited in ``config.order``; a candidate whose consumer already is one is skipped
     without evaluation; otherwise the tentative strategy is accepted when the mean per-token cosine of
-    the final hidden states (sharing vs original, on the calibration set) exceeds ``config.threshold``.
+    the final hidden states (sharing vs original, on the calibration set) exceeds ``config.threshold``
+    (the paper's test) or, with ``criterion="kl"``, when the mean next-token KL divergence of the
+    original model's distribution from the sharing model's is at most ``config.max_kl`` nats.
     Stops at C accepted consumers (fewer, with a warning, if the candidates run out).
     """
     from crosskv.data import calibration_set
@@ -404,21 +463,21 @@ def search(model, tokenizer, config: SearchConfig, progress: bool = False) -> Sh
         for consumer, producer, distance in candidates:
             if consumer in mapping:
                 continue
+            if config.max_candidates is not None and len(trace) >= config.max_candidates:
+                break
             tentative = with_pair(mapping, consumer, producer)
-            cosine = hidden_cosine(final_hidden(model, calibration, tentative), reference)
-            accepted = cosine > config.threshold
-            trace.append({"consumer": consumer, "producer": producer, "distance": distance,
-                          "cosine": cosine, "accepted": accepted})
-            if accepted:
+            verdict = accept(model, config, final_hidden(model, calibration, tentative), reference)
+            trace.append({"consumer": consumer, "producer": producer, "distance": distance, **verdict})
+            if verdict["accepted"]:
                 mapping = tentative
                 bar.update(1)
-                log.info("layer %d reuses layer %d (cosine %.4f)", consumer, mapping[consumer], cosine)
+                log.info("layer %d reuses layer %d (%s)", consumer, mapping[consumer], verdict)
                 if len(mapping) == target:
                     break
         bar.close()
         if len(mapping) < target:
-            log.warning("kvsharer search found only %d of %d consumers above threshold %.3f",
-                        len(mapping), target, config.threshold)
+            log.warning("kvsharer search found only %d of %d consumers passing its %s test",
+                        len(mapping), target, config.criterion)
     return SharingStrategy(mapping=mapping, num_layers=num_layers, model=model_name(model),
                            search=dataclasses.asdict(config), search_seconds=time.perf_counter() - start,
                            candidates_tried=len(trace), trace=tuple(trace))
@@ -516,6 +575,8 @@ class KVSharer(MethodConfig):
     calibration_samples: int = 30
     calibration_length: int = 64
     seed: int = 0
+    criterion: str = "cosine"
+    max_kl: float = 0.1
 
     def __post_init__(self):
         if self.strategy is not None:
@@ -553,6 +614,10 @@ def search_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Arg
     parser.add_argument("--order", choices=ORDERS, default=defaults.order)
     parser.add_argument("--threshold", type=float_in(-1.0, 1.0, "cosine"), default=defaults.threshold,
                         help="minimum final-hidden-state cosine")
+    parser.add_argument("--criterion", choices=CRITERIA, default=defaults.criterion,
+                        help="acceptance test: final-hidden cosine > threshold, or next-token KL ≤ max-kl")
+    parser.add_argument("--max-kl", type=float_in(0.0, math.inf, "KL limit", low_open=True), default=defaults.max_kl,
+                        help="nats per token (criterion kl)")
     parser.add_argument("--calibration-samples", type=positive_int, default=defaults.calibration_samples)
     parser.add_argument("--calibration-length", type=int_at_least(2, "length of at least 2"),
                         default=defaults.calibration_length)
@@ -569,7 +634,8 @@ def run_search(args: argparse.Namespace) -> int:
     from crosskv.models import load_model
 
     config = SearchConfig(shared_layers=args.shared_layers, rate=args.rate, metric=args.metric, order=args.order,
-                          threshold=args.threshold, calibration_samples=args.calibration_samples,
+                          threshold=args.threshold, criterion=args.criterion, max_kl=args.max_kl,
+                          calibration_samples=args.calibration_samples,
                           calibration_length=args.calibration_length, seed=args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
