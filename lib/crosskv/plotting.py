@@ -117,8 +117,9 @@ def interval_lines(df: pd.DataFrame, x: str, hue: str, ax=None, title: str = "",
     ax = _axes(ax)
     for key, part in df.groupby(hue, sort=False):
         part = part.sort_values(x)
-        err = [part["score"] - part["score_lo"], part["score_hi"] - part["score"]]
-        ax.errorbar(part[x], part["score"], yerr=err, marker="o", ls="-" if line else "none", capsize=2,
+        score = part["score"].to_numpy(float)
+        err = [score - part["score_lo"].to_numpy(float), part["score_hi"].to_numpy(float) - score]
+        ax.errorbar(part[x].to_numpy(), score, yerr=err, marker="o", ls="-" if line else "none", capsize=2,
                     label=str(key))
     if band is not None:
         ax.axhspan(band[0], band[1], color="0.85", zorder=0, label=band[2])
