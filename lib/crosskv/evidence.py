@@ -4,7 +4,8 @@ comparisons of quantities that are not harness runs (reconstruction errors, simi
 - :func:`held_kept` — the kept fraction a run measured by its memory census (``kept_held``), falling back
   to the method's own accounting (``kept``) for records written before the census existed;
 - :func:`score_rows` — one row per (label, task) and per label over the whole mix (pooled samples), each
-  with ``score``/``score_lo``/``score_hi``/``n``, the held kept and the decode speed;
+  with ``score``/``score_lo``/``score_hi``/``n`` and the held kept (no timings: those come from
+  :mod:`crosskv.bench`, measured under one condition);
 - :func:`values_record` — a record whose "samples" are arbitrary paired units (a layer group, a token,
   a sequence) so :func:`crosskv.stats.compare` can test a claim about them with a paired interval.
 """
@@ -55,27 +56,25 @@ def _pooled_samples(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def pool(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """One record over every sample of ``records`` (a method's runs over a task mix, same tasks and samples
-    for every method so pools pair in :func:`crosskv.stats.compare`); ``kept_held``/``kept`` and ``decode_tok_s`` are carried over as sample-weighted means."""
+    for every method so pools pair in :func:`crosskv.stats.compare`); ``kept_held``/``kept`` are carried over as
+    sample-weighted means."""
     pooled = _pooled_samples(records)
     weights = [len(r["details"]) for r in records]
     for field in ("kept_held", "kept"):
         values = [r.get(field) for r in records]
         if all(v is not None for v in values):
             pooled[field] = sum(v * w for v, w in zip(values, weights)) / sum(weights)
-    steps = sum(d.get("decode_steps", 0) for r in records for d in r["details"])
-    seconds = sum(d.get("decode_s", 0.0) for r in records for d in r["details"])
-    pooled["decode_tok_s"] = steps / seconds if steps and seconds > 0 else None
     return pooled
 
 
 def _row(label: str, task: str, record: dict[str, Any]) -> dict[str, Any]:
     iv = stats.interval(record)
     return {"label": label, "task": task, "kept": held_kept(record), "score": iv.estimate, "score_lo": iv.lo,
-            "score_hi": iv.hi, "n": iv.n, "decode_tok_s": record.get("decode_tok_s")}
+            "score_hi": iv.hi, "n": iv.n}
 
 
 def score_rows(runs: Mapping[str, Sequence[dict[str, Any]]], mix: str = "mix") -> pd.DataFrame:
-    """Rows ``label, task, kept (held), score, score_lo, score_hi, n, decode_tok_s`` for every record of
+    """Rows ``label, task, kept (held), score, score_lo, score_hi, n`` for every record of
     ``runs`` (label → records of one method, one per task), plus a ``task == mix`` row per label pooling
     its generation tasks' samples (the mix average when every task has the same sample count)."""
     rows = []
