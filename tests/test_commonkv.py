@@ -317,3 +317,22 @@ def test_embedded_default_holds_less_than_a_plain_cache(model32):
     plain = 2 * 30 * 3 * 64 * 522 * 4  # float32 K+V of 522 tokens
     assert kv_bytes(cache) / plain < 0.65
     assert method.bind(model, tokenizer).record_fields()["latent_wider_than_kv"] is False
+
+
+def test_token_and_input_cosines_per_group():
+    from crosskv.capture import capture, decoder_layers
+    from crosskv.methods.commonkv import group_cosines, input_cosines, prompt_latents, token_cosines
+
+    model = tiny_model("llama", layers=5)  # groups of 4: [0..3], [4]
+    runner = make_method("commonkv", unmerged_ratio="1", weights="uniform").bind(model)
+    tokens = ids(12)
+    cache = prompt_latents(runner, tokens)
+    per_token = token_cosines(cache)
+    assert per_token[0].shape == (12,) and per_token[1] is None
+    assert group_cosines(cache)[0] == pytest.approx(float(per_token[0].mean()))
+    hidden = capture(model, [tokens], fields=("hidden",)).hidden  # (L+1, 1, T, D)
+    inputs = input_cosines(model, hidden, runner.groups)
+    layers = decoder_layers(model)
+    first, last = layers[0].input_layernorm(hidden[0, 0]), layers[3].input_layernorm(hidden[3, 0])
+    assert torch.allclose(inputs[0], torch.nn.functional.cosine_similarity(first, last, dim=-1), atol=1e-5)
+    assert inputs[1] is None

@@ -222,3 +222,18 @@ def test_energy_and_error_tables_are_consistent():
     errors = grouped_error_table({"k": kv}, [2, 4], [2, 4])
     assert len(errors) == (4 + 2) * 2 and (errors["grouped_rank"] >= errors["single_rank"]).all()
     assert errors["kept"].between(0, 1).all()
+
+
+def test_grouped_error_units_match_the_per_group_function():
+    from crosskv.lowrank import grouped_error_units, grouped_vs_single_error
+
+    kv = torch.randn(4, 2, 2, 24, 8, generator=torch.Generator().manual_seed(0))  # (L, N, H, T, d)
+    units = grouped_error_units({"k": kv}, [2], [3], [16, 24])
+    assert len(units) == 2 * 2 * 2  # lengths × sequences × groups
+    row = units[(units.tokens == 16) & (units.sequence == 1) & (units.first_layer == 2)].iloc[0]
+    direct = grouped_vs_single_error(kv[2:4, 1:2, :, :16], 2, 3)
+    assert row.single == pytest.approx(direct["single"], rel=1e-5)
+    assert row.grouped == pytest.approx(direct["grouped"], rel=1e-5)
+    assert row.grouped_rank == direct["grouped_rank"]
+    with pytest.raises(ValueError, match="length 30"):
+        grouped_error_units({"k": kv}, [2], [3], [30])

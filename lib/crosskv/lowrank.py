@@ -169,3 +169,45 @@ def grouped_error_table(fields: dict[str, torch.Tensor], group_sizes: list[int],
                                  "grouped_rank": result["grouped_rank"], "single": result["single"],
                                  "grouped": result["grouped"], "kept": result["elements"] / (g * t * h * d)})
     return pd.DataFrame(rows)
+
+
+def _tail_error(energy: torch.Tensor, rank: int) -> float:
+    """Relative error of a rank-``rank`` truncation from squared singular values ``(n,)``."""
+    return float((energy[rank:].sum() / energy.sum()).sqrt())
+
+
+def grouped_error_units(fields: dict[str, torch.Tensor], group_sizes: list[int], single_ranks: list[int],
+                        lengths: list[int]) -> "pandas.DataFrame":
+    """:func:`grouped_vs_single_error` for every (field, T, sequence, G, single rank, group): the paired units
+    of a per-layer vs grouped comparison at equal stored elements.
+
+    ``fields`` maps a label to ``(L, N, H, T_max, d)``; each T of ``lengths`` (≤ T_max) uses every sequence's
+    first T tokens. One SVD per layer and per group (errors for every rank come from its spectrum). One row
+    per unit with columns field, tokens, sequence, group_size, first_layer, single_rank, grouped_rank,
+    single, grouped (relative Frobenius errors over the group), kept (stored / uncompressed elements).
+    """
+    import pandas as pd
+
+    rows = []
+    for label, kv in fields.items():
+        layers, sequences, h, t_max, d = kv.shape
+        for t in lengths:
+            if not 0 < t <= t_max:
+                raise ValueError(f"length {t} outside 1..{t_max} (the captured tokens)")
+            for n in range(sequences):
+                part = kv[:, n:n + 1, :, :t]  # (L, 1, H, T, d)
+                layer_energy = [spectrum(group_matrix(part[i:i + 1]))[0].pow(2) for i in range(layers)]
+                for g in group_sizes:
+                    for first in range(0, layers - g + 1, g):
+                        group_energy_ = spectrum(group_matrix(part[first:first + g]))[0].pow(2)
+                        norms = [float(layer_energy[i].sum()) for i in range(first, first + g)]
+                        for r in single_ranks:
+                            budget = g * factored_elements(t, r, 1, h * d)
+                            grouped_rank = rank_for_elements(budget, t, g, h * d)
+                            single_sq = sum(_tail_error(layer_energy[first + i], r) ** 2 * norms[i] for i in range(g))
+                            rows.append({"field": label, "tokens": t, "sequence": n, "group_size": g,
+                                         "first_layer": first, "single_rank": r, "grouped_rank": grouped_rank,
+                                         "single": (single_sq / sum(norms)) ** 0.5,
+                                         "grouped": _tail_error(group_energy_, grouped_rank),
+                                         "kept": budget / (g * t * h * d)})
+    return pd.DataFrame(rows)

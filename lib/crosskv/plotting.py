@@ -134,3 +134,27 @@ def bars(df: pd.DataFrame, x: str, y: str, ax=None, title: str = "", ylabel: str
     ax.set_title(title)
     ax.tick_params(axis="x", rotation=rotate)
     return ax
+
+
+def interval_lines(df: pd.DataFrame, x: str, hue: str, ax=None, title: str = "", xlabel: str | None = None,
+                   ylabel: str = "score", band: tuple[float, float, str] | None = None, logx: bool = False,
+                   logy: bool = False, line: bool = True):
+    """``score`` with its 95 % interval (``score_lo``–``score_hi`` as error bars) against ``x``, one series per
+    ``hue`` value (sorted by ``x``); ``band = (lo, hi, label)`` shades a reference interval (e.g. the full cache)."""
+    ax = _axes(ax)
+    for key, part in df.groupby(hue, sort=False):
+        part = part.sort_values(x)
+        score = part["score"].to_numpy(float)
+        err = [score - part["score_lo"].to_numpy(float), part["score_hi"].to_numpy(float) - score]
+        ax.errorbar(part[x].to_numpy(), score, yerr=err, marker="o", ls="-" if line else "none", capsize=2,
+                    label=str(key))
+    if band is not None:
+        ax.axhspan(band[0], band[1], color="0.85", zorder=0, label=band[2])
+    if logx:
+        ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel or x)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    return ax

@@ -38,7 +38,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from crosskv import budget
 from crosskv.assets import data_dir
-from crosskv.capture import Rotary, attention_modules, kv_shape
+from crosskv.capture import Rotary, attention_modules, decoder_layers, kv_shape
 from crosskv.methods.base import MethodConfig, Runner, register
 from crosskv.methods.quant import QTensor, QuantSpec, quantize, split_residual
 from crosskv.progress import bar as progress_bar
@@ -695,10 +695,37 @@ def prompt_latents(runner: CommonKVRunner, ids: torch.Tensor) -> CommonKVCache:
     return cache
 
 
-def group_cosines(cache: CommonKVCache) -> list[float]:
-    """Per group: mean over tokens of the cosine between its first and last layer's latents (NaN for 1-layer groups)."""
+def token_cosines(cache: CommonKVCache) -> list[torch.Tensor | None]:
+    """Per group: cosine between its first and last layer's latents at every held position ``(T,)``
+    (averaged over the batch; ``None`` for 1-layer groups)."""
     out = []
     for group in cache.groups:
         layers = [cache.layers[i] for i in group]
-        out.append(float(group_similarity(layers, layers[0].pos).mean()) if len(layers) > 1 else float("nan"))
+        out.append(group_similarity(layers, layers[0].pos) if len(layers) > 1 else None)
+    return out
+
+
+def group_cosines(cache: CommonKVCache) -> list[float]:
+    """Per group: mean over tokens of the cosine between its first and last layer's latents (NaN for 1-layer groups)."""
+    return [float("nan") if c is None else float(c.mean()) for c in token_cosines(cache)]
+
+
+@torch.no_grad()
+def input_cosines(model, hidden: torch.Tensor, groups: list[list[int]]) -> list[torch.Tensor | None]:
+    """Per group: cosine between the normalised inputs of its first and last layer's K/V projections per token.
+
+    ``hidden``: ``(L+1, B, T, D)`` residual stream (row ℓ enters layer ℓ, as :func:`crosskv.capture.capture`
+    returns it); each layer's own ``input_layernorm`` is applied, so this is what ``k_proj``/``v_proj`` see.
+    Returns ``(B·T,)`` per group (``None`` for 1-layer groups) — the baseline the latents' cosine is compared to.
+    """
+    layers = decoder_layers(model)
+    if not all(hasattr(layer, "input_layernorm") for layer in layers):
+        raise ValueError(f"{type(layers[0]).__name__} has no input_layernorm: input_cosines needs the pre-attention norm")
+    out = []
+    for group in groups:
+        if len(group) < 2:
+            out.append(None)
+            continue
+        first, last = (layers[i].input_layernorm(hidden[i].to(model.dtype)).float().flatten(0, 1) for i in (group[0], group[-1]))
+        out.append(torch.nn.functional.cosine_similarity(first, last, dim=-1))
     return out

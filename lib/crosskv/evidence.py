@@ -1,0 +1,97 @@
+"""Notebook evidence from run records: the memory a run held, per-task and mix rows with intervals, and
+comparisons of quantities that are not harness runs (reconstruction errors, similarities).
+
+- :func:`held_kept` — the kept fraction a run measured by its memory census (``kept_held``), falling back
+  to the method's own accounting (``kept``) for records written before the census existed;
+- :func:`score_rows` — one row per (label, task) and per label over the whole mix (pooled samples), each
+  with ``score``/``score_lo``/``score_hi``/``n`` and the held kept (no timings: those come from
+  :mod:`crosskv.bench`, measured under one condition);
+- :func:`values_record` — a record whose "samples" are arbitrary paired units (a layer group, a token,
+  a sequence) so :func:`crosskv.stats.compare` can test a claim about them with a paired interval.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import pandas as pd
+
+from crosskv import stats
+
+
+def held_kept(record: dict[str, Any]) -> float:
+    """Measured held bytes / a plain cache's bytes (``kept_held``), else the reported ``kept``."""
+    value = record.get("kept_held")
+    if value is None:
+        value = record.get("kept")
+    if value is None:
+        raise ValueError(f"record {record.get('key', '?')[:12]} ({record.get('method')} on {record.get('task')}) "
+                         "has neither kept_held nor kept")
+    return float(value)
+
+
+def kept_source(records: Sequence[dict[str, Any]]) -> str:
+    """``"held"`` when every record carries the census (``kept_held``), else ``"reported"``: for captions."""
+    return "held" if all(r.get("kept_held") is not None for r in records) else "reported"
+
+
+def _is_perplexity(record: dict[str, Any]) -> bool:
+    return "nll" in record["details"][0]
+
+
+def _pooled_samples(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """A record with every sample of ``records`` (indices offset per record) for :func:`crosskv.stats.interval`."""
+    if not records or len({_is_perplexity(r) for r in records}) > 1:
+        raise ValueError("pool needs at least one record, all generation or all perplexity runs")
+    details, offset = [], 0
+    for record in records:
+        part = sorted(record["details"], key=lambda d: d["index"])
+        details += [{**d, "index": offset + d["index"]} for d in part]
+        offset += part[-1]["index"] + 1
+    first = records[0]
+    return {"method": first.get("method"), "params": first.get("params", {}), "context": first.get("context"),
+            "task": "+".join(str(r.get("task")) for r in records), "seed": first.get("seed"),
+            "metric": first.get("metric", "score"), "higher_is_better": first.get("higher_is_better", True),
+            "details": details}
+
+
+def pool(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One record over every sample of ``records`` (a method's runs over a task mix, same tasks and samples
+    for every method so pools pair in :func:`crosskv.stats.compare`); ``kept_held``/``kept`` are carried over as
+    sample-weighted means."""
+    pooled = _pooled_samples(records)
+    weights = [len(r["details"]) for r in records]
+    for field in ("kept_held", "kept"):
+        values = [r.get(field) for r in records]
+        if all(v is not None for v in values):
+            pooled[field] = sum(v * w for v, w in zip(values, weights)) / sum(weights)
+    return pooled
+
+
+def _row(label: str, task: str, record: dict[str, Any]) -> dict[str, Any]:
+    iv = stats.interval(record)
+    return {"label": label, "task": task, "kept": held_kept(record), "score": iv.estimate, "score_lo": iv.lo,
+            "score_hi": iv.hi, "n": iv.n}
+
+
+def score_rows(runs: Mapping[str, Sequence[dict[str, Any]]], mix: str = "mix") -> pd.DataFrame:
+    """Rows ``label, task, kept (held), score, score_lo, score_hi, n`` for every record of
+    ``runs`` (label → records of one method, one per task), plus a ``task == mix`` row per label pooling
+    its generation tasks' samples (the mix average when every task has the same sample count)."""
+    rows = []
+    for label, records in runs.items():
+        rows += [_row(label, r["task"], r) for r in records]
+        generation = [r for r in records if not _is_perplexity(r)]
+        if len(generation) > 1:
+            rows.append(_row(label, mix, pool(generation)))
+    return pd.DataFrame(rows)
+
+
+def values_record(values: Sequence[float], metric: str, higher_is_better: bool = True,
+                  task: str = "values") -> dict[str, Any]:
+    """A record whose sample ``i`` has score ``values[i]``: paired units (groups, tokens, sequences) for
+    :func:`crosskv.stats.interval` / :func:`crosskv.stats.compare`. Two such records pair when their
+    ``values`` list the same units in the same order."""
+    if len(values) == 0:
+        raise ValueError("values_record needs at least one value")
+    return {"task": task, "context": None, "seed": None, "metric": metric, "higher_is_better": higher_is_better,
+            "details": [{"index": i, "score": float(v)} for i, v in enumerate(values)]}

@@ -1,0 +1,44 @@
+"""crosskv.evidence: held kept with fallback, per-task and pooled rows with intervals, value records for paired checks."""
+from __future__ import annotations
+
+import pytest
+
+from crosskv import evidence, stats
+
+
+def record(task, scores, kept=0.5, kept_held=None, method="m"):
+    details = [{"index": i, "score": s} for i, s in enumerate(scores)]
+    return {"method": method, "task": task, "context": 64, "seed": 0, "metric": "accuracy", "higher_is_better": True,
+            "kept": kept, "kept_held": kept_held, "details": details}
+
+
+def test_held_kept_prefers_the_census_and_falls_back():
+    assert evidence.held_kept(record("a", [1], kept=0.5, kept_held=0.6)) == 0.6
+    assert evidence.held_kept(record("a", [1], kept=0.5)) == 0.5
+    assert evidence.kept_source([record("a", [1], kept_held=0.6), record("b", [1])]) == "reported"
+    with pytest.raises(ValueError, match="neither kept_held nor kept"):
+        evidence.held_kept({"method": "m", "task": "a"})
+
+
+def test_score_rows_add_a_pooled_mix_row_with_interval_and_n():
+    runs = {"x": [record("a", [1, 0, 1, 1], kept_held=0.3), record("b", [0, 0, 1, 0], kept_held=0.5)]}
+    rows = evidence.score_rows(runs)
+    mix = rows[rows.task == "mix"].iloc[0]
+    assert mix.n == 8 and mix.score == pytest.approx(0.5)
+    assert mix.score_lo <= mix.score <= mix.score_hi
+    assert mix.kept == pytest.approx(0.4)
+    assert set(rows.task) == {"a", "b", "mix"}
+
+
+def test_pooled_records_pair_across_methods():
+    a = evidence.pool([record("a", [1, 1, 1, 1]), record("b", [1, 1, 1, 1])])
+    b = evidence.pool([record("a", [0, 0, 0, 0]), record("b", [0, 0, 0, 0])])
+    assert stats.compare(a, b).verdict == "better"
+
+
+def test_values_record_pairs_units_for_compare():
+    lower = evidence.values_record([0.1, 0.2, 0.1, 0.15, 0.12], "error", higher_is_better=False)
+    higher = evidence.values_record([0.3, 0.4, 0.35, 0.3, 0.33], "error", higher_is_better=False)
+    assert stats.compare(lower, higher).verdict == "better"
+    with pytest.raises(ValueError, match="at least one value"):
+        evidence.values_record([], "error")
