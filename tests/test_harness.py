@@ -130,11 +130,11 @@ def test_store_skips_completed_runs_unless_forced(tiny_model, tmp_path, monkeypa
 def test_interrupted_run_leaves_no_record(tiny_model, tmp_path, monkeypatch):
     calls = []
 
-    def interrupted(runner, sample, stops):
+    def interrupted(runner, sample, stops, *settled):
         calls.append(sample.index)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(runner, sample, stops)
+        return real(runner, sample, stops, *settled)
 
     real = harness.run_generate
     monkeypatch.setattr(harness, "run_generate", interrupted)

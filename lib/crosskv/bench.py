@@ -93,10 +93,10 @@ def _inputs(model, tokenizer, context: int, batch: int, seed: int, device) -> tu
     """Context ids ``(B, T)`` (the same sequence in every row) and question ids ``(B, Q)``."""
     if is_random(model):
         generator = torch.Generator().manual_seed(seed)
-        ids = torch.randint(0, len(tokenizer), (1, context), generator=generator)
+        ids = torch.randint(0, len(tokenizer), (1, context), generator=generator, device="cpu")  # seeded on the CPU
     else:
         ids = heldout_windows(tokenizer, n=1, length=context, seed=seed)
-    question = torch.tensor([tokenizer(QUESTION, add_special_tokens=False).input_ids])
+    question = torch.tensor([tokenizer(QUESTION, add_special_tokens=False).input_ids], device="cpu")
     return ids.expand(batch, -1).to(device), question.expand(batch, -1).to(device)
 
 

@@ -162,7 +162,7 @@ def uneven(cache) -> bool:
     on such a cache; :func:`feed` then appends tokens one at a time (exact: single queries need no mask).
     Each full-attention layer's length is what its ``get_mask_sizes`` reports for one query.
     """
-    one = torch.zeros(1, dtype=torch.long)
+    one = torch.zeros(1, dtype=torch.long, device="cpu")  # get_mask_sizes reads its length only
     return len({layer.get_mask_sizes(one)[0] for layer in cache.layers if not getattr(layer, "is_sliding", False)}) > 1
 
 
