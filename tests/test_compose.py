@@ -289,6 +289,8 @@ def test_every_base_and_press_lossless_after_eviction_equals_eviction_alone(base
      "evict=knorm × base=svd strict=true"),
     ({"base": "full", "evict_ratio": "0.5"}, "evict_ratio=0.5 with evict='none'"),
     ({"base": "full", "evict": "snapkv", "window_size": "0"}, "window_size=0"),
+    ({"base": "kvsharer_xkv", "base_params": "shared_layers=2", "evict": "snapkv", "evict_ratio": "0.5"},
+     "evict=snapkv × base=kvsharer_xkv × bits=0: its consumers view a compressed producer group"),
 ])
 def test_unsupported_compositions_refused_at_config_time(params, message):
     with pytest.raises(ValueError, match=message):
@@ -296,14 +298,15 @@ def test_unsupported_compositions_refused_at_config_time(params, message):
 
 
 def test_composition_matrix_lists_every_base_evict_bits_and_agrees_with_config():
-    from crosskv.methods.compose import EVICTIONS, bases, composition_matrix
+    from crosskv.methods.compose import EVICTIONS, UNEVICTABLE, bases, composition_matrix
     from crosskv.methods.quant import BITS
 
     rows = composition_matrix()
     assert {r["base"] for r in rows} == set(bases(include_refused=True))
     assert {r["base"] for r in rows if r["supported"]} == set(bases()) >= {"full", "xkv", "svd", "minicache",
                                                                            "commonkv", "kvsharer"}
-    assert {r["base"] for r in rows if not r["supported"]} == {n for n in REGISTRY if n.startswith("kvpress:")}
+    assert {r["base"] for r in rows if not r["supported"]} == {n for n in REGISTRY if n.startswith("kvpress:")} | set(UNEVICTABLE)
+    assert all(not r["supported"] for r in rows if r["base"] in UNEVICTABLE and r["evict"] != "none")
     assert len(rows) == len(bases(include_refused=True)) * len(EVICTIONS) * (1 + len(BITS))
     assert all(r["rule"] for r in rows)
     for row in rows:

@@ -61,6 +61,10 @@ UNIT_RULES = {
     "commonkv": "one token set per layer group; the merge runs on the group's kept tokens",
     "kvsharer": "producers evicted, each its own set; consumers read their producer's evicted layer",
 }
+UNEVICTABLE = {  # bases whose token-set rule under eviction is not implemented (and so not reference-tested)
+    "kvsharer_xkv": ("its consumers view a compressed producer group, which no token-set rule covers yet; "
+                     "evict with base=kvsharer or base=xkv"),
+}
 BUDGET_RULE = ("a unit of layers that share (group, pair) keeps the mean of its layers' budgets (rounded half up) "
                "in tokens, ranked by the mean of its layers' scores")
 
@@ -123,6 +127,8 @@ def refusal(base: str, evict: str, bits: int, base_config: MethodConfig | None =
         return f"evict={evict!r} is not one of {EVICTIONS}"
     if bits and bits not in BITS:
         return f"bits={bits} is not 0 (off) or one of {BITS}"
+    if evict != "none" and base in UNEVICTABLE:
+        return f"evict={evict} × base={base} × bits={bits}: {UNEVICTABLE[base]}"
     if evict != "none" and getattr(base_config, "strict", False):
         return (f"evict={evict} × base={base} strict=true × bits={bits}: strict mode compresses each group inside "
                 "the prefill, before the tokens to evict are known; use strict=false")
