@@ -25,7 +25,7 @@ assets: setup  ## fetch, verify and convert the embedded model and essay corpus 
 	$(PY) -m crosskv assets
 
 test: setup assets  ## run the whole test suite (the CI command)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=10
 
 test-fast: setup  ## unit tests only (no model, no notebooks)
 	$(PY) -m pytest -q -m "not slow"
