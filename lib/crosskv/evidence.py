@@ -15,18 +15,12 @@ from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
-from crosskv import stats
+from crosskv import frontier, stats
 
 
 def held_kept(record: dict[str, Any]) -> float:
     """Measured held bytes / a plain cache's bytes (``kept_held``), else the reported ``kept``."""
-    value = record.get("kept_held")
-    if value is None:
-        value = record.get("kept")
-    if value is None:
-        raise ValueError(f"record {record.get('key', '?')[:12]} ({record.get('method')} on {record.get('task')}) "
-                         "has neither kept_held nor kept")
-    return float(value)
+    return frontier.held_kept(record)[0]
 
 
 def kept_source(records: Sequence[dict[str, Any]]) -> str:
@@ -34,31 +28,12 @@ def kept_source(records: Sequence[dict[str, Any]]) -> str:
     return "held" if all(r.get("kept_held") is not None for r in records) else "reported"
 
 
-def _is_perplexity(record: dict[str, Any]) -> bool:
-    return "nll" in record["details"][0]
-
-
-def _pooled_samples(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """A record with every sample of ``records`` (indices offset per record) for :func:`crosskv.stats.interval`."""
-    if not records or len({_is_perplexity(r) for r in records}) > 1:
-        raise ValueError("pool needs at least one record, all generation or all perplexity runs")
-    details, offset = [], 0
-    for record in records:
-        part = sorted(record["details"], key=lambda d: d["index"])
-        details += [{**d, "index": offset + d["index"]} for d in part]
-        offset += part[-1]["index"] + 1
-    first = records[0]
-    return {"method": first.get("method"), "params": first.get("params", {}), "context": first.get("context"),
-            "task": "+".join(str(r.get("task")) for r in records), "seed": first.get("seed"),
-            "metric": first.get("metric", "score"), "higher_is_better": first.get("higher_is_better", True),
-            "details": details}
-
-
 def pool(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """One record over every sample of ``records`` (a method's runs over a task mix, same tasks and samples
     for every method so pools pair in :func:`crosskv.stats.compare`); ``kept_held``/``kept`` are carried over as
     sample-weighted means."""
-    pooled = _pooled_samples(records)
+    pooled = {**stats.pool(records), "task": "+".join(str(r.get("task")) for r in records),
+              "context": records[0].get("context")}
     weights = [len(r["details"]) for r in records]
     for field in ("kept_held", "kept"):
         values = [r.get(field) for r in records]
@@ -80,7 +55,7 @@ def score_rows(runs: Mapping[str, Sequence[dict[str, Any]]], mix: str = "mix") -
     rows = []
     for label, records in runs.items():
         rows += [_row(label, r["task"], r) for r in records]
-        generation = [r for r in records if not _is_perplexity(r)]
+        generation = [r for r in records if not stats.is_perplexity(r)]
         if len(generation) > 1:
             rows.append(_row(label, mix, pool(generation)))
     return pd.DataFrame(rows)

@@ -88,7 +88,8 @@ def perplexity_ci(nll: Sequence[float], tokens: Sequence[int], level: float = LE
     return Interval(estimate, lo, hi, int(a.size), level)
 
 
-def _is_perplexity(record: dict[str, Any]) -> bool:
+def is_perplexity(record: dict[str, Any]) -> bool:
+    """True for a perplexity run (per-window ``nll`` details), False for a scored generation run."""
     details = record.get("details") or []
     return bool(details) and "nll" in details[0]
 
@@ -104,7 +105,7 @@ def _details(record: dict[str, Any]) -> list[dict[str, Any]]:
 def interval(record: dict[str, Any], level: float = LEVEL, resamples: int = RESAMPLES, seed: int = 0) -> Interval:
     """The run's score with its bootstrap interval over samples (score mean or window perplexity)."""
     details = _details(record)
-    if _is_perplexity(record):
+    if is_perplexity(record):
         return perplexity_ci([d["nll"] for d in details], [d["scored_tokens"] for d in details], level, resamples, seed)
     return mean_ci([d["score"] for d in details], level, resamples, seed)
 
@@ -125,7 +126,7 @@ def paired_diff(a: dict[str, Any], b: dict[str, Any], level: float = LEVEL, resa
     """Score of run ``a`` minus run ``b`` on the same samples, resampling sample indices jointly."""
     da, db = _paired_arrays(a, b)
     n = len(da)
-    if _is_perplexity(a):
+    if is_perplexity(a):
         na, nb = np.array([d["nll"] for d in da]), np.array([d["nll"] for d in db])
         ta, tb = np.array([d["scored_tokens"] for d in da], float), np.array([d["scored_tokens"] for d in db], float)
 
@@ -191,7 +192,7 @@ def pool(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     records = list(records)
     if not records:
         raise ValueError("pool needs at least one record")
-    if len({_is_perplexity(r) for r in records}) > 1:
+    if len({is_perplexity(r) for r in records}) > 1:
         raise ValueError("pool cannot mix perplexity and generation runs")
     details, offset = [], 0
     for record in records:
