@@ -53,7 +53,7 @@ def tiny_model():
     → (model, tokenizer). Seconds to build; for harness plumbing tests where answers do not matter."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from crosskv import assets
+    from crosskv.core import assets
 
     tokenizer = AutoTokenizer.from_pretrained(str(assets.require(assets.embedded_model_dir(), "embedded model")))
     torch.manual_seed(0)

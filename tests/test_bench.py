@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from conftest import drive
-from crosskv.bench import COLUMNS, bench, parse_method, rebuild_gemms
-from crosskv.capture import kv_shape
+from crosskv.run.bench import COLUMNS, bench, parse_method, rebuild_gemms
+from crosskv.core.capture import kv_shape
 from crosskv.methods import make_method
-from crosskv.models import RANDOM_SHAPES, load_model, random_config
+from crosskv.core.models import RANDOM_SHAPES, load_model, random_config
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_evaluate_warns_that_random_scores_are_meaningless(tiny, caplog):
     import crosskv
 
     model, tokenizer = tiny
-    with caplog.at_level(logging.WARNING, logger="crosskv.harness"):
+    with caplog.at_level(logging.WARNING, logger="crosskv.run.harness"):
         crosskv.evaluate(model, tokenizer, "full", "niah_single_2", context=128, samples=1, store=False,
                          progress=False, max_new_tokens=2)
     assert "meaningless" in caplog.text
@@ -98,7 +98,7 @@ def test_bench_refuses_unknown_mode(tiny):
 def test_cli_bench_writes_csv(tmp_path, capsys):
     import pandas as pd
 
-    from crosskv.cli import main
+    from crosskv.integrations.cli import main
 
     out = tmp_path / "bench.csv"
     assert main(["bench", "--model", "random:tiny", "--device", "cpu", "--contexts", "48", "--methods", "full",

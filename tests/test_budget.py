@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from crosskv import budget
+from crosskv.core import budget
 
 
 def test_layer_groups_last_group_smaller():

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from crosskv.census import RunCensus, held_bytes, held_tensors
+from crosskv.cache.census import RunCensus, held_bytes, held_tensors
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def _method_configs(tmp_path, model):
     from crosskv.methods import REGISTRY, make_method
     from crosskv.methods.compose import EVICTIONS
     from crosskv.methods.kvsharer import SharingStrategy
-    from crosskv.methods.quant import BITS
+    from crosskv.cache.quant import BITS
 
     layers = model.config.num_hidden_layers
     strategy = tmp_path / "strategy.json"
@@ -151,9 +151,9 @@ def _label(name, params) -> str:
 
 @pytest.mark.slow
 def test_held_equals_reported_for_every_method_and_composition(model16, tmp_path):
-    from crosskv.data import heldout_text
-    from crosskv.harness import _prefill, feed
-    from crosskv.methods import kv_bytes
+    from crosskv.core.data import heldout_text
+    from crosskv.run.harness import _prefill, feed
+    from crosskv.cache.storage import kv_bytes
 
     model, tok = model16
     device = next(model.parameters()).device

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from crosskv import cli
+from crosskv.integrations import cli
 from crosskv.methods import REGISTRY
 
 

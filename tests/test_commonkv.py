@@ -5,9 +5,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, Qwen2Config
 
-from crosskv import accounting, budget
-from crosskv.capture import attention_modules, kv_shape
-from crosskv.methods import commonkv, kv_bytes, make_method
+import accounting
+from crosskv.core import budget
+from crosskv.core.capture import attention_modules, kv_shape
+from crosskv.cache.storage import kv_bytes
+from crosskv.methods import commonkv, make_method
 from crosskv.methods.commonkv import (CommonKVCache, LatentKeyProj, key_noise_sensitivity, merge_groups,
                                       value_fisher)
 
@@ -220,7 +222,7 @@ def test_measurements_cached_on_disk_once(tmp_path, monkeypatch):
 
 
 def test_measurements_follow_code_and_weights_and_survive_a_torn_file(tmp_path, monkeypatch, caplog):
-    from crosskv import fingerprint
+    from crosskv.core import fingerprint
 
     monkeypatch.setattr(commonkv, "cache_dir", lambda: tmp_path)
     model = tiny_model("llama")
@@ -320,7 +322,7 @@ def test_embedded_default_holds_less_than_a_plain_cache(model32):
 
 
 def test_token_and_input_cosines_per_group():
-    from crosskv.capture import capture, decoder_layers
+    from crosskv.core.capture import capture, decoder_layers
     from crosskv.methods.commonkv import group_cosines, input_cosines, prompt_latents, token_cosines
 
     model = tiny_model("llama", layers=5)  # groups of 4: [0..3], [4]

@@ -5,12 +5,13 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from crosskv.census import held_bytes, held_tensors
-from crosskv.methods import REGISTRY, kv_bytes, make_method
+from crosskv.cache.census import held_bytes, held_tensors
+from crosskv.cache.storage import kv_bytes
+from crosskv.methods import REGISTRY, make_method
 from crosskv.methods.compose import STAGES, parse_params
-from crosskv.methods.eviction import EvictedLayer
+from crosskv.cache.eviction import EvictedLayer
 from crosskv.methods.kvsharer import SharingStrategy
-from crosskv.methods.quant import KiviLayer
+from crosskv.cache.quant import KiviLayer
 from test_commonkv import ids, run, tiny_model
 
 
@@ -132,7 +133,7 @@ def test_bad_input(params, message):
 # ----------------------------------------------------------------------------- unit rule (small tensors)
 
 def test_token_sets_pool_scores_and_mean_budget_per_unit():
-    from crosskv.methods.eviction import token_sets
+    from crosskv.cache.eviction import token_sets
 
     scores = {0: torch.tensor([5., 0, 0, 1, 9]), 1: torch.tensor([0., 5, 0, 2, 9]), 2: torch.tensor([1., 2, 3, 4, 5])}
     kept = token_sets(scores, {0: 1, 1: 4, 2: 2}, [(0, 1), (2,)])
@@ -156,7 +157,7 @@ def held(layer) -> int:
 def composed(model, tokenizer, config, tokens):
     """As the harness runs a method: prefill the context at explicit positions, compress, feed the question
     (one forward unless layer lengths differ), then one token per step → (logits (1, Q+S, V) of those tokens, cache)."""
-    from crosskv.harness import feed
+    from crosskv.run.harness import feed
 
     context = tokens.shape[1] - QUESTION - STEPS
     runner = config.bind(model, tokenizer)
@@ -195,7 +196,7 @@ def evicted_reference(model, tokens, kept: dict[int, torch.Tensor], mapping: dic
 
 @pytest.fixture(scope="module")
 def essay(model32):
-    from crosskv.data import heldout_windows
+    from crosskv.core.data import heldout_windows
 
     return heldout_windows(model32[1], n=1, length=CONTEXT + QUESTION + STEPS)
 
@@ -299,7 +300,7 @@ def test_unsupported_compositions_refused_at_config_time(params, message):
 
 def test_composition_matrix_lists_every_base_evict_bits_and_agrees_with_config():
     from crosskv.methods.compose import EVICTIONS, UNEVICTABLE, bases, composition_matrix
-    from crosskv.methods.quant import BITS
+    from crosskv.cache.quant import BITS
 
     rows = composition_matrix()
     assert {r["base"] for r in rows} == set(bases(include_refused=True))
@@ -324,7 +325,7 @@ def test_composition_matrix_lists_every_base_evict_bits_and_agrees_with_config()
 
 
 def test_list_shows_the_composition_matrix(capsys):
-    from crosskv.cli import main
+    from crosskv.integrations.cli import main
 
     assert main(["list", "compositions"]) == 0
     out = capsys.readouterr().out

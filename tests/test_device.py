@@ -13,7 +13,7 @@ FACTORIES = {"arange", "zeros", "ones", "empty", "full", "tensor", "as_tensor", 
              "randn", "rand", "randint", "randperm", "normal", "tril_indices", "triu_indices", "empty_strided"}
 # modules allowed to build CPU tensors without naming a device, and why
 ALLOWED = {
-    "data.py": "token ids of the corpus and seeded calibration windows are CPU data; callers move them to the model",
+    "core/data.py": "token ids of the corpus and seeded calibration windows are CPU data; callers move them to the model",
 }
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from crosskv import figures
-from crosskv.assets import PROJECT_ROOT
+from crosskv.evidence import figures
+from crosskv.core.assets import PROJECT_ROOT
 
 NOTEBOOKS = figures.notebooks()
 # Columns that report a quality number (a score in [0, 1], a perplexity or an accuracy).

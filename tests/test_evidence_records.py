@@ -1,9 +1,10 @@
-"""crosskv.evidence: held kept with fallback, per-task and pooled rows with intervals, value records for paired checks."""
+"""crosskv.evidence.records: held kept with fallback, per-task and pooled rows with intervals, value records for paired checks."""
 from __future__ import annotations
 
 import pytest
 
-from crosskv import evidence, stats
+from crosskv.evidence import records as evidence
+from crosskv.evidence import stats
 
 
 def record(task, scores, kept=0.5, kept_held=None, method="m"):

@@ -8,7 +8,9 @@ import nbformat
 import pandas as pd
 import pytest
 
-from crosskv import figures, plotting, tables
+from crosskv.evidence import figures
+from crosskv.evidence import plotting
+from crosskv.evidence import tables
 
 
 def _notebook(tmp_path, params_src="model: str = 'm'  # a model\nn: int = 3\n"):
@@ -79,7 +81,7 @@ def test_savefig_is_byte_stable(tmp_path):
 def test_figures_and_tables_carry_their_commit(tmp_path):
     from PIL import Image
 
-    from crosskv import results
+    from crosskv.run import results
 
     fig, ax = plt.subplots()
     ax.plot([1, 2], [2, 1])

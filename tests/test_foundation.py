@@ -8,7 +8,10 @@ import zipfile
 import pytest
 import torch
 
-from crosskv import assets, capture, data, models
+from crosskv.core import assets
+from crosskv.core import capture
+from crosskv.core import data
+from crosskv.core import models
 
 
 # ---------------------------------------------------------------- assets

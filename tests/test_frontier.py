@@ -6,7 +6,7 @@ import math
 import pandas as pd
 import pytest
 
-from crosskv import frontier
+from crosskv.evidence import frontier
 
 
 def rec(method, task, scores, kept, params=None, **extra):
@@ -53,7 +53,7 @@ def test_mix_record_pools_tasks_and_pairs():
     a = frontier.mix_record([rec("m", "t1", [1, 1], 0.5), rec("m", "t2", [0, 1], 0.3)])
     assert a["score"] == 0.75 and a["kept"] == pytest.approx(0.4) and a["task"] == "mix:t1+t2"
     b = frontier.mix_record([rec("n", "t2", [0, 0], 0.2), rec("n", "t1", [0, 0], 0.2)])
-    from crosskv import stats
+    from crosskv.evidence import stats
     assert stats.compare(a, b).diff.estimate == pytest.approx(0.75)
     with pytest.raises(ValueError, match="accuracy tasks only"):
         frontier.mix_record([ppl_rec("m", [1.0], 0.5)])

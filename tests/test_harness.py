@@ -8,8 +8,10 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from crosskv import harness, results
-from crosskv.methods import kv_bytes, make_method
+from crosskv.run import harness
+from crosskv.run import results
+from crosskv.cache.storage import kv_bytes
+from crosskv.methods import make_method
 from crosskv.tasks import make_task
 
 
@@ -181,7 +183,7 @@ def test_full_finds_the_needle_at_2k(model16):
 # --- results keyed by content ----------------------------------------------------------------------------
 
 def test_changed_library_code_recomputes_and_unchanged_is_served(tiny_model, tmp_path, monkeypatch):
-    from crosskv import fingerprint
+    from crosskv.core import fingerprint
 
     first = run(tiny_model, tmp=tmp_path, max_new_tokens=2, samples=1)
     assert first["code"] == fingerprint.code_fingerprint() and "git_dirty" in first and "git_head" in first
@@ -197,7 +199,7 @@ def test_changed_library_code_recomputes_and_unchanged_is_served(tiny_model, tmp
 def test_code_fingerprint_follows_the_package_sources(tmp_path, monkeypatch):
     import shutil
 
-    from crosskv import fingerprint
+    from crosskv.core import fingerprint
 
     copy = tmp_path / "crosskv"
     shutil.copytree(fingerprint.PACKAGE_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
@@ -218,7 +220,7 @@ def test_code_fingerprint_follows_the_package_sources(tmp_path, monkeypatch):
 def test_model_fingerprint_sees_weights_and_is_cached(tiny_model):
     import copy as copy_
 
-    from crosskv import fingerprint
+    from crosskv.core import fingerprint
 
     model, _ = tiny_model
     clone = copy_.deepcopy(model)
@@ -232,7 +234,7 @@ def test_model_fingerprint_sees_weights_and_is_cached(tiny_model):
 
 
 def test_file_parameters_are_keyed_by_content(tmp_path):
-    from crosskv import fingerprint
+    from crosskv.core import fingerprint
 
     task = tmp_path / "prompts.jsonl"
     task.write_text('{"context": "a", "question": "b", "answers": ["c"]}\n')
@@ -247,7 +249,7 @@ def test_torn_record_is_recomputed_and_replaced_with_a_warning(tiny_model, tmp_p
     first = run(tiny_model, tmp=tmp_path, max_new_tokens=2, samples=1)
     path = tmp_path / f"{first['key']}.json"
     path.write_text(path.read_text()[:50])
-    with caplog.at_level("WARNING", logger="crosskv.results"):
+    with caplog.at_level("WARNING", logger="crosskv.run.results"):
         again = run(tiny_model, tmp=tmp_path, max_new_tokens=2, samples=1)
     assert str(path) in caplog.text
     assert again["key"] == first["key"] and json.loads(path.read_text())["key"] == first["key"]

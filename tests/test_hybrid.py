@@ -5,8 +5,9 @@ import pytest
 import torch
 from conftest import drive
 
-from crosskv.capture import kv_shape
-from crosskv.methods import kv_bytes, make_method
+from crosskv.core.capture import kv_shape
+from crosskv.cache.storage import kv_bytes
+from crosskv.methods import make_method
 from crosskv.methods.hybrid import ProducerView
 from crosskv.methods.kvsharer import SharingStrategy
 

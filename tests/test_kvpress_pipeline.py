@@ -5,9 +5,9 @@ import pytest
 from transformers import pipeline
 
 import crosskv
-from crosskv import harness
-from crosskv.data import heldout_text
-from crosskv.kvpress_pipeline import CrossKVPress
+from crosskv.run import harness
+from crosskv.core.data import heldout_text
+from crosskv.integrations.kvpress import CrossKVPress
 from crosskv.methods import make_method
 from crosskv.tasks import Sample
 

@@ -8,9 +8,10 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from crosskv.capture import Rotary, attention_modules
+from crosskv.core.capture import Rotary, attention_modules
 from crosskv.methods import kvsharer as kvs
-from crosskv.methods.base import kv_bytes, make_method
+from crosskv.cache.storage import kv_bytes
+from crosskv.methods.base import make_method
 
 L = 30
 CONFIG_30 = SimpleNamespace(num_hidden_layers=30, num_key_value_heads=3, hidden_size=576, num_attention_heads=9)
@@ -133,7 +134,7 @@ def _forced_run(model, cache, prompt: torch.Tensor, steps: torch.Tensor) -> list
 
 
 def _prompt(tokenizer, length: int = 40) -> torch.Tensor:
-    from crosskv.data import heldout_windows
+    from crosskv.core.data import heldout_windows
 
     return heldout_windows(tokenizer, n=1, length=length, seed=3)
 
@@ -237,7 +238,7 @@ def test_search_returns_c_consumers_mapped_earlier(model32):
     assert not set(s.mapping.values()) & set(s.mapping)
     assert s.candidates_tried == len(s.trace) >= 4 and s.search_seconds > 0
     assert all(t["cosine"] > 0.5 for t in s.trace if t["accepted"])
-    distances = kvs.layer_distances(model, __import__("crosskv.data", fromlist=["x"]).calibration_set(
+    distances = kvs.layer_distances(model, __import__("crosskv.core.data", fromlist=["x"]).calibration_set(
         tok, n=6, length=32, seed=0))
     first = s.trace[0]
     assert distances[first["consumer"], first["producer"]] == pytest.approx(float(distances.tril(-1).max()), rel=1e-6)
@@ -271,7 +272,7 @@ def test_method_searches_once_and_caches(model32, tmp_path, monkeypatch):
 def test_search_cache_key_follows_code_and_weights(tmp_path, monkeypatch):
     import copy
 
-    from crosskv import fingerprint
+    from crosskv.core import fingerprint
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -293,7 +294,7 @@ def test_search_cache_key_follows_code_and_weights(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_search_cli_writes_a_valid_strategy(tmp_path):
     out = tmp_path / "strategy.json"
-    from crosskv.cli import main
+    from crosskv.integrations.cli import main
 
     assert main(["search", "--shared-layers", "1", "--calibration-samples", "2", "--calibration-length", "16",
                            "--order", "similar", "--out", str(out)]) == 0
@@ -344,7 +345,7 @@ def test_consumers_skip_their_projections_and_logits_are_unchanged(arch):
 
 @pytest.mark.slow
 def test_sweep_prefix_equals_its_own_search(model32, tmp_path, monkeypatch):
-    from crosskv.kvsharer_sweep import prefix_strategy, search_sweep
+    from crosskv.methods.kvsharer_sweep import prefix_strategy, search_sweep
 
     model, tok = model32
     monkeypatch.setattr(kvs, "CACHE_DIR", tmp_path)

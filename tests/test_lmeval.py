@@ -8,9 +8,9 @@ import torch
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness not installed: pip install -e .[lmeval]")
 
-from crosskv import harness  # noqa: E402
-from crosskv.data import heldout_text  # noqa: E402
-from crosskv.lmeval import DEFAULT_SPLIT, CrossKVLM, cut_at_stops, split_prompt  # noqa: E402
+from crosskv.run import harness  # noqa: E402
+from crosskv.core.data import heldout_text  # noqa: E402
+from crosskv.integrations.lmeval import DEFAULT_SPLIT, CrossKVLM, cut_at_stops, split_prompt  # noqa: E402
 from crosskv.methods import make_method  # noqa: E402
 from crosskv.tasks import Sample  # noqa: E402
 
@@ -94,7 +94,7 @@ def test_command_line_runs_the_crosskv_model(model32, tmp_path):
     doc = {"context": heldout_text(model32[1], 80), "question": "What is the essay about?", "answer": "x"}
     data.write_text(json.dumps(doc) + "\n")
     (tmp_path / "crosskv_essays.yaml").write_text(TASK.format(data=data))
-    command = [sys.executable, "-m", "crosskv.lmeval", "run", "--model", "crosskv", "--model_args",
+    command = [sys.executable, "-m", "crosskv.integrations.lmeval", "run", "--model", "crosskv", "--model_args",
                "pretrained=smollm2-135m,method=xkv,kept=0.3", "--device", "cpu", "--tasks", "crosskv_essays",
                "--include_path", str(tmp_path)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=dict(os.environ))

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from conftest import drive
-from crosskv.accounting import full_bytes, minicache_bytes
-from crosskv.capture import KVShape, kv_shape
-from crosskv.methods import kv_bytes, make_method
+from accounting import full_bytes, minicache_bytes
+from crosskv.core.capture import KVShape, kv_shape
+from crosskv.cache.storage import kv_bytes
+from crosskv.methods import make_method
 from crosskv.methods.minicache import MiniCache, merge_pair, retained_mask, slerp_directions
 
 SMOL = KVShape(layers=30, kv_heads=3, head_dim=64, hidden=576, heads=9)

@@ -7,7 +7,7 @@ import math
 import pandas as pd
 import pytest
 
-from crosskv import figures
+from crosskv.evidence import figures
 from test_evidence import check_executed
 
 NOTEBOOKS = figures.notebooks()

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import torch
 
-from crosskv import harness
+from crosskv.run import harness
 from crosskv.methods import REGISTRY, make_method
 
 PEERS = ["kvpress:snapkv", "kvpress:pyramidkv", "kvpress:knorm", "kvpress:streaming_llm", "kvpress:expected_attention"]
@@ -37,7 +37,7 @@ def test_out_of_range_press_fields_are_refused(name, field, value):
 
 
 def test_importing_crosskv_does_not_import_kvpress():
-    code = "import sys, crosskv.methods, crosskv.harness, crosskv.cli, crosskv.tasks; " \
+    code = "import sys, crosskv.methods, crosskv.run.harness, crosskv.integrations.cli, crosskv.tasks; " \
            "crosskv.tasks.get_task('ppl'); print('kvpress' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
@@ -61,7 +61,7 @@ def test_kvpress_import_leaves_our_logits_unchanged(tmp_path):
         if sys.argv[1] == "import":
             import kvpress  # noqa: F401  (patches transformers' attention functions)
         import crosskv
-        from crosskv.harness import run_generate
+        from crosskv.run.harness import run_generate
         from crosskv.methods import make_method
         from crosskv.tasks import make_task
         assert ("kvpress" in sys.modules) == (sys.argv[1] == "import")

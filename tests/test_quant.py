@@ -6,10 +6,10 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from crosskv import accounting
-from crosskv.methods import kv_bytes
-from crosskv.census import held_bytes
-from crosskv.methods.quant import KiviLayer, QTensor, QuantSpec, dense, quantize, quantize_cache, step_size
+import accounting
+from crosskv.cache.storage import kv_bytes
+from crosskv.cache.census import held_bytes
+from crosskv.cache.quant import KiviLayer, QTensor, QuantSpec, dense, quantize, quantize_cache, step_size
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from crosskv import results
+from crosskv.run import results
 
 
 def record(key="k1", method="full", **extra):

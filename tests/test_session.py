@@ -5,11 +5,11 @@ import pytest
 import torch
 
 import crosskv
-from crosskv import harness
-from crosskv.data import heldout_text
+from crosskv.run import harness
+from crosskv.core.data import heldout_text
 from crosskv.methods import make_method
 from crosskv.methods.kvsharer import SharingStrategy
-from crosskv.session import compressed, layer_lengths, rewind
+from crosskv.run.session import compressed, layer_lengths, rewind
 from crosskv.tasks import Sample
 
 FULL_RANK_XKV = dict(group_size=4, rank_k=768, rank_v=768)  # G·H_kv·d of the embedded model: lossless

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from crosskv import similarity as sim
+from crosskv.core import similarity as sim
 
 
 def _orthogonal(n: int, seed: int = 0) -> torch.Tensor:

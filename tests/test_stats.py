@@ -1,10 +1,11 @@
-"""Bootstrap intervals and paired comparisons (crosskv.stats) and rendered verdicts (crosskv.report)."""
+"""Bootstrap intervals and paired comparisons (crosskv.evidence.stats) and rendered verdicts (crosskv.evidence.report)."""
 import math
 
 import numpy as np
 import pytest
 
-from crosskv import report, stats
+from crosskv.evidence import report
+from crosskv.evidence import stats
 
 
 def _run(method, scores, task="niah", nll=None):

@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from conftest import drive
-from crosskv.accounting import full_bytes, xkv_bytes
-from crosskv.capture import KVShape, capture, kv_shape
-from crosskv.lowrank import (energy_captured, factored_elements, gram_factors, group_matrix, grouped_vs_single_error,
+from accounting import full_bytes, xkv_bytes
+from crosskv.core.capture import KVShape, capture, kv_shape
+from crosskv.core.lowrank import (energy_captured, factored_elements, gram_factors, group_matrix, grouped_vs_single_error,
                              rank_error, split_group_matrix, truncated_svd)
-from crosskv.methods import kv_bytes, make_method
+from crosskv.cache.storage import kv_bytes
+from crosskv.methods import make_method
 from crosskv.methods.svd import XKV, FactoredPrefix, PrefixRope, lowrank_attention, ranks_for_kept, scale_rank
 
 SMOL = KVShape(layers=30, kv_heads=3, head_dim=64, hidden=576, heads=9)
@@ -198,7 +199,7 @@ def test_grouped_svd_beats_per_layer_svd_at_equal_bytes(model32):
     Finding recorded here: it holds for every group of layers 0..27 on SmolLM2-135M (grouped rank 56
     vs 4 × 32; relative error e.g. 0.177 vs 0.199 for layers 0-3), and for post-RoPE keys and values.
     """
-    import crosskv.data as data
+    import crosskv.core.data as data
 
     model, tokenizer = model32
     ids = data.heldout_windows(tokenizer, n=1, length=256, seed=0)
@@ -212,7 +213,7 @@ def test_grouped_svd_beats_per_layer_svd_at_equal_bytes(model32):
 
 
 def test_energy_and_error_tables_are_consistent():
-    from crosskv.lowrank import energy_table, grouped_error_table
+    from crosskv.core.lowrank import energy_table, grouped_error_table
 
     kv = torch.randn(8, 2, 3, 32, 4)  # (L, N, H, T, d)
     energy = energy_table({"k": kv}, [1, 4])
@@ -225,7 +226,7 @@ def test_energy_and_error_tables_are_consistent():
 
 
 def test_grouped_error_units_match_the_per_group_function():
-    from crosskv.lowrank import grouped_error_units, grouped_vs_single_error
+    from crosskv.core.lowrank import grouped_error_units, grouped_vs_single_error
 
     kv = torch.randn(4, 2, 2, 24, 8, generator=torch.Generator().manual_seed(0))  # (L, N, H, T, d)
     units = grouped_error_units({"k": kv}, [2], [3], [16, 24])

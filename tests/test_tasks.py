@@ -17,7 +17,7 @@ RULER_TASKS = [*ruler.NIAH_TASKS, "vt", "cwe", "fwe"]
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from crosskv import assets
+    from crosskv.core import assets
 
     return AutoTokenizer.from_pretrained(str(assets.require(assets.embedded_model_dir(), "embedded model")))
 

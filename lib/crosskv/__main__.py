@@ -1,3 +1,3 @@
-from crosskv.cli import main
+from crosskv.integrations.cli import main
 
 raise SystemExit(main())

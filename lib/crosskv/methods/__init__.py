@@ -1,5 +1,5 @@
 """Every method registers itself on import; :func:`make_method` builds one by name."""
-from crosskv.methods.base import REGISTRY, MethodConfig, Runner, kv_bytes, make_method, register, stored_tensors
+from crosskv.methods.base import REGISTRY, MethodConfig, Runner, make_method, register
 from crosskv.methods import full  # noqa: F401
 from crosskv.methods import commonkv, compose  # noqa: F401
 from crosskv.methods import kvsharer  # noqa: F401
@@ -7,4 +7,4 @@ from crosskv.methods import svd, minicache  # noqa: F401
 from crosskv.methods import hybrid  # noqa: F401
 from crosskv.methods import peers  # noqa: F401
 
-__all__ = ["REGISTRY", "MethodConfig", "Runner", "kv_bytes", "make_method", "register", "stored_tensors"]
+__all__ = ["REGISTRY", "MethodConfig", "Runner", "make_method", "register"]

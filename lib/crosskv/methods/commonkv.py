@@ -36,12 +36,12 @@ from torch import nn
 from transformers import Cache
 from transformers.cache_utils import CacheLayerMixin
 
-from crosskv import budget
-from crosskv.assets import data_dir
-from crosskv.capture import Rotary, attention_modules, decoder_layers, kv_shape
+from crosskv.core import budget
+from crosskv.core.assets import data_dir
+from crosskv.core.capture import Rotary, attention_modules, decoder_layers, kv_shape
 from crosskv.methods.base import MethodConfig, Runner, register
-from crosskv.methods.quant import QTensor, QuantSpec, quantize, split_residual
-from crosskv.progress import bar as progress_bar
+from crosskv.cache.quant import QTensor, QuantSpec, quantize, split_residual
+from crosskv.core.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -399,8 +399,8 @@ def merge_groups(cache: CommonKVCache, weights: list[float], unmerged_ratio: flo
 def cached_measurement(kind: str, model, key: dict, compute: Callable[[], list[float]]) -> list[float]:
     """``compute()`` once per (model weights, library code, ``kind``, ``key``); stored as JSON under
     ``data/cache/commonkv/``. An unreadable file is measured again and replaced."""
-    from crosskv import fingerprint
-    from crosskv.models import model_name
+    from crosskv.core import fingerprint
+    from crosskv.core.models import model_name
 
     full_key = {"format": FORMAT, "kind": kind, "model": model_name(model), "dtype": str(model.dtype),
                 "fingerprint": fingerprint.model_fingerprint(model), "code": fingerprint.code_fingerprint(), **key}
@@ -547,7 +547,7 @@ class CommonKV(MethodConfig):
         return self.unmerged_ratio < 1
 
     def calibration_ids(self, tokenizer) -> torch.Tensor:
-        from crosskv.data import calibration_set
+        from crosskv.core.data import calibration_set
 
         return calibration_set(tokenizer, n=self.calibration, length=self.calibration_length, seed=self.seed)
 
@@ -600,7 +600,7 @@ def kept_rank(kept: float, kv_width: int, stored_fraction: float, hidden: int, m
 
 def group_fisher(model, tokenizer, config: CommonKV, groups: list[list[int]]) -> list[float]:
     """Σ over each group's layers of the per-layer v_proj Fisher importance (measured once, cached on disk);
-    :func:`crosskv.budget.fisher_ranks` divides by the group size, i.e. ranks ∝ the per-layer mean."""
+    :func:`crosskv.core.budget.fisher_ranks` divides by the group size, i.e. ranks ∝ the per-layer mean."""
     per_layer = cached_measurement("fisher", model, config.calibration_key(),
                                    lambda: value_fisher(model, config.calibration_ids(tokenizer)))
     return [sum(per_layer[i] for i in g) for g in groups]
@@ -714,7 +714,7 @@ def group_cosines(cache: CommonKVCache) -> list[float]:
 def input_cosines(model, hidden: torch.Tensor, groups: list[list[int]]) -> list[torch.Tensor | None]:
     """Per group: cosine between the normalised inputs of its first and last layer's K/V projections per token.
 
-    ``hidden``: ``(L+1, B, T, D)`` residual stream (row ℓ enters layer ℓ, as :func:`crosskv.capture.capture`
+    ``hidden``: ``(L+1, B, T, D)`` residual stream (row ℓ enters layer ℓ, as :func:`crosskv.core.capture.capture`
     returns it); each layer's own ``input_layernorm`` is applied, so this is what ``k_proj``/``v_proj`` see.
     Returns ``(B·T,)`` per group (``None`` for 1-layer groups) — the baseline the latents' cosine is compared to.
     """

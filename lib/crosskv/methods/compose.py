@@ -3,7 +3,7 @@
 The order is fixed and documented here (it is also the order of :attr:`ComposeRunner.stages`):
 
 1. **evict** — while the context is prefilled, a kvpress scorer press (``evict``: one of
-   :data:`~crosskv.methods.eviction.EVICTIONS` — snapkv, pyramidkv, knorm, streaming_llm,
+   :data:`~crosskv.cache.eviction.EVICTIONS` — snapkv, pyramidkv, knorm, streaming_llm,
    expected_attention) scores every layer's context tokens, averaged over the KV heads, and gives
    each layer a budget (``compute_n_kept``, or PyramidKV's ``get_layer_budget``). After the prefill
    the layers are partitioned into *units* that must keep the same tokens, because they share
@@ -22,7 +22,7 @@ The order is fixed and documented here (it is also the order of :attr:`ComposeRu
    layers' scores. With a uniform budget (SnapKV …) that is every layer's budget; with per-layer budgets
    (PyramidKV) a group gets the mean of its layers' pyramid budgets, so the total stays ≈ the pyramid's.
 2. **compress** — the base method's own ``compress`` runs on the kept tokens (xKV's SVD, CommonKV's merge…).
-3. **quantize** — :func:`crosskv.methods.quant.quantize_cache` quantizes whatever the cache now stores.
+3. **quantize** — :func:`crosskv.cache.quant.quantize_cache` quantizes whatever the cache now stores.
 
 Refused at config time (``ValueError`` naming the composition, see :func:`composition_matrix`):
 kvpress presses as ``base`` (they are eviction, use ``evict``); ``evict_ratio`` > 0 without an
@@ -43,11 +43,11 @@ from typing import Any, Iterator
 
 import torch
 
-from crosskv import budget
+from crosskv.core import budget
 from crosskv.methods.base import REGISTRY, MethodConfig, Runner, make_method, register
-from crosskv.methods.eviction import EVICTIONS as PRESSES
-from crosskv.methods.eviction import EvictionScorer, evict_plain, kept_fraction, token_sets
-from crosskv.methods.quant import BITS, QuantSpec, quantize_cache
+from crosskv.cache.eviction import EVICTIONS as PRESSES
+from crosskv.cache.eviction import EvictionScorer, evict_plain, kept_fraction, token_sets
+from crosskv.cache.quant import BITS, QuantSpec, quantize_cache
 
 log = logging.getLogger(__name__)
 

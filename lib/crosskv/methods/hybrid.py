@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-from crosskv.capture import KVShape, kv_shape
+from crosskv.core.capture import KVShape, kv_shape
 from crosskv.methods.base import register
 from crosskv.methods.kvsharer import KVSharer, SharedLayer, SharingStrategy
-from crosskv.methods.prefixcache import PrefixLayer
+from crosskv.cache.prefix import PrefixLayer
 from crosskv.methods.svd import XKV, LowRankCache, LowRankRunner
 
 

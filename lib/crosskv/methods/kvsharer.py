@@ -12,7 +12,6 @@ prefill and decode; per-layer lengths are tracked by counters, not by how many l
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import hashlib
@@ -29,12 +28,12 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import CacheLayerMixin
 
-from crosskv.argtypes import float_in, int_at_least, nonnegative_int, positive_int
-from crosskv.assets import PROJECT_ROOT
-from crosskv.capture import attention_modules, capture, decoder, kv_shape
-from crosskv.methods.base import MethodConfig, Runner, layer_tensors, register
-from crosskv.methods.eviction import evict_plain
-from crosskv.progress import bar as progress_bar
+from crosskv.core.assets import PROJECT_ROOT
+from crosskv.core.capture import attention_modules, capture, decoder, kv_shape
+from crosskv.cache.storage import layer_tensors
+from crosskv.methods.base import MethodConfig, Runner, register
+from crosskv.cache.eviction import evict_plain
+from crosskv.core.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -343,7 +342,7 @@ def layer_distances(model, calibration: torch.Tensor, metric: str = "euclidean",
     ``calibration`` ``(N, T)``; ``euclidean`` is the L2 distance of the flattened averages,
     ``cosine`` is ``1 - cosine similarity`` (so larger always means more dissimilar).
     """
-    from crosskv.similarity import cosine_matrix, euclidean_matrix
+    from crosskv.core.similarity import cosine_matrix, euclidean_matrix
 
     cap = capture(model, calibration.split(batch_size), average=True, fields=("keys", "values"))
     if metric == "euclidean":
@@ -446,8 +445,8 @@ def search(model, tokenizer, config: SearchConfig, progress: bool = False) -> Sh
     original model's distribution from the sharing model's is at most ``config.max_kl`` nats.
     Stops at C accepted consumers (fewer, with a warning, if the candidates run out).
     """
-    from crosskv.data import calibration_set
-    from crosskv.models import model_name
+    from crosskv.core.data import calibration_set
+    from crosskv.core.models import model_name
 
     start = time.perf_counter()
     num_layers = kv_shape(model).layers
@@ -485,9 +484,9 @@ def search(model, tokenizer, config: SearchConfig, progress: bool = False) -> Sh
 
 def cache_path(model, config: SearchConfig, cache_dir: str | Path | None = None) -> Path:
     """Where the search result for ``model`` (name, dtype, weights fingerprint), ``config`` and the library
-    code (:func:`crosskv.fingerprint.code_fingerprint`) is cached: any of them changing means a new search."""
-    from crosskv import fingerprint
-    from crosskv.models import model_name
+    code (:func:`crosskv.core.fingerprint.code_fingerprint`) is cached: any of them changing means a new search."""
+    from crosskv.core import fingerprint
+    from crosskv.core.models import model_name
 
     key = {"model": model_name(model), "dtype": str(next(model.parameters()).dtype),
            "search": dataclasses.asdict(config), "format": FORMAT,
@@ -598,50 +597,3 @@ class KVSharer(MethodConfig):
 
     def bind(self, model, tokenizer=None) -> KVSharerRunner:
         return KVSharerRunner(self, model, tokenizer, self.resolve(model, tokenizer))
-
-
-# ----------------------------------------------------------------------------- CLI
-
-def search_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """Arguments of ``python -m crosskv search`` (added to ``parser`` if given)."""
-    parser = parser or argparse.ArgumentParser(prog="crosskv search", description="KVSharer strategy search")
-    parser.add_argument("--model", default="smollm2-135m", help="model alias, folder or hub id")
-    amount = parser.add_mutually_exclusive_group(required=True)
-    amount.add_argument("--shared-layers", type=nonnegative_int, help="C, the number of consumer layers")
-    amount.add_argument("--rate", type=float_in(0.0, 1.0, "rate"), help="C / L")
-    defaults = SearchConfig(shared_layers=1)  # the search options' defaults live in SearchConfig only
-    parser.add_argument("--metric", choices=METRICS, default=defaults.metric)
-    parser.add_argument("--order", choices=ORDERS, default=defaults.order)
-    parser.add_argument("--threshold", type=float_in(-1.0, 1.0, "cosine"), default=defaults.threshold,
-                        help="minimum final-hidden-state cosine")
-    parser.add_argument("--criterion", choices=CRITERIA, default=defaults.criterion,
-                        help="acceptance test: final-hidden cosine > threshold, or next-token KL ≤ max-kl")
-    parser.add_argument("--max-kl", type=float_in(0.0, math.inf, "KL limit", low_open=True), default=defaults.max_kl,
-                        help="nats per token (criterion kl)")
-    parser.add_argument("--calibration-samples", type=positive_int, default=defaults.calibration_samples)
-    parser.add_argument("--calibration-length", type=int_at_least(2, "length of at least 2"),
-                        default=defaults.calibration_length)
-    parser.add_argument("--seed", type=nonnegative_int, default=defaults.seed)
-    parser.add_argument("--dtype", default=None, help="model dtype (default: the loader's, bfloat16)")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (1 is fastest on a shared machine)")
-    parser.add_argument("--out", required=True, help="where to write the strategy JSON")
-    return parser
-
-
-def run_search(args: argparse.Namespace) -> int:
-    """Run the search described by parsed :func:`search_parser` arguments and write ``args.out``."""
-    from crosskv.models import load_model
-
-    config = SearchConfig(shared_layers=args.shared_layers, rate=args.rate, metric=args.metric, order=args.order,
-                          threshold=args.threshold, criterion=args.criterion, max_kl=args.max_kl,
-                          calibration_samples=args.calibration_samples,
-                          calibration_length=args.calibration_length, seed=args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
-    strategy = search(model, tokenizer, config, progress=True)
-    path = strategy.save(args.out)
-    log.info("%d consumers %s in %.1f s (%d candidates) → %s", len(strategy.mapping), strategy.mapping,
-             strategy.search_seconds, strategy.candidates_tried, path)
-    return 0

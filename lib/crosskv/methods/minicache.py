@@ -29,10 +29,10 @@ from typing import Iterator
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from crosskv.capture import KVShape, kv_shape
+from crosskv.core.capture import KVShape, kv_shape
 from crosskv.methods.base import MethodConfig, Runner, register
-from crosskv.methods.prefixcache import PrefixCache, PrefixLayer
-from crosskv.methods.quant import QuantSpec, Stored, dense, parts, quantize_rows
+from crosskv.cache.prefix import PrefixCache, PrefixLayer
+from crosskv.cache.quant import QuantSpec, Stored, dense, parts, quantize_rows
 
 log = logging.getLogger(__name__)
 

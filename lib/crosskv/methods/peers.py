@@ -3,7 +3,7 @@
 A press prunes a ``compression_ratio`` fraction of each layer's context tokens during the context
 prefill (its forward hooks act at the end of each attention layer), so the prefill attention is
 exact and the question and decoded tokens are appended after compression — the same prompt split
-as crosskv's methods (see :mod:`crosskv.harness`). The cache is a plain ``DynamicCache`` holding the
+as crosskv's methods (see :mod:`crosskv.run.harness`). The cache is a plain ``DynamicCache`` holding the
 kept rows, so measured bytes are honest without a custom ``stored_tensors``.
 
 Importing kvpress patches transformers' attention functions process-wide, so it is imported only

@@ -3,7 +3,7 @@
 After the context prefill, each group of G consecutive layers in ``[start_layer, end_layer)``
 stacks its layers' **pre-RoPE** keys side by side, ``(B, T, G·H_kv·d)``, takes a float32 thin SVD
 per batch element and keeps rank ``rank_k``; values likewise with ``rank_v``. The factorisation is
-:func:`crosskv.lowrank.gram_factors` (Gram-matrix eigendecomposition, K and V of a group batched). The cache then holds
+:func:`crosskv.core.lowrank.gram_factors` (Gram-matrix eigendecomposition, K and V of a group batched). The cache then holds
 only the group's token basis ``(B, T, r)`` once and one factor ``(B, r, H_kv·d)`` per layer
 (singular values folded into the factors), plus tokens appended later (question, decoded) stored
 exactly. Keys are rebuilt as ``RoPE(basis @ factor)`` at their original absolute positions.
@@ -48,11 +48,11 @@ from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from crosskv.capture import KVShape, Rotary, kv_shape
-from crosskv.lowrank import gram_factors, group_matrix, split_group_matrix
+from crosskv.core.capture import KVShape, Rotary, kv_shape
+from crosskv.core.lowrank import gram_factors, group_matrix, split_group_matrix
 from crosskv.methods.base import MethodConfig, Runner, register
-from crosskv.methods.prefixcache import PrefixCache, PrefixLayer
-from crosskv.methods.quant import QuantSpec, Stored, dense, parts, quantize_rows
+from crosskv.cache.prefix import PrefixCache, PrefixLayer
+from crosskv.cache.quant import QuantSpec, Stored, dense, parts, quantize_rows
 
 log = logging.getLogger(__name__)
 

@@ -9,12 +9,11 @@ separate methods there; :data:`TASK_MIX` (the cpu default) leaves it out and :da
 models, the gpu profile) keeps it, with common-words extraction.
 
 Notebooks take ``tasks`` (names), ``contexts`` (prompt tokens) and ``samples`` as parameters whose
-defaults come from here; :func:`evaluate_mix` runs a method on every (task, context) and
-:func:`crosskv.stats.pool` averages a method's records over the mix.
+defaults come from here; :func:`crosskv.run.harness.evaluate_mix` runs a method on every (task, context) and
+:func:`crosskv.evidence.stats.pool` averages a method's records over the mix.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
 
 FAMILIES = {
     "niah_single_2": "single key",
@@ -49,15 +48,3 @@ MEASURED: dict[tuple[str, int], tuple[float, int]] = {
 def family(task: str) -> str:
     """The family of a mix task (``"other"`` for tasks outside :data:`FAMILIES`)."""
     return FAMILIES.get(task, "other")
-
-
-def evaluate_mix(model, tokenizer, method, tasks: Iterable[str] = TASK_MIX, contexts: Iterable[int] = MIX_CONTEXTS,
-                 samples: int = 50, **common: Any) -> list[dict[str, Any]]:
-    """:func:`crosskv.harness.evaluate` of ``method`` on every (task, context) → records, tasks outermost."""
-    from crosskv.harness import evaluate
-
-    tasks, contexts = list(tasks), [int(c) for c in contexts]
-    if not tasks or not contexts:
-        raise ValueError(f"evaluate_mix needs at least one task and one context, got tasks={tasks}, contexts={contexts}")
-    return [evaluate(model, tokenizer, method, task, context=context, samples=samples, **common)
-            for task in tasks for context in contexts]

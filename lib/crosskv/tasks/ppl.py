@@ -10,7 +10,7 @@
 """
 from __future__ import annotations
 
-from crosskv import data
+from crosskv.core import data
 from crosskv.tasks import Sample, TaskConfig, TaskSpec, register_task
 
 

@@ -24,7 +24,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Callable
 
-from crosskv import data
+from crosskv.core import data
 from crosskv.tasks import Sample, TaskConfig, TaskSpec, chat_prompt, register_task
 from crosskv.tasks.scoring import string_match_all
 

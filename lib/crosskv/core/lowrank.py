@@ -119,7 +119,7 @@ def grouped_vs_single_error(kv: torch.Tensor, group_size: int, single_rank: int)
 def group_energy(kv: torch.Tensor, group_size: int) -> torch.Tensor:
     """Energy captured vs rank for every full group of ``group_size`` consecutive layers.
 
-    ``kv``: ``(L, N, H, T, d)`` (one field of a :class:`crosskv.capture.Capture`). Returns
+    ``kv``: ``(L, N, H, T, d)`` (one field of a :class:`crosskv.core.capture.Capture`). Returns
     ``(groups, N, min(T, G·H·d))``: for each group and sequence, the cumulative energy fraction of its
     grouped matrix's top-r singular values, r = 1…; the last ``L mod G`` layers are left out.
     """

@@ -10,7 +10,7 @@
         out2 = c.generate(other_question_ids, max_new_tokens=32, do_sample=True)   # the same, reset first
 
 The method's model transforms (``runner.applied()``) stay installed for the whole ``with`` block, so every
-decoding step runs as in :func:`crosskv.harness.run_generate`. Positions are absolute: ``generate`` counts
+decoding step runs as in :func:`crosskv.run.harness.run_generate`. Positions are absolute: ``generate`` counts
 the cached tokens with ``cache.get_seq_length()``, which every crosskv cache reports as tokens *seen*
 (evicted and merged ones included); a cache that reports tokens *held* instead (kvpress presses on a plain
 ``DynamicCache``) is refused for ``generate``. :func:`rewind` crops every layer back to its length after
@@ -104,7 +104,7 @@ class Compressed:
         if seen != context:
             raise ValueError(f"method {self.runner.config.name!r}: its cache reports {seen} tokens for a context of "
                              f"{context} (it counts held, not seen tokens), so model.generate would give the question "
-                             "wrong positions; use crosskv.harness or crosskv.kvpress_pipeline, which pass positions")
+                             "wrong positions; use crosskv.run.harness or crosskv.integrations.kvpress, which pass positions")
 
     def generate(self, question_ids: Any, **generate_kwargs: Any) -> Any:
         """``model.generate`` on context + question from the compressed cache (reset first); returns its output.
@@ -122,7 +122,7 @@ class Compressed:
 
 def bound(model, method: MethodConfig | str, tokenizer=None) -> Runner:
     """``method`` (a config or a registered name) bound to ``model`` (cached per model and config)."""
-    from crosskv.harness import bind
+    from crosskv.run.harness import bind
 
     config = method if isinstance(method, MethodConfig) else make_method(method)
     return bind(model, tokenizer, config)

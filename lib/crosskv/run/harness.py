@@ -16,8 +16,8 @@ context prefill and never see the question (kvpress's own default); crosskv's me
 the same context in ``compress`` and store the question and decoded tokens exactly. Positions are
 absolute (``position_ids`` passed explicitly), so evicting methods keep correct RoPE positions.
 
-Bytes: ``kv_bytes`` = :func:`crosskv.methods.kv_bytes` of the cache after compression (the method's
-own accounting); ``kv_bytes_held`` = the :mod:`crosskv.census` of the same moment (every storage
+Bytes: ``kv_bytes`` = :func:`crosskv.cache.storage.kv_bytes` of the cache after compression (the method's
+own accounting); ``kv_bytes_held`` = the :mod:`crosskv.cache.census` of the same moment (every storage
 reachable from the cache and the runner, model weights and the runner's pre-run state excluded),
 ``kept_held`` = kv_bytes_held / kv_bytes_full — equal to ``kept`` when the accounting is honest;
 ``kv_bytes_full`` = a plain ``DynamicCache`` on the same tokens, computed as
@@ -43,16 +43,20 @@ import resource
 import time
 import weakref
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
-from crosskv import capture, fingerprint, results
-from crosskv.census import RunCensus
-from crosskv.methods import MethodConfig, Runner, kv_bytes, make_method
-from crosskv.models import is_random, model_name
+from crosskv.core import capture
+from crosskv.core import fingerprint
+from crosskv.run import results
+from crosskv.cache.census import RunCensus
+from crosskv.cache.storage import kv_bytes
+from crosskv.methods import MethodConfig, Runner, make_method
+from crosskv.core.models import is_random, model_name
 from crosskv.tasks import Sample, TaskConfig, make_task
-from crosskv.progress import bar as progress_bar
+from crosskv.tasks.mix import MIX_CONTEXTS, TASK_MIX
+from crosskv.core.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -351,7 +355,7 @@ def _existing(key: str, results_dir, force: bool, world: int) -> dict | None:
 def evaluate(model, tokenizer, method: MethodConfig | str, task: TaskConfig | str, context: int = 2048,
              samples: int = 10, seed: int = 0, force: bool = False, store: bool = True, results_dir=None,
              progress: bool = True, **task_options: Any) -> dict[str, Any]:
-    """Score ``method`` on ``task`` with ``model`` and return the run's record (see :mod:`crosskv.results`).
+    """Score ``method`` on ``task`` with ``model`` and return the run's record (see :mod:`crosskv.run.results`).
 
     ``method``: a :class:`~crosskv.methods.MethodConfig` or a registered name (default parameters).
     ``task``: a :class:`~crosskv.tasks.TaskConfig` or a task name, built with ``context`` (prompt tokens),
@@ -413,3 +417,13 @@ def evaluate(model, tokenizer, method: MethodConfig | str, task: TaskConfig | st
 def evaluate_many(model, tokenizer, grid, **common: Any) -> list[dict[str, Any]]:
     """:func:`evaluate` for each ``(method, task)`` pair of ``grid`` (shared keyword arguments in ``common``)."""
     return [evaluate(model, tokenizer, method, task, **common) for method, task in grid]
+
+
+def evaluate_mix(model, tokenizer, method, tasks: Iterable[str] = TASK_MIX, contexts: Iterable[int] = MIX_CONTEXTS,
+                 samples: int = 50, **common: Any) -> list[dict[str, Any]]:
+    """:func:`evaluate` of ``method`` on every (task, context) → records, tasks outermost."""
+    tasks, contexts = list(tasks), [int(c) for c in contexts]
+    if not tasks or not contexts:
+        raise ValueError(f"evaluate_mix needs at least one task and one context, got tasks={tasks}, contexts={contexts}")
+    return [evaluate(model, tokenizer, method, task, context=context, samples=samples, **common)
+            for task in tasks for context in contexts]

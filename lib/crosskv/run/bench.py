@@ -24,13 +24,14 @@ from typing import Any
 
 import torch
 
-from crosskv.data import heldout_windows
-from crosskv.capture import kv_shape
-from crosskv.harness import PeakMemory, _sync, bind, full_cache_bytes
-from crosskv.methods import MethodConfig, kv_bytes, make_method
+from crosskv.core.data import heldout_windows
+from crosskv.core.capture import kv_shape
+from crosskv.run.harness import PeakMemory, _sync, bind, full_cache_bytes
+from crosskv.cache.storage import kv_bytes
+from crosskv.methods import MethodConfig, make_method
 from crosskv.methods.svd import XKV
-from crosskv.models import is_random, model_name
-from crosskv.progress import bar as progress_bar
+from crosskv.core.models import is_random, model_name
+from crosskv.core.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +215,7 @@ def bench(model, tokenizer, methods=DEFAULT_METHODS, contexts=(2048, 4096), batc
     - ``floor_tok_s``: B / (B / full's decode_tok_s + seconds of those rebuild GEMMs alone, timed here on
       random data): the decode speed if the rest of the step cost what full's whole step costs;
       ``vs_floor`` = decode_tok_s / floor_tok_s (≥ 1 means at or above that floor);
-    - ``held_bytes``: bytes the cache holds right after compression (:func:`crosskv.methods.kv_bytes`);
+    - ``held_bytes``: bytes the cache holds right after compression (:func:`crosskv.cache.storage.kv_bytes`);
       ``kept``: held_bytes / a plain cache of the context (2·L·B·H_kv·T·d·element size);
     - ``peak_mem_mb``: peak during the run — CUDA max allocated, or on CPU the process RSS high-water mark
       (model weights included); ``peak_delta_mb``: that peak minus what was resident at the run's start

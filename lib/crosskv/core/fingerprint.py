@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
 _SAMPLE = 4096  # values hashed per parameter tensor
 _ATTR = "_crosskv_fingerprint"
 

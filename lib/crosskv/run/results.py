@@ -1,7 +1,7 @@
 """The results store: one JSON record per completed run, keyed by a hash of what determines the run.
 
 The key is the sha256 of (model name, dtype, method name + parameters, task config, schema
-version) and of the content that produced it (:mod:`crosskv.fingerprint`): the library code's
+version) and of the content that produced it (:mod:`crosskv.core.fingerprint`): the library code's
 fingerprint, the model's fingerprint (config + weights), and the content hash of every file a
 parameter names (KVSharer ``strategy``, ``jsonl:PATH``). So a code change, an edited strategy file or
 different weights make the next run recompute, while an unchanged re-run is served from the store.
@@ -29,8 +29,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from crosskv import fingerprint
-from crosskv.assets import PROJECT_ROOT
+from crosskv.core import fingerprint
+from crosskv.core.assets import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
 

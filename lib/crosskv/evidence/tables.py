@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from crosskv.assets import PROJECT_ROOT
+from crosskv.core.assets import PROJECT_ROOT
 
 PAPER_NUMBERS = PROJECT_ROOT / "data" / "paper_reference" / "paper_numbers.csv"
 SOURCE_LABELS = {"paper": "read in the paper", "2nd": "secondary source (independent re-run / later version)"}
@@ -25,7 +25,7 @@ def save_table(df: pd.DataFrame, name: str, figures_dir: str | Path, floatfmt: s
     scheduling in reductions) does not show up as a diff. Both carry the git commit they came from
     (``commit``, default the checkout's HEAD): a ``commit`` column in the CSV, a footer line in the Markdown.
     """
-    from crosskv.results import git_commit
+    from crosskv.run.results import git_commit
 
     commit = commit or git_commit() or "unknown"
     if not name.startswith("tab_"):

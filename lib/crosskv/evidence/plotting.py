@@ -38,7 +38,7 @@ def _axes(ax, figsize=(4.5, 3.2)):
 
 def provenance(commit: str | None = None) -> str:
     """``crosskv commit <sha>[+dirty]`` for ``commit`` (default: the checkout's HEAD), or ``crosskv commit unknown``."""
-    from crosskv.results import git_commit
+    from crosskv.run.results import git_commit
 
     return f"crosskv commit {commit or git_commit() or 'unknown'}"
 

@@ -4,11 +4,11 @@ the papers' numbers on the same kept axis.
 A *configuration* is one method with its parameters (a family label and a configuration label name it
 on the chart); it is run on several tasks, one record per task. Its *task-mix* score is the mean of the
 per-sample scores of its accuracy tasks pooled into one record (:func:`mix_record`), so
-:func:`crosskv.stats.interval` and :func:`crosskv.stats.compare` apply to it unchanged (pairing is by
+:func:`crosskv.evidence.stats.interval` and :func:`crosskv.evidence.stats.compare` apply to it unchanged (pairing is by
 task and sample). The x axis is the memory the cache holds: ``kept_held`` (the memory census) when a
 record has it, else ``kept`` — :func:`held_kept` says which one a row uses.
 
-Paper numbers (:func:`crosskv.tables.paper_numbers`) are converted to kept fractions with the
+Paper numbers (:func:`crosskv.evidence.tables.paper_numbers`) are converted to kept fractions with the
 conventions of the project's method notes (:func:`paper_kept`): ``multiplier`` → 1/x,
 ``fraction_of_layers_shared`` → 1 − f, ``fraction_of_memory_removed`` → 1 − f. :func:`orderings` checks
 which pairwise orderings the papers report hold on our runs (a paired comparison, not a typed claim).
@@ -22,7 +22,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from crosskv import stats
+from crosskv.evidence import stats
 
 BUDGETS = (0.5, 0.25, 0.125, 0.05, 0.02)
 CONVENTIONS = {"multiplier": lambda c: 1.0 / c, "fraction_of_layers_shared": lambda c: 1.0 - c,
@@ -118,7 +118,7 @@ def mix_record(records: Sequence[dict[str, Any]], name: str = "mix") -> dict[str
     Its score is the mean over all pooled samples (= the mean of the task means when every task has the
     same sample count); ``kept`` is the mean of the records' held kept, ``decode_tok_s`` their median.
     Sample indices are offset per task (``task position · 10⁶ + index``) so two mix records over the same
-    tasks pair sample by sample in :func:`crosskv.stats.compare`.
+    tasks pair sample by sample in :func:`crosskv.evidence.stats.compare`.
     """
     records = sorted(records, key=lambda r: r["task"])
     if not records:
@@ -221,7 +221,7 @@ def _nearest(ours: Sequence[Ours], family: str, kept: float) -> Ours | None:
 
 def orderings(reference: pd.DataFrame, ours_accuracy: Sequence[Ours], ours_perplexity: Sequence[Ours] = ()) -> pd.DataFrame:
     """Every pair of rows of one paper table (paper, table, model, benchmark) with both families run by us:
-    the paper's ordering, ours at the nearest held kept (a paired :func:`crosskv.stats.compare`), agreement.
+    the paper's ordering, ours at the nearest held kept (a paired :func:`crosskv.evidence.stats.compare`), agreement.
 
     ``reference`` comes from :func:`paper_kept`. Accuracy/score tables compare ``ours_accuracy``,
     perplexity tables ``ours_perplexity``; other metrics (memory, speed, claims) are skipped.

@@ -17,9 +17,9 @@ import torch
 from transformers import Cache
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 
-from crosskv.methods.base import layer_tensors
-from crosskv.methods.eviction import evict_plain
-from crosskv.methods.quant import QuantSpec, quantize_plain_layers
+from crosskv.cache.storage import layer_tensors
+from crosskv.cache.eviction import evict_plain
+from crosskv.cache.quant import QuantSpec, quantize_plain_layers
 
 
 class PrefixLayer(DynamicLayer):
@@ -122,7 +122,7 @@ class PrefixCache(Cache):
 
         Layers sharing an object in ``shared`` (a group, a pair) must keep one token set, or rows of
         different tokens would be combined: ``ValueError`` otherwise. Plain layers become
-        :class:`~crosskv.methods.eviction.EvictedLayer`.
+        :class:`~crosskv.cache.eviction.EvictedLayer`.
         """
         for shared in self.shared:
             sets = [kept.get(i) for i in shared.layers]
@@ -146,7 +146,7 @@ class PrefixCache(Cache):
 
     def quantize_(self, spec: QuantSpec) -> None:
         """Store codes instead of floats: every shared object's and prefix layer's method tensors
-        (their ``quantize_``), and every plain layer as a :class:`~crosskv.methods.quant.KiviLayer`."""
+        (their ``quantize_``), and every plain layer as a :class:`~crosskv.cache.quant.KiviLayer`."""
         for shared in self.shared:
             shared.quantize_(spec)
         for layer in self.layers:

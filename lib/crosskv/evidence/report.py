@@ -1,7 +1,7 @@
 """Notebook prose rendered from results: Markdown built in code, so a re-run that flips a number flips the text.
 
 Notebooks never type a measured number into a Markdown cell. They build the text from records and
-:class:`crosskv.stats.Comparison` objects and show it with :func:`show`::
+:class:`crosskv.evidence.stats.Comparison` objects and show it with :func:`show`::
 
     report.show(report.bullets([
         stats.compare(xkv, svd, "xKV G=4", "Single SVD").sentence,
@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 
 import pandas as pd
 
-from crosskv.stats import Comparison, Interval
+from crosskv.evidence.stats import Comparison, Interval
 
 
 def bullets(lines: Iterable[str]) -> str:

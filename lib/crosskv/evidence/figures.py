@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from crosskv.assets import PROJECT_ROOT
+from crosskv.core.assets import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from crosskv import harness
+from crosskv.run import harness
 from crosskv.methods import MethodConfig
 from crosskv.tasks import make_task
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from crosskv import assets
+from crosskv.core import assets
 
 CALIBRATION_SHARE = 0.2
 HUB_CORPORA = {

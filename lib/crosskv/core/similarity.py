@@ -10,7 +10,7 @@ Metrics, each an ``(L, L)`` matrix over layers:
   layers' ``T × F`` matrices, ``‖U_iᵀU_j‖²_F / r`` = mean squared cosine of the principal angles
   (1 = same subspace, ``r/T`` = chance) — the observation xKV builds on.
 
-Activations come from :func:`crosskv.capture.capture`, one batch at a time. Matrices are returned
+Activations come from :func:`crosskv.core.capture.capture`, one batch at a time. Matrices are returned
 as tensors; :func:`to_frame` and :func:`by_distance` turn them into tidy DataFrames for plotting.
 """
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import Iterable
 import pandas as pd
 import torch
 
-from crosskv.capture import attention_modules, capture
-from crosskv.progress import bar as progress_bar
+from crosskv.core.capture import attention_modules, capture
+from crosskv.core.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
 

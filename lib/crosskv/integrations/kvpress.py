@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, Cache
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from crosskv.methods import MethodConfig, Runner, make_method
-from crosskv.session import bound, rewind
+from crosskv.run.session import bound, rewind
 
 TASK = "crosskv-text-generation"
 

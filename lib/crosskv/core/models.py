@@ -1,6 +1,6 @@
 """Model loading: registered aliases, local folders and hub ids; supported-family checks.
 
-``load_model("smollm2-135m")`` loads the embedded default (converted by :mod:`crosskv.assets`);
+``load_model("smollm2-135m")`` loads the embedded default (converted by :mod:`crosskv.core.assets`);
 ``load_model("random:<shape>")`` builds a published architecture (:data:`RANDOM_SHAPES`) with seeded
 random weights and the embedded tokenizer, for speed and memory work where no weights can be
 fetched (its scores are meaningless); any other name is a local folder or a hub id (which needs a
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from crosskv import assets
+from crosskv.core import assets
 
 log = logging.getLogger(__name__)
 

@@ -14,14 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import traceback
 from dataclasses import dataclass
 from typing import Callable
 
-from crosskv import figures
-from crosskv.argtypes import nonnegative_int, positive_int
+from crosskv.evidence import figures
+from crosskv.integrations.argtypes import float_in, int_at_least, nonnegative_int, positive_int
 from crosskv.methods import kvsharer
 
 log = logging.getLogger(__name__)
@@ -104,9 +105,9 @@ def _init_distributed(device: str | None) -> str | None:
 def run_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from crosskv import harness
+    from crosskv.run import harness
     from crosskv.methods import make_method
-    from crosskv.models import load_model
+    from crosskv.core.models import load_model
     from crosskv.tasks import make_task
 
     method = make_method(args.method, **_pairs(args.set, "--set"))
@@ -209,7 +210,7 @@ def configure_assets(p: argparse.ArgumentParser) -> None:
 
 
 def run_assets(args: argparse.Namespace) -> int:
-    from crosskv.assets import ensure_assets
+    from crosskv.core.assets import ensure_assets
 
     for name, path in ensure_assets().items():
         print(f"{name}: {path}")
@@ -217,7 +218,7 @@ def run_assets(args: argparse.Namespace) -> int:
 
 
 def configure_bench(p: argparse.ArgumentParser) -> None:
-    from crosskv.bench import DEFAULT_METHODS, MODES
+    from crosskv.run.bench import DEFAULT_METHODS, MODES
 
     p.add_argument("--model", default="smollm2-135m", help="alias, random:<shape>, local folder or hub id")
     p.add_argument("--contexts", type=positive_int, nargs="+", default=[2048, 4096])
@@ -236,8 +237,8 @@ def configure_bench(p: argparse.ArgumentParser) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from crosskv.bench import bench
-    from crosskv.models import load_model
+    from crosskv.run.bench import bench
+    from crosskv.core.models import load_model
 
     set_threads(args)
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -251,6 +252,53 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def configure_search(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """Arguments of ``python -m crosskv search`` (added to ``parser`` if given)."""
+    parser = parser or argparse.ArgumentParser(prog="crosskv search", description="KVSharer strategy search")
+    parser.add_argument("--model", default="smollm2-135m", help="model alias, folder or hub id")
+    amount = parser.add_mutually_exclusive_group(required=True)
+    amount.add_argument("--shared-layers", type=nonnegative_int, help="C, the number of consumer layers")
+    amount.add_argument("--rate", type=float_in(0.0, 1.0, "rate"), help="C / L")
+    defaults = kvsharer.SearchConfig(shared_layers=1)  # the search options' defaults live in SearchConfig only
+    parser.add_argument("--metric", choices=kvsharer.METRICS, default=defaults.metric)
+    parser.add_argument("--order", choices=kvsharer.ORDERS, default=defaults.order)
+    parser.add_argument("--threshold", type=float_in(-1.0, 1.0, "cosine"), default=defaults.threshold,
+                        help="minimum final-hidden-state cosine")
+    parser.add_argument("--criterion", choices=kvsharer.CRITERIA, default=defaults.criterion,
+                        help="acceptance test: final-hidden cosine > threshold, or next-token KL ≤ max-kl")
+    parser.add_argument("--max-kl", type=float_in(0.0, math.inf, "KL limit", low_open=True), default=defaults.max_kl,
+                        help="nats per token (criterion kl)")
+    parser.add_argument("--calibration-samples", type=positive_int, default=defaults.calibration_samples)
+    parser.add_argument("--calibration-length", type=int_at_least(2, "length of at least 2"),
+                        default=defaults.calibration_length)
+    parser.add_argument("--seed", type=nonnegative_int, default=defaults.seed)
+    parser.add_argument("--dtype", default=None, help="model dtype (default: the loader's, bfloat16)")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (1 is fastest on a shared machine)")
+    parser.add_argument("--out", required=True, help="where to write the strategy JSON")
+    return parser
+
+
+def run_search(args: argparse.Namespace) -> int:
+    """Run the search described by parsed :func:`configure_search` arguments and write ``args.out``."""
+    config = kvsharer.SearchConfig(shared_layers=args.shared_layers, rate=args.rate, metric=args.metric, order=args.order,
+                          threshold=args.threshold, criterion=args.criterion, max_kl=args.max_kl,
+                          calibration_samples=args.calibration_samples,
+                          calibration_length=args.calibration_length, seed=args.seed)
+    import torch
+
+    from crosskv.core.models import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    strategy = kvsharer.search(model, tokenizer, config, progress=True)
+    path = strategy.save(args.out)
+    log.info("%d consumers %s in %.1f s (%d candidates) → %s", len(strategy.mapping), strategy.mapping,
+             strategy.search_seconds, strategy.candidates_tried, path)
+    return 0
+
+
 SUBCOMMANDS: dict[str, Subcommand] = {
     "eval": Subcommand("score one method on one task (one JSON line on stdout)", configure_eval, run_eval),
     "list": Subcommand("list methods (parameters, defaults) and tasks (options)", configure_list, run_list),
@@ -258,7 +306,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "bench": Subcommand("prefill/compress/decode speed, held bytes and peak memory of methods × contexts",
                         configure_bench, run_bench),
     "search": Subcommand("KVSharer strategy search on calibration data -> strategy JSON",
-                         kvsharer.search_parser, kvsharer.run_search),
+                         configure_search, run_search),
     "figures": Subcommand("execute the notebooks under a parameter profile and regenerate figures/",
                           figures.configure_cli, figures.run_cli),
 }
@@ -275,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m crosskv`` and the ``crosskv`` script; returns the exit code."""
-    from crosskv.assets import AssetError
+    from crosskv.core.assets import AssetError
     from crosskv.tasks import TaskUnavailableError
 
     args = build_parser().parse_args(argv)

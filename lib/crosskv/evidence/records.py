@@ -5,9 +5,9 @@ comparisons of quantities that are not harness runs (reconstruction errors, simi
   to the method's own accounting (``kept``) for records written before the census existed;
 - :func:`score_rows` — one row per (label, task) and per label over the whole mix (pooled samples), each
   with ``score``/``score_lo``/``score_hi``/``n`` and the held kept (no timings: those come from
-  :mod:`crosskv.bench`, measured under one condition);
+  :mod:`crosskv.run.bench`, measured under one condition);
 - :func:`values_record` — a record whose "samples" are arbitrary paired units (a layer group, a token,
-  a sequence) so :func:`crosskv.stats.compare` can test a claim about them with a paired interval.
+  a sequence) so :func:`crosskv.evidence.stats.compare` can test a claim about them with a paired interval.
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
-from crosskv import frontier, stats
+from crosskv.evidence import frontier
+from crosskv.evidence import stats
 
 
 def held_kept(record: dict[str, Any]) -> float:
@@ -30,7 +31,7 @@ def kept_source(records: Sequence[dict[str, Any]]) -> str:
 
 def pool(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """One record over every sample of ``records`` (a method's runs over a task mix, same tasks and samples
-    for every method so pools pair in :func:`crosskv.stats.compare`); ``kept_held``/``kept`` are carried over as
+    for every method so pools pair in :func:`crosskv.evidence.stats.compare`); ``kept_held``/``kept`` are carried over as
     sample-weighted means."""
     pooled = {**stats.pool(records), "task": "+".join(str(r.get("task")) for r in records),
               "context": records[0].get("context")}
@@ -64,7 +65,7 @@ def score_rows(runs: Mapping[str, Sequence[dict[str, Any]]], mix: str = "mix") -
 def values_record(values: Sequence[float], metric: str, higher_is_better: bool = True,
                   task: str = "values") -> dict[str, Any]:
     """A record whose sample ``i`` has score ``values[i]``: paired units (groups, tokens, sequences) for
-    :func:`crosskv.stats.interval` / :func:`crosskv.stats.compare`. Two such records pair when their
+    :func:`crosskv.evidence.stats.interval` / :func:`crosskv.evidence.stats.compare`. Two such records pair when their
     ``values`` list the same units in the same order."""
     if len(values) == 0:
         raise ValueError("values_record needs at least one value")

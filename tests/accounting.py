@@ -1,6 +1,6 @@
 """Predicted bytes held by each method's cache for a configuration: the formulas ``kv_bytes`` must match.
 
-Every function takes the model geometry (:class:`crosskv.capture.KVShape`), the prompt length
+Every function takes the model geometry (:class:`crosskv.core.capture.KVShape`), the prompt length
 ``tokens`` (T, compressed after prefill), the number of tokens ``appended`` afterwards (question +
 decoded, stored exactly in every layer), ``batch`` B and the size of one floating element
 ``float_bytes`` (2 for a bfloat16 cache or the papers' 16-bit baseline, 4 for float32). Integer
@@ -8,7 +8,7 @@ tensors (MiniCache's row indices) count at their real size. W = H_kv·d below.
 """
 from __future__ import annotations
 
-from crosskv.capture import KVShape
+from crosskv.core.capture import KVShape
 
 
 def plain_layer_bytes(shape: KVShape, tokens: int, batch: int = 1, float_bytes: int = 2) -> int:

@@ -2,13 +2,13 @@
 
 ::
 
-    python -m crosskv.lmeval run --model crosskv \\
+    python -m crosskv.integrations.lmeval run --model crosskv \\
         --model_args pretrained=meta-llama/Llama-3.1-8B-Instruct,method=xkv,kept=0.25 \\
         --tasks longbench_hotpotqa --apply_chat_template
 
-``python -m crosskv.lmeval`` is lm-eval's own command line with the ``crosskv`` model registered (lm-eval
+``python -m crosskv.integrations.lmeval`` is lm-eval's own command line with the ``crosskv`` model registered (lm-eval
 0.4.13 does not discover models from other packages, so its ``lm_eval`` script does not know it); from
-Python, ``import crosskv.lmeval`` then ``lm_eval.simple_evaluate(model="crosskv", …)``.
+Python, ``import crosskv.integrations.lmeval`` then ``lm_eval.simple_evaluate(model="crosskv", …)``.
 
 ``pretrained``: a crosskv model alias or a local folder / hub id (:func:`crosskv.load_model`); ``method``: a
 registered method name; every other model argument is a parameter of that method (``kept=0.25``).
@@ -36,10 +36,10 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from crosskv.harness import max_positions
+from crosskv.run.harness import max_positions
 from crosskv.methods import make_method
-from crosskv.models import load_model
-from crosskv.session import compressed
+from crosskv.core.models import load_model
+from crosskv.run.session import compressed
 
 log = logging.getLogger(__name__)
 
