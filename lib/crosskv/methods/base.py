@@ -72,6 +72,11 @@ class Runner:
     def compress(self, cache: Cache) -> None:
         """Compress ``cache`` after the context prefill (no-op for methods that act online)."""
 
+    def method_bytes(self) -> int:
+        """Bytes of parameters and buffers the method adds to the model while installed (factors,
+        replacement modules, codebooks), minus the model bytes it lets a deployment drop; 0 by default."""
+        return 0
+
 
 REGISTRY: dict[str, type[MethodConfig]] = {}
 
