@@ -10,6 +10,7 @@ from transformers import DynamicCache
 
 from crosskv.core.capture import Rotary, attention_modules
 from crosskv.methods import kvsharer as kvs
+from crosskv.methods import kvsharer_search as kss
 from crosskv.cache.storage import kv_bytes
 from crosskv.methods.base import make_method
 
@@ -26,7 +27,7 @@ def test_strategy_json_round_trip(tmp_path):
     assert kvs.SharingStrategy.from_json(s.to_json()) == s
     assert kvs.SharingStrategy.load(s.save(tmp_path / "s.json")) == s
     assert s.producers == [i for i in range(L) if i not in (20, 25, 29)]
-    assert s.kept == pytest.approx(27 / 30)
+    assert s.layers_kept == pytest.approx(27 / 30)
 
 
 @pytest.mark.parametrize("mapping, message", [
@@ -74,20 +75,20 @@ def test_missing_strategy_file(tmp_path):
 # ----------------------------------------------------------------------------- search pieces and configs
 
 def test_with_pair_resolves_chains_both_ways():
-    assert kvs.with_pair({}, 20, 10) == {20: 10}
-    assert kvs.with_pair({20: 10}, 25, 20) == {20: 10, 25: 10}       # producer is a consumer → its source
-    assert kvs.with_pair({20: 10}, 10, 5) == {20: 5, 10: 5}           # consumer was a producer → redirect
-    kvs.SharingStrategy(kvs.with_pair({20: 10, 25: 10}, 10, 2), L)    # result stays valid
+    assert kss.with_pair({}, 20, 10) == {20: 10}
+    assert kss.with_pair({20: 10}, 25, 20) == {20: 10, 25: 10}       # producer is a consumer → its source
+    assert kss.with_pair({20: 10}, 10, 5) == {20: 5, 10: 5}           # consumer was a producer → redirect
+    kvs.SharingStrategy(kss.with_pair({20: 10, 25: 10}, 10, 2), L)    # result stays valid
 
 
 def test_candidate_orders():
     d = torch.tensor([[0.0, 1.0, 5.0], [1.0, 0.0, 3.0], [5.0, 3.0, 0.0]])
-    assert [(i, j) for i, j, _ in kvs.candidate_pairs(d, "dissimilar")] == [(2, 0), (2, 1), (1, 0)]
-    assert [(i, j) for i, j, _ in kvs.candidate_pairs(d, "similar")] == [(1, 0), (2, 1), (2, 0)]
+    assert [(i, j) for i, j, _ in kss.candidate_pairs(d, "dissimilar")] == [(2, 0), (2, 1), (1, 0)]
+    assert [(i, j) for i, j, _ in kss.candidate_pairs(d, "similar")] == [(1, 0), (2, 1), (2, 0)]
     big = torch.rand(10, 10)
-    r0, r1 = kvs.candidate_pairs(big, "random", seed=0), kvs.candidate_pairs(big, "random", seed=1)
-    assert r0 == kvs.candidate_pairs(big, "random", seed=0) and r0 != r1
-    assert sorted(r0) == sorted(kvs.candidate_pairs(big, "dissimilar")) and all(i > j for i, j, _ in r0)
+    r0, r1 = kss.candidate_pairs(big, "random", seed=0), kss.candidate_pairs(big, "random", seed=1)
+    assert r0 == kss.candidate_pairs(big, "random", seed=0) and r0 != r1
+    assert sorted(r0) == sorted(kss.candidate_pairs(big, "dissimilar")) and all(i > j for i, j, _ in r0)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -233,12 +234,12 @@ def test_generate_runs_with_sharing_cache(model32):
 def test_search_returns_c_consumers_mapped_earlier(model32):
     model, tok = model32
     config = kvs.SearchConfig(shared_layers=4, calibration_samples=6, calibration_length=32)
-    s = kvs.search(model, tok, config, progress=False)
+    s = kss.search(model, tok, config, progress=False)
     assert len(s.mapping) == 4 and all(p < c for c, p in s.mapping.items())
     assert not set(s.mapping.values()) & set(s.mapping)
     assert s.candidates_tried == len(s.trace) >= 4 and s.search_seconds > 0
     assert all(t["cosine"] > 0.5 for t in s.trace if t["accepted"])
-    distances = kvs.layer_distances(model, __import__("crosskv.core.data", fromlist=["x"]).calibration_set(
+    distances = kss.layer_distances(model, __import__("crosskv.core.data", fromlist=["x"]).calibration_set(
         tok, n=6, length=32, seed=0))
     first = s.trace[0]
     assert distances[first["consumer"], first["producer"]] == pytest.approx(float(distances.tril(-1).max()), rel=1e-6)
@@ -248,16 +249,16 @@ def test_search_returns_c_consumers_mapped_earlier(model32):
 @pytest.mark.slow
 def test_method_searches_once_and_caches(model32, tmp_path, monkeypatch):
     model, tok = model32
-    monkeypatch.setattr(kvs, "CACHE_DIR", tmp_path)
+    monkeypatch.setenv("CROSSKV_DATA", str(tmp_path))
     method = make_method("kvsharer", shared_layers="2", calibration_samples="4", calibration_length="16")
     runner = method.bind(model, tok)
     assert len(runner.strategy.mapping) == 2
-    assert len(list(tmp_path.glob("*.json"))) == 1
+    assert len(list((tmp_path / "cache" / "kvsharer").glob("*.json"))) == 1
 
     def no_search(*args, **kwargs):
         raise AssertionError("searched again although the strategy is cached")
 
-    monkeypatch.setattr(kvs, "search", no_search)
+    monkeypatch.setattr(kss, "search", no_search)
     again = method.bind(model, tok)
     assert again.strategy.mapping == runner.strategy.mapping
     cache = again.new_cache()
@@ -280,15 +281,15 @@ def test_search_cache_key_follows_code_and_weights(tmp_path, monkeypatch):
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                                          num_attention_heads=4, num_key_value_heads=2)).eval()
     config = kvs.SearchConfig(shared_layers=1)
-    first = kvs.cache_path(model, config, tmp_path)
-    assert kvs.cache_path(model, config, tmp_path) == first
+    first = kss.cache_path(model, config, tmp_path)
+    assert kss.cache_path(model, config, tmp_path) == first
     other = copy.deepcopy(model)
     other.__dict__.pop("_crosskv_fingerprint", None)
     with torch.no_grad():
         other.model.layers[0].self_attn.k_proj.weight.mul_(2)
-    assert kvs.cache_path(other, config, tmp_path) != first
+    assert kss.cache_path(other, config, tmp_path) != first
     monkeypatch.setattr(fingerprint, "code_fingerprint", lambda: "changed-code")
-    assert kvs.cache_path(model, config, tmp_path) != first
+    assert kss.cache_path(model, config, tmp_path) != first
 
 
 @pytest.mark.slow
@@ -345,34 +346,32 @@ def test_consumers_skip_their_projections_and_logits_are_unchanged(arch):
 
 @pytest.mark.slow
 def test_sweep_prefix_equals_its_own_search(model32, tmp_path, monkeypatch):
-    from crosskv.methods.kvsharer_sweep import prefix_strategy, search_sweep
-
     model, tok = model32
-    monkeypatch.setattr(kvs, "CACHE_DIR", tmp_path)
+    monkeypatch.setenv("CROSSKV_DATA", str(tmp_path))
     options = dict(calibration_samples=4, calibration_length=16, order="random")
-    direct = kvs.search(model, tok, kvs.SearchConfig(shared_layers=2, **options))
-    swept = search_sweep(model, tok, make_method("kvsharer", shared_layers=4, **options), [2, 4])
+    direct = kss.search(model, tok, kvs.SearchConfig(shared_layers=2, **options))
+    swept = kss.search_sweep(model, tok, make_method("kvsharer", shared_layers=4, **options), [2, 4])
     assert swept[2].mapping == direct.mapping and swept[2].candidates_tried == direct.candidates_tried
     assert len(swept[4].mapping) == 4
     bound = make_method("kvsharer", shared_layers=2, **options).bind(model, tok)  # resolves from the cache
     assert bound.strategy.mapping == direct.mapping
-    with pytest.raises(ValueError, match="exceeds"):
-        prefix_strategy(swept[4], 5)
+    with pytest.raises(ValueError, match="count=5"):
+        kss.first_consumers(swept[4], 5)
 
 
 def test_next_token_kl_is_zero_for_identical_and_positive_otherwise(model32):
     model, _ = model32
     torch.manual_seed(0)
     hidden = torch.randn(2, 5, model.config.hidden_size)
-    assert kvs.next_token_kl(model, hidden, hidden, chunk=3) == pytest.approx(0.0, abs=1e-6)
-    assert kvs.next_token_kl(model, hidden + torch.randn_like(hidden), hidden, chunk=3) > 0.01
+    assert kss.next_token_kl(model, hidden, hidden, chunk=3) == pytest.approx(0.0, abs=1e-6)
+    assert kss.next_token_kl(model, hidden + torch.randn_like(hidden), hidden, chunk=3) > 0.01
 
 
 def test_kl_criterion_is_stricter_and_its_prefixes_replay(model32):
     model, tok = model32
     base = dict(shared_layers=3, calibration_samples=4, calibration_length=16)
-    loose = kvs.search(model, tok, kvs.SearchConfig(**base), progress=False)
-    strict = kvs.search(model, tok, kvs.SearchConfig(**base, criterion="kl", max_kl=0.05, max_candidates=12),
+    loose = kss.search(model, tok, kvs.SearchConfig(**base), progress=False)
+    strict = kss.search(model, tok, kvs.SearchConfig(**base, criterion="kl", max_kl=0.05, max_candidates=12),
                         progress=False)  # capped: a strict test would otherwise try all L(L-1)/2 pairs
     assert strict.candidates_tried <= 12
     assert all(t["kl"] <= 0.05 for t in strict.trace if t["accepted"])
@@ -380,13 +379,13 @@ def test_kl_criterion_is_stricter_and_its_prefixes_replay(model32):
     # the cosine test accepts the first candidates it sees; the KL test rejects at least one of them here
     assert not all(t["accepted"] for t in strict.trace)
     assert strict.trace[0]["consumer"] == loose.trace[0]["consumer"]
-    shorter = kvs.search(model, tok, kvs.SearchConfig(**dict(base, shared_layers=2)), progress=False)
-    assert kvs.first_consumers(loose, 2).mapping == shorter.mapping
-    assert kvs.first_consumers(loose, 0).mapping == {}
-    capped = kvs.search(model, tok, kvs.SearchConfig(**base, criterion="kl", max_kl=1e-6, max_candidates=2))
+    shorter = kss.search(model, tok, kvs.SearchConfig(**dict(base, shared_layers=2)), progress=False)
+    assert kss.first_consumers(loose, 2).mapping == shorter.mapping
+    assert kss.first_consumers(loose, 0).mapping == {}
+    capped = kss.search(model, tok, kvs.SearchConfig(**base, criterion="kl", max_kl=1e-6, max_candidates=2))
     assert capped.candidates_tried == 2 and capped.mapping == {}
     with pytest.raises(ValueError, match="count=4"):
-        kvs.first_consumers(loose, 4)
+        kss.first_consumers(loose, 4)
 
 
 def test_kl_criterion_options_are_validated():

@@ -66,6 +66,11 @@ def data_dir() -> Path:
     return Path(os.environ.get("CROSSKV_DATA", PROJECT_ROOT / "data"))
 
 
+def cache_dir(name: str) -> Path:
+    """Folder of one on-disk measurement cache (``<data>/cache/<name>``: a KVSharer search, CommonKV calibration)."""
+    return data_dir() / "cache" / name
+
+
 def assets_dir() -> Path:
     return data_dir() / "assets"
 

@@ -1,8 +1,10 @@
-"""Content fingerprints: the library code, files named by parameters, and a model's weights.
+"""Content fingerprints — the one place crosskv hashes: JSON-able values, the library code, files named by
+parameters, and a model's weights.
 
 A cached number is only current if everything that produced it is unchanged, so result keys and
 the on-disk measurement caches (KVSharer search, CommonKV Fisher/sensitivity) include:
 
+- :func:`digest` — sha256 of a JSON-able value's canonical JSON (result keys, cache file names, notebook inputs);
 - :func:`code_fingerprint` — sha256 over the sources of the ``crosskv`` package (computed once per
   process; tests change it with ``monkeypatch``);
 - :func:`file_digests` — the content hash of every existing file a parameter names (a KVSharer
@@ -21,6 +23,13 @@ from typing import Any, Iterator
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 _SAMPLE = 4096  # values hashed per parameter tensor
 _ATTR = "_crosskv_fingerprint"
+
+
+def digest(value: Any, length: int | None = 16) -> str:
+    """sha256 (hex, first ``length`` chars; all 64 with ``None``) of ``value``'s canonical JSON (sorted keys,
+    no spaces; non-JSON values by ``str``)."""
+    blob = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
 
 
 @functools.lru_cache(maxsize=None)

@@ -68,11 +68,6 @@ def energy_captured(singular_values: torch.Tensor) -> torch.Tensor:
     return energy.cumsum(-1) / energy.sum(-1, keepdim=True)
 
 
-def relative_error(x: torch.Tensor, approx: torch.Tensor) -> float:
-    """``‖x − approx‖_F / ‖x‖_F`` over all elements."""
-    return float((x.float() - approx.float()).norm() / x.float().norm())
-
-
 def rank_error(x: torch.Tensor, rank: int) -> float:
     """Relative Frobenius error of the best rank-``rank`` approximation of ``x`` ``(B, T, F)``.
 

@@ -16,7 +16,6 @@ unchanged, it is skipped. ``FORCE=1`` (or ``force=True``) re-executes. Volatile 
 from __future__ import annotations
 
 import ast
-import hashlib
 import json
 import logging
 import os
@@ -26,13 +25,13 @@ from pathlib import Path
 
 import yaml
 
+from crosskv.core import fingerprint
 from crosskv.core.assets import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
 
 NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
 PARAMS_DIR = NOTEBOOKS_DIR / "params"
-LIB_DIR = PROJECT_ROOT / "lib" / "crosskv"
 PROFILES = ("smoke", "cpu", "gpu")
 FIGURE_PATTERN = re.compile(r"(?:fig|tab)_\d\d_[\w-]+\.(?:png|pdf|csv|md)")
 
@@ -92,25 +91,16 @@ def declared_parameters(notebook: Path) -> dict[str, object]:
     return found
 
 
-def _source_digest(notebook: Path) -> str:
+def _source_cells(notebook: Path) -> list[tuple[str, str]]:
     nb = json.loads(notebook.read_text())
-    cells = [(c["cell_type"], "".join(c["source"])) for c in nb["cells"]
-             if "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
-    return hashlib.sha256(json.dumps(cells).encode()).hexdigest()
-
-
-def _library_digest() -> str:
-    digest = hashlib.sha256()
-    for path in sorted(LIB_DIR.rglob("*.py")):
-        digest.update(path.relative_to(LIB_DIR).as_posix().encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
+    return [(c["cell_type"], "".join(c["source"])) for c in nb["cells"]
+            if "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
 
 
 def input_hash(notebook: Path, parameters: dict) -> str:
     """Hash of everything an executed notebook depends on: its source, parameters and the library."""
-    payload = {"source": _source_digest(notebook), "params": parameters, "lib": _library_digest()}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return fingerprint.digest({"source": _source_cells(notebook), "params": parameters,
+                               "lib": fingerprint.code_fingerprint()})
 
 
 def _recorded_hash(executed: Path) -> str | None:

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 from typing import Callable
 
 
@@ -16,34 +15,12 @@ def _integer(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
 
 
-def _number(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return value
-
-
 def int_at_least(low: int, what: str) -> Callable[[str], int]:
     """An argparse type: an integer ≥ ``low`` (``what`` names the kind in the error, e.g. "positive integer")."""
     def parse(text: str) -> int:
         value = _integer(text)
         if value < low:
             raise argparse.ArgumentTypeError(f"{value} is not a {what} (must be >= {low})")
-        return value
-    parse.__name__ = what.replace(" ", "_")
-    return parse
-
-
-def float_in(low: float, high: float, what: str, low_open: bool = False) -> Callable[[str], float]:
-    """An argparse type: a finite number in [low, high] (``(low, high]`` with ``low_open``)."""
-    def parse(text: str) -> float:
-        value = _number(text)
-        if value > high or value < low or (low_open and value == low):
-            interval = f"{'(' if low_open else '['}{low}, {high}]"
-            raise argparse.ArgumentTypeError(f"{value} is not a {what} in {interval}")
         return value
     parse.__name__ = what.replace(" ", "_")
     return parse

@@ -12,18 +12,21 @@ sharded across ranks (gloo on CPU, nccl on GPU) and only rank 0 prints and write
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
 import os
 import sys
 import traceback
+import typing
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from crosskv.evidence import figures
-from crosskv.integrations.argtypes import float_in, int_at_least, nonnegative_int, positive_int
+from crosskv.integrations.argtypes import nonnegative_int, positive_int
 from crosskv.methods import kvsharer
+from crosskv.methods.base import coerce
 
 log = logging.getLogger(__name__)
 
@@ -252,47 +255,58 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+SEARCH_CHOICES = {"metric": kvsharer.METRICS, "order": kvsharer.ORDERS, "criterion": kvsharer.CRITERIA}
+
+
+def search_option(name: str) -> Callable[[str], Any]:
+    """argparse type of the search option ``name``: parsed by its :class:`~crosskv.methods.kvsharer.SearchOptions`
+    annotation and refused with :class:`~crosskv.methods.kvsharer.SearchConfig`'s own message."""
+    annotation = typing.get_type_hints(kvsharer.SearchOptions)[name]
+
+    def parse(text: str) -> Any:
+        try:
+            value = coerce(text, annotation, name)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        probe = {"shared_layers": None, "rate": value} if name == "rate" else {name: value}
+        try:
+            dataclasses.replace(kvsharer.SearchConfig(shared_layers=1), **probe)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"{text} is refused: {err}") from None
+        return value
+    parse.__name__ = name
+    return parse
+
+
 def configure_search(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """Arguments of ``python -m crosskv search`` (added to ``parser`` if given)."""
+    """Arguments of ``python -m crosskv search`` (added to ``parser`` if given): one flag per field of
+    :class:`~crosskv.methods.kvsharer.SearchOptions`, with its default and help."""
     parser = parser or argparse.ArgumentParser(prog="crosskv search", description="KVSharer strategy search")
     parser.add_argument("--model", default="smollm2-135m", help="model alias, folder or hub id")
     amount = parser.add_mutually_exclusive_group(required=True)
-    amount.add_argument("--shared-layers", type=nonnegative_int, help="C, the number of consumer layers")
-    amount.add_argument("--rate", type=float_in(0.0, 1.0, "rate"), help="C / L")
-    defaults = kvsharer.SearchConfig(shared_layers=1)  # the search options' defaults live in SearchConfig only
-    parser.add_argument("--metric", choices=kvsharer.METRICS, default=defaults.metric)
-    parser.add_argument("--order", choices=kvsharer.ORDERS, default=defaults.order)
-    parser.add_argument("--threshold", type=float_in(-1.0, 1.0, "cosine"), default=defaults.threshold,
-                        help="minimum final-hidden-state cosine")
-    parser.add_argument("--criterion", choices=kvsharer.CRITERIA, default=defaults.criterion,
-                        help="acceptance test: final-hidden cosine > threshold, or next-token KL ≤ max-kl")
-    parser.add_argument("--max-kl", type=float_in(0.0, math.inf, "KL limit", low_open=True), default=defaults.max_kl,
-                        help="nats per token (criterion kl)")
-    parser.add_argument("--calibration-samples", type=positive_int, default=defaults.calibration_samples)
-    parser.add_argument("--calibration-length", type=int_at_least(2, "length of at least 2"),
-                        default=defaults.calibration_length)
-    parser.add_argument("--seed", type=nonnegative_int, default=defaults.seed)
+    for option in dataclasses.fields(kvsharer.SearchOptions):
+        target = amount if option.name in ("shared_layers", "rate") else parser
+        target.add_argument("--" + option.name.replace("_", "-"), type=search_option(option.name),
+                            default=option.default, choices=SEARCH_CHOICES.get(option.name),
+                            help=option.metadata["help"] + " (default: %(default)s)")
     parser.add_argument("--dtype", default=None, help="model dtype (default: the loader's, bfloat16)")
     parser.add_argument("--device", default=None)
-    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (1 is fastest on a shared machine)")
+    add_threads(parser)
     parser.add_argument("--out", required=True, help="where to write the strategy JSON")
     return parser
 
 
 def run_search(args: argparse.Namespace) -> int:
     """Run the search described by parsed :func:`configure_search` arguments and write ``args.out``."""
-    config = kvsharer.SearchConfig(shared_layers=args.shared_layers, rate=args.rate, metric=args.metric, order=args.order,
-                          threshold=args.threshold, criterion=args.criterion, max_kl=args.max_kl,
-                          calibration_samples=args.calibration_samples,
-                          calibration_length=args.calibration_length, seed=args.seed)
-    import torch
-
     from crosskv.core.models import load_model
+    from crosskv.methods.kvsharer_search import search
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    config = kvsharer.SearchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(kvsharer.SearchOptions)})
+    set_threads(args)
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
-    strategy = kvsharer.search(model, tokenizer, config, progress=True)
+    strategy = search(model, tokenizer, config, progress=True)
     path = strategy.save(args.out)
     log.info("%d consumers %s in %.1f s (%d candidates) → %s", len(strategy.mapping), strategy.mapping,
              strategy.search_seconds, strategy.candidates_tried, path)

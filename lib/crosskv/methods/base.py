@@ -23,7 +23,6 @@ import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator
 
-import torch
 from transformers import Cache, DynamicCache
 
 
@@ -89,7 +88,7 @@ def register(cls: type[MethodConfig]) -> type[MethodConfig]:
     return cls
 
 
-def _coerce(value: Any, annotation: Any, field: str) -> Any:
+def coerce(value: Any, annotation: Any, field: str) -> Any:
     """Convert a CLI string to the field's type (bool/int/float/str, Optional of those)."""
     if not isinstance(value, str):
         return value
@@ -100,7 +99,7 @@ def _coerce(value: Any, annotation: Any, field: str) -> Any:
             return None
         for arg in args:
             try:
-                return _coerce(value, arg, field)
+                return coerce(value, arg, field)
             except ValueError:
                 continue
         raise ValueError(f"parameter {field}={value!r} does not parse as {annotation}")
@@ -137,4 +136,4 @@ def make_method(name: str, **params: Any) -> MethodConfig:
     if unknown:
         raise ValueError(f"unknown parameter(s) {', '.join(unknown)} for method {name!r}; "
                          f"it takes: {', '.join(fields) or 'none'}")
-    return cls(**{k: _coerce(v, fields[k][0], k) for k, v in params.items()})
+    return cls(**{k: coerce(v, fields[k][0], k) for k, v in params.items()})

@@ -24,7 +24,6 @@ combination that costs as much as rebuilding K.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -404,7 +403,7 @@ def cached_measurement(kind: str, model, key: dict, compute: Callable[[], list[f
 
     full_key = {"format": FORMAT, "kind": kind, "model": model_name(model), "dtype": str(model.dtype),
                 "fingerprint": fingerprint.model_fingerprint(model), "code": fingerprint.code_fingerprint(), **key}
-    digest = hashlib.sha1(json.dumps(full_key, sort_keys=True).encode()).hexdigest()[:16]
+    digest = fingerprint.digest(full_key)
     slug = "".join(ch if ch.isalnum() else "-" for ch in str(full_key["model"]))[-40:]
     path = cache_dir() / f"{slug}-{kind}-{digest}.json"
     if path.exists():

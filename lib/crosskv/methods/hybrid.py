@@ -13,14 +13,14 @@ Memory: ``kept ≈ (L − C)/L · kept_xkv``, where ``kept`` (the xKV target) ap
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 
 from crosskv.core.capture import KVShape, kv_shape
 from crosskv.methods.base import register
-from crosskv.methods.kvsharer import KVSharer, SharedLayer, SharingStrategy
+from crosskv.methods.kvsharer import KVSharer, SearchOptions, SharedLayer, SharingStrategy
 from crosskv.cache.prefix import PrefixLayer
 from crosskv.methods.svd import XKV, LowRankCache, LowRankRunner
 
@@ -51,7 +51,7 @@ class ProducerGroups(XKV):
 
 @register
 @dataclass(frozen=True)
-class SharedXKV(XKV):
+class SharedXKV(XKV, SearchOptions):
     """KVSharer (``shared_layers`` consumers, searched; or a ``strategy`` file) + xKV over the producers."""
 
     name = "kvsharer_xkv"
@@ -59,14 +59,6 @@ class SharedXKV(XKV):
 
     shared_layers: int | None = 8
     strategy: str | None = None
-    metric: str = "euclidean"
-    order: str = "dissimilar"
-    threshold: float = 0.5
-    criterion: str = "cosine"
-    max_kl: float = 0.1
-    calibration_samples: int = 30
-    calibration_length: int = 64
-    seed: int = 0
 
     def __post_init__(self):
         super().__post_init__()
@@ -80,12 +72,9 @@ class SharedXKV(XKV):
 
     def sharer(self) -> KVSharer:
         """The KVSharer config of the sharing part."""
-        options = dict(metric=self.metric, order=self.order, threshold=self.threshold, criterion=self.criterion,
-                       max_kl=self.max_kl, calibration_samples=self.calibration_samples,
-                       calibration_length=self.calibration_length, seed=self.seed)
         if self.strategy is not None:
             return KVSharer(strategy=self.strategy)
-        return KVSharer(shared_layers=self.shared_layers, **options)
+        return KVSharer(**{f.name: getattr(self, f.name) for f in fields(SearchOptions)})
 
     def check(self, shape: KVShape) -> None:
         """Ranks ≤ a group's width; the group size is checked against the producers when bound."""

@@ -9,17 +9,16 @@ producer's cache, which already holds the current tokens because the producer ra
 same forward (identical positions, so post-RoPE keys are reused as they are). This applies in
 prefill and decode; per-layer lengths are tracked by counters, not by how many layers are stored
 (the released dict cache's decode bug).
+
+This module holds the data (:class:`SharingStrategy`, the search options), the cache layers and the
+method; the search itself, its calibration and its disk cache are in :mod:`crosskv.methods.kvsharer_search`.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
-import logging
-import math
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -28,17 +27,12 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import CacheLayerMixin
 
-from crosskv.core.assets import PROJECT_ROOT
-from crosskv.core.capture import attention_modules, capture, decoder, kv_shape
-from crosskv.cache.storage import layer_tensors
-from crosskv.methods.base import MethodConfig, Runner, register
 from crosskv.cache.eviction import evict_plain
-from crosskv.core.progress import bar as progress_bar
-
-log = logging.getLogger(__name__)
+from crosskv.cache.storage import layer_tensors
+from crosskv.core.capture import attention_modules, kv_shape
+from crosskv.methods.base import MethodConfig, Runner, register
 
 FORMAT = "crosskv.kvsharer/1"
-CACHE_DIR = PROJECT_ROOT / "data" / "cache" / "kvsharer"
 METRICS = ("euclidean", "cosine")
 ORDERS = ("dissimilar", "similar", "random")
 CRITERIA = ("cosine", "kl")  # accept a candidate on final-hidden cosine > threshold, or next-token KL ≤ max_kl
@@ -95,8 +89,8 @@ class SharingStrategy:
         return [i for i in range(self.num_layers) if i not in self.mapping]
 
     @property
-    def kept(self) -> float:
-        """Nominal fraction of layers that store K/V: ``(L - C) / L``."""
+    def layers_kept(self) -> float:
+        """Fraction of layers that store K/V: ``(L - C) / L`` (not the glossary's byte ``kept``)."""
         return len(self.producers) / self.num_layers
 
     def check_model(self, model) -> "SharingStrategy":
@@ -282,24 +276,39 @@ class SharingCache(DynamicCache):
             yield from layer_tensors(layer)
 
 
-# ----------------------------------------------------------------------------- the search
+# ----------------------------------------------------------------------------- the search options (data)
+
+def _option(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
 
 @dataclass(frozen=True)
-class SearchConfig:
-    """Options of the greedy search. Give exactly one of ``shared_layers`` (C) or ``rate`` (C/L)."""
+class SearchOptions:
+    """The options of KVSharer's greedy search, defined once: :class:`SearchConfig` validates them, the
+    ``kvsharer`` and ``kvsharer_xkv`` methods take them as parameters and ``crosskv search`` as flags
+    (``metadata["help"]`` is the flag's help). Give exactly one of ``shared_layers`` (C) or ``rate`` (C/L)."""
 
-    shared_layers: int | None = None
-    rate: float | None = None
-    metric: str = "euclidean"
-    order: str = "dissimilar"
-    threshold: float = 0.5
-    calibration_samples: int = 30
-    calibration_length: int = 64
-    seed: int = 0
-    corpus: str = "essays"
-    criterion: str = "cosine"
-    max_kl: float = 0.1
-    max_candidates: int | None = None  # stop after evaluating this many candidates (None: all pairs)
+    shared_layers: int | None = _option(None, "C, the number of consumer layers")
+    rate: float | None = _option(None, "C / L")
+    metric: str = _option("euclidean", "distance of sample-averaged K/V that orders the candidate pairs")
+    order: str = _option("dissimilar", "visit the candidate pairs most dissimilar first, most similar first, or seeded random")
+    threshold: float = _option(0.5, "minimum final-hidden-state cosine (criterion cosine)")
+    calibration_samples: int = _option(30, "calibration rows")
+    calibration_length: int = _option(64, "tokens per calibration row")
+    seed: int = _option(0, "calibration rows and the random order")
+    corpus: str = _option("essays", "calibration corpus")
+    criterion: str = _option("cosine", "acceptance test: final-hidden cosine > threshold, or next-token KL <= max_kl")
+    max_kl: float = _option(0.1, "nats per token (criterion kl)")
+    max_candidates: int | None = _option(None, "stop after evaluating this many candidates (none: every pair)")
+
+    def search_config(self) -> "SearchConfig":
+        """These options as a validated :class:`SearchConfig`."""
+        return SearchConfig(**{f.name: getattr(self, f.name) for f in fields(SearchOptions)})
+
+
+@dataclass(frozen=True)
+class SearchConfig(SearchOptions):
+    """Validated :class:`SearchOptions`: the identity of one search (its disk-cache key)."""
 
     def __post_init__(self):
         if (self.shared_layers is None) == (self.rate is None):
@@ -309,14 +318,11 @@ class SearchConfig:
             raise ValueError(f"shared_layers={self.shared_layers} must be >= 0")
         if self.rate is not None and not 0.0 <= self.rate < 1.0:
             raise ValueError(f"rate={self.rate} must lie in [0, 1)")
-        if self.metric not in METRICS:
-            raise ValueError(f"metric={self.metric!r}; choose from {', '.join(METRICS)}")
-        if self.order not in ORDERS:
-            raise ValueError(f"order={self.order!r}; choose from {', '.join(ORDERS)}")
+        for name, allowed in (("metric", METRICS), ("order", ORDERS), ("criterion", CRITERIA)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}; choose from {', '.join(allowed)}")
         if not -1.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold={self.threshold} must lie in [-1, 1] (a cosine)")
-        if self.criterion not in CRITERIA:
-            raise ValueError(f"criterion={self.criterion!r}; choose from {', '.join(CRITERIA)}")
         if not self.max_kl > 0:
             raise ValueError(f"max_kl={self.max_kl} must be positive (nats per token)")
         if self.max_candidates is not None and self.max_candidates < 1:
@@ -335,181 +341,9 @@ class SearchConfig:
             raise ValueError(f"shared_layers={count} exceeds the {num_layers - 1} layers that can reuse an earlier one")
         return count
 
-
-def layer_distances(model, calibration: torch.Tensor, metric: str = "euclidean", batch_size: int = 10) -> torch.Tensor:
-    """Distance of every layer pair's sample-averaged K and V, averaged over K and V → ``(L, L)``.
-
-    ``calibration`` ``(N, T)``; ``euclidean`` is the L2 distance of the flattened averages,
-    ``cosine`` is ``1 - cosine similarity`` (so larger always means more dissimilar).
-    """
-    from crosskv.core.similarity import cosine_matrix, euclidean_matrix
-
-    cap = capture(model, calibration.split(batch_size), average=True, fields=("keys", "values"))
-    if metric == "euclidean":
-        return (euclidean_matrix(cap.keys) + euclidean_matrix(cap.values)) / 2
-    return 1.0 - (cosine_matrix(cap.keys) + cosine_matrix(cap.values)) / 2
-
-
-def candidate_pairs(distances: torch.Tensor, order: str, seed: int = 0) -> list[tuple[int, int, float]]:
-    """Pairs ``(i, j, distance)`` with ``i > j`` ordered as ``order`` says (``random`` is seeded)."""
-    n = distances.shape[0]
-    pairs = [(i, j, float(distances[i, j])) for i in range(n) for j in range(i)]
-    if order == "random":
-        perm = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed), device="cpu").tolist()
-        return [pairs[k] for k in perm]
-    return sorted(pairs, key=lambda p: (-p[2] if order == "dissimilar" else p[2], p[0], p[1]))
-
-
-def with_pair(mapping: dict[int, int], consumer: int, producer: int) -> dict[int, int]:
-    """``mapping`` plus ``consumer`` reusing ``producer``'s cache, chains resolved both ways.
-
-    If ``producer`` is a consumer its own producer is used; layers that reused ``consumer`` now reuse
-    the resolved producer.
-    """
-    source = mapping.get(producer, producer)
-    out = {c: (source if p == consumer else p) for c, p in mapping.items()}
-    out[consumer] = source
-    return out
-
-
-def first_consumers(strategy: SharingStrategy, count: int) -> SharingStrategy:
-    """The strategy the same search would return with C = ``count``: its first ``count`` accepted pairs.
-
-    The greedy search visits candidates in a fixed order, so a search for C = k stops exactly after
-    the first k acceptances of a search for C > k; replaying them from ``strategy.trace`` gives the
-    smaller strategy without searching again.
-    """
-    accepted = [t for t in strategy.trace if t["accepted"]]
-    if not 0 <= count <= len(accepted):
-        raise ValueError(f"count={count}: the strategy's trace has {len(accepted)} accepted consumers")
-    mapping: dict[int, int] = {}
-    for step in accepted[:count]:
-        mapping = with_pair(mapping, step["consumer"], step["producer"])
-    last = strategy.trace.index(accepted[count - 1]) + 1 if count else 0
-    search_ = dict(strategy.search or {}, shared_layers=count, rate=None)
-    return SharingStrategy(mapping=mapping, num_layers=strategy.num_layers, model=strategy.model, search=search_,
-                           candidates_tried=last, trace=strategy.trace[:last])
-
-
-@torch.no_grad()
-def final_hidden(model, ids: torch.Tensor, mapping: dict[int, int], batch_size: int = 10) -> torch.Tensor:
-    """Final (normed) hidden states with layer sharing ``mapping``: ``ids`` ``(N, T)`` → ``(N, T, D)`` float32."""
-    body = decoder(model)
-    outs = []
-    for chunk in ids.split(batch_size):
-        cache = SharingCache(model.config, mapping)
-        out = body(input_ids=chunk.to(model.device), past_key_values=cache, use_cache=True)
-        outs.append(out.last_hidden_state.float().cpu())
-    return torch.cat(outs)
-
-
-def hidden_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean per-token cosine similarity of two hidden-state tensors ``(N, T, D)``."""
-    return float(torch.nn.functional.cosine_similarity(a, b, dim=-1).mean())
-
-
-@torch.no_grad()
-def next_token_kl(model, hidden: torch.Tensor, reference: torch.Tensor, chunk: int = 512) -> float:
-    """Mean per-token KL(original ‖ sharing) of the next-token distributions, in nats.
-
-    ``hidden``/``reference`` ``(N, T, D)`` final normed hidden states of the sharing and original model;
-    logits come from the model's output head, ``chunk`` tokens at a time (never all ``N·T·vocab`` at once).
-    """
-    head = model.get_output_embeddings()
-    weight = head.weight
-    h, r = hidden.reshape(-1, hidden.shape[-1]), reference.reshape(-1, reference.shape[-1])
-    total = 0.0
-    for start in range(0, h.shape[0], chunk):
-        log_q = head(h[start:start + chunk].to(weight.device, weight.dtype)).float().log_softmax(-1)
-        log_p = head(r[start:start + chunk].to(weight.device, weight.dtype)).float().log_softmax(-1)
-        total += float((log_p.exp() * (log_p - log_q)).sum())
-    return total / h.shape[0]
-
-
-def accept(model, config: SearchConfig, hidden: torch.Tensor, reference: torch.Tensor) -> dict[str, Any]:
-    """The acceptance test of one candidate: ``{"cosine", ["kl",] "accepted"}`` (see :class:`SearchConfig`)."""
-    cosine = hidden_cosine(hidden, reference)
-    if config.criterion == "cosine":
-        return {"cosine": cosine, "accepted": cosine > config.threshold}
-    kl = next_token_kl(model, hidden, reference)
-    return {"cosine": cosine, "kl": kl, "accepted": kl <= config.max_kl}
-
-
-def search(model, tokenizer, config: SearchConfig, progress: bool = False) -> SharingStrategy:
-    """KVSharer's greedy search (Algorithm 1) on ``model`` → a :class:`SharingStrategy` with C consumers.
-
-    Candidates are visited in ``config.order``; a candidate whose consumer already is one is skipped
-    without evaluation; otherwise the tentative strategy is accepted when the mean per-token cosine of
-    the final hidden states (sharing vs original, on the calibration set) exceeds ``config.threshold``
-    (the paper's test) or, with ``criterion="kl"``, when the mean next-token KL divergence of the
-    original model's distribution from the sharing model's is at most ``config.max_kl`` nats.
-    Stops at C accepted consumers (fewer, with a warning, if the candidates run out).
-    """
-    from crosskv.core.data import calibration_set
-    from crosskv.core.models import model_name
-
-    start = time.perf_counter()
-    num_layers = kv_shape(model).layers
-    target = config.consumers(num_layers)
-    mapping: dict[int, int] = {}
-    trace: list[dict[str, Any]] = []
-    if target:
-        calibration = calibration_set(tokenizer, n=config.calibration_samples, length=config.calibration_length,
-                                      seed=config.seed, corpus=config.corpus)
-        reference = final_hidden(model, calibration, {})
-        candidates = candidate_pairs(layer_distances(model, calibration, config.metric), config.order, config.seed)
-        bar = progress_bar(total=target, enabled=progress, desc="kvsharer search")
-        for consumer, producer, distance in candidates:
-            if consumer in mapping:
-                continue
-            if config.max_candidates is not None and len(trace) >= config.max_candidates:
-                break
-            tentative = with_pair(mapping, consumer, producer)
-            verdict = accept(model, config, final_hidden(model, calibration, tentative), reference)
-            trace.append({"consumer": consumer, "producer": producer, "distance": distance, **verdict})
-            if verdict["accepted"]:
-                mapping = tentative
-                bar.update(1)
-                log.info("layer %d reuses layer %d (%s)", consumer, mapping[consumer], verdict)
-                if len(mapping) == target:
-                    break
-        bar.close()
-        if len(mapping) < target:
-            log.warning("kvsharer search found only %d of %d consumers passing its %s test",
-                        len(mapping), target, config.criterion)
-    return SharingStrategy(mapping=mapping, num_layers=num_layers, model=model_name(model),
-                           search=dataclasses.asdict(config), search_seconds=time.perf_counter() - start,
-                           candidates_tried=len(trace), trace=tuple(trace))
-
-
-def cache_path(model, config: SearchConfig, cache_dir: str | Path | None = None) -> Path:
-    """Where the search result for ``model`` (name, dtype, weights fingerprint), ``config`` and the library
-    code (:func:`crosskv.core.fingerprint.code_fingerprint`) is cached: any of them changing means a new search."""
-    from crosskv.core import fingerprint
-    from crosskv.core.models import model_name
-
-    key = {"model": model_name(model), "dtype": str(next(model.parameters()).dtype),
-           "search": dataclasses.asdict(config), "format": FORMAT,
-           "model_fingerprint": fingerprint.model_fingerprint(model), "code": fingerprint.code_fingerprint()}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return Path(cache_dir or CACHE_DIR) / f"{digest}.json"
-
-
-def cached_search(model, tokenizer, config: SearchConfig, force: bool = False, progress: bool = False) -> SharingStrategy:
-    """:func:`search`, reusing a previous result for the same model and config from the disk cache."""
-    path = cache_path(model, config)
-    if path.is_file() and not force:
-        log.info("kvsharer strategy from cache %s", path)
-        try:
-            return SharingStrategy.load(path, model)
-        except (OSError, ValueError) as err:
-            log.warning("kvsharer: unreadable cached strategy %s (%s); searching again", path, err)
-    strategy = search(model, tokenizer, config, progress=progress)
-    strategy.save(path)
-    log.info("kvsharer search took %.1f s (%d candidates); saved %s",
-             strategy.search_seconds, strategy.candidates_tried, path)
-    return strategy
-
+    def with_consumers(self, count: int) -> "SearchConfig":
+        """The same search for exactly ``count`` consumers."""
+        return dataclasses.replace(self, shared_layers=count, rate=None)
 
 # ----------------------------------------------------------------------------- the method
 
@@ -559,23 +393,13 @@ class KVSharerRunner(Runner):
 
 @register
 @dataclass(frozen=True)
-class KVSharer(MethodConfig):
+class KVSharer(MethodConfig, SearchOptions):
     """KVSharer: give ``strategy`` (a JSON file) or ``shared_layers``/``rate`` plus search options."""
 
     name = "kvsharer"
     description = "layer-wise dissimilar KV sharing: C consumer layers reuse an earlier layer's cache"
 
     strategy: str | None = None
-    shared_layers: int | None = None
-    rate: float | None = None
-    metric: str = "euclidean"
-    order: str = "dissimilar"
-    threshold: float = 0.5
-    calibration_samples: int = 30
-    calibration_length: int = 64
-    seed: int = 0
-    criterion: str = "cosine"
-    max_kl: float = 0.1
 
     def __post_init__(self):
         if self.strategy is not None:
@@ -585,14 +409,12 @@ class KVSharer(MethodConfig):
             return
         self.search_config()  # validates the search options
 
-    def search_config(self) -> SearchConfig:
-        shared = {f.name for f in dataclasses.fields(SearchConfig)} & {f.name for f in dataclasses.fields(self)}
-        return SearchConfig(**{name: getattr(self, name) for name in shared})
-
     def resolve(self, model, tokenizer) -> SharingStrategy:
         """The strategy: loaded from ``strategy`` or searched (cached on disk)."""
         if self.strategy is not None:
             return SharingStrategy.load(self.strategy, model)
+        from crosskv.methods.kvsharer_search import cached_search
+
         return cached_search(model, tokenizer, self.search_config())
 
     def bind(self, model, tokenizer=None) -> KVSharerRunner:

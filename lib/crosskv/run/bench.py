@@ -16,7 +16,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import platform
 import random
 import statistics
 import time
@@ -26,7 +25,8 @@ import torch
 
 from crosskv.core.data import heldout_windows
 from crosskv.core.capture import kv_shape
-from crosskv.run.harness import PeakMemory, _sync, bind, full_cache_bytes
+from crosskv.run.harness import PeakMemory, bind, full_cache_bytes, sync
+from crosskv.run.results import machine
 from crosskv.cache.storage import kv_bytes
 from crosskv.methods import MethodConfig, make_method
 from crosskv.methods.svd import XKV
@@ -64,15 +64,6 @@ def parse_method(spec: str | MethodConfig) -> MethodConfig:
 
 def method_label(config: MethodConfig, spec: str | MethodConfig) -> str:
     return spec if isinstance(spec, str) else config.name
-
-
-def machine() -> dict[str, Any]:
-    """Device description, torch threads and the 1-minute load average now."""
-    device = "cpu: " + (platform.processor() or platform.machine()) + f", {os.cpu_count()} cores"
-    if torch.cuda.is_available():
-        device = "cuda: " + torch.cuda.get_device_name()
-    return {"machine": f"{platform.node()} · {device}", "threads": torch.get_num_threads(),
-            "load": os.getloadavg()[0]}
 
 
 def _release_freed_memory() -> None:
@@ -122,24 +113,24 @@ def measure(runner, context_ids: torch.Tensor, question_ids: torch.Tensor, decod
         with runner.prefill(cache):
             model(input_ids=context_ids, past_key_values=cache, use_cache=True,
                   position_ids=_positions(0, context, batch, device), logits_to_keep=1)
-        _sync(device)
+        sync(device)
         t1 = time.perf_counter()
         runner.compress(cache)
-        _sync(device)
+        sync(device)
         t2 = time.perf_counter()
         held = kv_bytes(cache)
         fed = context + question_ids.shape[1]
         out = model(input_ids=question_ids, past_key_values=cache, use_cache=True,
                     position_ids=_positions(context, question_ids.shape[1], batch, device), logits_to_keep=1)
         token = out.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
-        _sync(device)
+        sync(device)
         t3 = time.perf_counter()
         for _ in range(decode_tokens):
             out = model(input_ids=token, past_key_values=cache, use_cache=True,
                         position_ids=_positions(fed, 1, batch, device), logits_to_keep=1)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             fed += 1
-        _sync(device)
+        sync(device)
         t4 = time.perf_counter()
     peak_bytes = peak.read()
     return {"prefill_s": t1 - t0, "compress_s": t2 - t1,
@@ -179,12 +170,12 @@ def gemm_seconds(gemms: list[tuple[int, int, int]], batch: int, device, dtype, r
                                torch.randn(batch, r, w, device=device, dtype=dtype))
     times = []
     for _ in range(repeats + 1):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         for key in gemms:
             basis, factor = operands[key]
             factor.transpose(1, 2) @ basis.transpose(1, 2)
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:])
 
@@ -272,9 +263,10 @@ def bench(model, tokenizer, methods=DEFAULT_METHODS, contexts=(2048, 4096), batc
                             for r, ref in zip(table.itertuples(), reference)]
     table["vs_floor"] = [r.decode_tok_s / r.floor_tok_s if r.floor_tok_s else None for r in table.itertuples()]
     table["device"] = str(device)
-    table["machine"] = start["machine"]
+    where = f"cuda: {start['gpu']}" if start["gpu"] else f"cpu: {start['cpu']}, {start['cores']} cores"
+    table["machine"] = f"{start['host']} · {where}"
     table["threads"] = start["threads"]
-    table["load_start"], table["load_end"] = start["load"], end["load"]
+    table["load_start"], table["load_end"] = start["load_1min"], end["load_1min"]
     table["model"] = model_name(model)
     table["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     return table[list(COLUMNS)]

@@ -96,7 +96,8 @@ def distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA) before reading a clock; nothing on CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -196,10 +197,10 @@ def _prefill(runner: Runner, cache, ids: list[int], device, hidden: bool):
         else:
             out = model(input_ids=_ids(ids, device), past_key_values=cache, use_cache=True,
                         position_ids=_positions(0, len(ids), device), logits_to_keep=1)
-    _sync(device)
+    sync(device)
     t1 = time.perf_counter()
     runner.compress(cache)
-    _sync(device)
+    sync(device)
     return out, t1 - t0, time.perf_counter() - t1
 
 
@@ -224,7 +225,7 @@ def run_generate(runner: Runner, sample: Sample, stops: set[int], settled=None) 
             fed += len(sample.question_ids)
         token = int(logits.argmax())
         generated = [token]
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         done = False
         while token not in stops and len(generated) < sample.max_new_tokens:
@@ -236,7 +237,7 @@ def run_generate(runner: Runner, sample: Sample, stops: set[int], settled=None) 
             fed += 1
             token = int(out.logits[0, -1].argmax())
             generated.append(token)
-        _sync(device)
+        sync(device)
         decode_s = time.perf_counter() - t0
         end = _bytes(model, cache, fed, census)
     prediction = tokenizer.decode(generated, skip_special_tokens=True)
@@ -278,7 +279,7 @@ def run_perplexity(runner: Runner, sample: Sample) -> dict[str, Any]:
             predictors = torch.cat([hidden[-1:], cont_hidden[:-1]])  # (M, D)
             nll, scored = _nll(model, predictors, cont), len(cont)
             fed = len(ids) + len(cont)
-        _sync(device)
+        sync(device)
         end = _bytes(model, cache, fed, census)
     return {"nll": nll, "scored_tokens": scored, "prefill_s": prefill_s, "compress_s": compress_s,
             "continuation_s": time.perf_counter() - t0, **after, **{f"{k}_end": v for k, v in end.items()}}
@@ -412,11 +413,6 @@ def evaluate(model, tokenizer, method: MethodConfig | str, task: TaskConfig | st
         results.save_record(record, results_dir)
     log.info("%s on %s: score %.4g, kept %.3f", config.name, task_config.name, record["score"], record["kept"] or 0)
     return record
-
-
-def evaluate_many(model, tokenizer, grid, **common: Any) -> list[dict[str, Any]]:
-    """:func:`evaluate` for each ``(method, task)`` pair of ``grid`` (shared keyword arguments in ``common``)."""
-    return [evaluate(model, tokenizer, method, task, **common) for method, task in grid]
 
 
 def evaluate_mix(model, tokenizer, method, tasks: Iterable[str] = TASK_MIX, contexts: Iterable[int] = MIX_CONTEXTS,

@@ -18,7 +18,6 @@ versions as ``version.<package>``; ``details`` left out); :func:`load_samples` o
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -53,9 +52,8 @@ def identity(model: str, dtype: str, method: str, params: dict[str, Any], task: 
 
 
 def run_key(ident: dict[str, Any]) -> str:
-    """sha256 hex digest of the canonical JSON of :func:`identity`."""
-    blob = json.dumps(ident, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    """sha256 hex digest (64 chars) of the canonical JSON of :func:`identity` (:func:`crosskv.core.fingerprint.digest`)."""
+    return fingerprint.digest(ident, length=None)
 
 
 def record_path(key: str, path: str | Path | None = None) -> Path:
@@ -127,11 +125,30 @@ def git_commit() -> str | None:
     return None if commit is None else commit + ("+dirty" if dirty else "")
 
 
+def machine() -> dict[str, Any]:
+    """The one description of the machine a measurement ran on (records, ``bench``, ``timing``): ``host``,
+    ``cpu`` (model name), ``cores``, ``gpu`` (CUDA device name, ``None`` without one), ``threads`` (torch's)
+    and ``load_1min`` (the 1-minute load average now)."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "threads": torch.get_num_threads(), "load_1min": round(os.getloadavg()[0], 2)}
+
+
 def environment() -> dict[str, Any]:
-    """Versions (read from package metadata; kvpress is not imported), git commit, python and platform."""
+    """Versions (read from package metadata; kvpress is not imported), git commit, python, platform and
+    :func:`machine`."""
     commit, dirty = git_state()
     return {"versions": {p: _version(p) for p in ("torch", "transformers", "kvpress", "crosskv")},
-            "git_commit": git_commit(), "git_head": commit, "git_dirty": dirty, "python": platform.python_version(), "platform": platform.platform()}
+            "git_commit": git_commit(), "git_head": commit, "git_dirty": dirty, "python": platform.python_version(),
+            "platform": platform.platform(), **machine()}
 
 
 def _records(path: str | Path | None) -> list[dict[str, Any]]:

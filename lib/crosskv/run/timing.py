@@ -3,34 +3,17 @@
 Every method decodes the same prompt (one ``niah_single_2`` sample of ``context`` tokens) for exactly
 ``new_tokens`` greedy steps (no stop token, no early stop), after one untimed warm-up run each; the
 method order is shuffled per repeat (seeded) so drifting machine load does not favour one method.
-:func:`machine` states the conditions every timing table must carry (CPU, threads, load).
+:func:`crosskv.run.results.machine` states the conditions every timing table carries (CPU, threads, load).
 """
 from __future__ import annotations
 
-import os
-import platform
 import random
-from typing import Any
 
 import pandas as pd
-import torch
-
 from crosskv.run import harness
+from crosskv.run.results import machine
 from crosskv.methods import MethodConfig
 from crosskv.tasks import make_task
-
-
-def machine() -> dict[str, Any]:
-    """CPU model, cores, torch threads, 1-minute load average and device of the timing process."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "load_1min": round(os.getloadavg()[0], 2), "device": device}
 
 
 def decode_timing(model, tokenizer, methods: dict[str, MethodConfig], context: int = 512, new_tokens: int = 16,
@@ -38,7 +21,7 @@ def decode_timing(model, tokenizer, methods: dict[str, MethodConfig], context: i
     """Median prefill seconds (prefill + compression) and decode tokens/s per method label → one row per label.
 
     Columns: ``method``, ``prefill_s``, ``decode_tok_s`` (medians), ``decode_tok_s_min`` / ``_max`` (over
-    repeats), ``repeats``, ``context``, ``new_tokens`` and the :func:`machine` conditions measured after
+    repeats), ``repeats``, ``context``, ``new_tokens`` and the :func:`~crosskv.run.results.machine` conditions measured after
     the runs (load included).
     """
     if repeats < 3:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from crosskv.methods.base import _coerce
+from crosskv.methods.base import coerce
 
 KINDS = ("generate", "ppl", "ppl_cont")
 
@@ -138,7 +138,7 @@ def make_task(name: str, context: int = 2048, samples: int = 10, seed: int = 0, 
                          f"it takes: {', '.join(spec.options) or 'none'}")
     filled = {key: default for key, (_, default) in spec.options.items()}
     for key, value in options.items():
-        filled[key] = _coerce(value, spec.options[key][0], key)
+        filled[key] = coerce(value, spec.options[key][0], key)
     return TaskConfig(name, int(context), int(samples), int(seed), tuple(sorted(filled.items())))
 
 

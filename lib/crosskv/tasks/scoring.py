@@ -88,10 +88,3 @@ def perplexity(nll_sum: float, tokens: int) -> float:
         raise ValueError(f"perplexity needs at least one scored token, got {tokens}")
     return math.exp(nll_sum / tokens)
 
-
-SCORERS = {
-    "string_match_all": string_match_all,
-    "string_match_part": string_match_part,
-    "qa_f1": qa_f1,
-    "rouge_l": rouge_l,
-}
