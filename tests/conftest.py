@@ -1,8 +1,15 @@
-"""Shared fixtures: one embedded model per session (float32 for exactness tests, bfloat16 as run by default)."""
+"""Shared fixtures: one embedded model per session (float32 for exactness tests, bfloat16 as run by default).
+
+The fast tier (``make test-fast``: ``-m "not slow"``) loads no model, enforced here: a test not marked
+``slow`` that requests an embedded-model fixture (directly or through another fixture) errors in setup
+before the model loads, and one that calls ``load_model`` on the embedded model errors at the call.
+"""
 from __future__ import annotations
 
 import pytest
 import torch
+
+EMBEDDED_FIXTURES = ("model32", "model16")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -11,6 +18,40 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if item.get_closest_marker("gpu") is not None:
                 item.add_marker(skip)
+
+
+def unmarked_model_use(item) -> list[str]:
+    """The embedded-model fixtures ``item`` requests (its whole fixture closure) without a ``slow`` marker."""
+    if item.get_closest_marker("slow") is not None:
+        return []
+    return [name for name in EMBEDDED_FIXTURES if name in getattr(item, "fixturenames", ())]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    used = unmarked_model_use(item)
+    if used:
+        pytest.fail(f"{item.nodeid} requests the embedded model ({', '.join(used)}) but is not marked "
+                    "@pytest.mark.slow: the fast tier loads no model (use tiny_model or mark it slow)",
+                    pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def no_embedded_model_in_fast_tests(request, monkeypatch):
+    """Outside ``slow`` tests, resolving the embedded model's name (the first step of ``load_model``) fails."""
+    if request.node.get_closest_marker("slow") is not None:
+        return
+    from crosskv.core import models
+
+    resolve = models.resolve
+
+    def guarded(name: str):
+        if name in models.ALIASES and models.ALIASES[name].embedded:
+            pytest.fail(f"{request.node.nodeid} loads the embedded model {name!r} but is not marked "
+                        "@pytest.mark.slow: the fast tier loads no model", pytrace=False)
+        return resolve(name)
+
+    monkeypatch.setattr(models, "resolve", guarded)
 
 
 def drive(model, method, context: torch.Tensor, question: torch.Tensor, decode_steps: int = 2, tokenizer=None):
@@ -48,14 +89,21 @@ def model16():
 
 
 @pytest.fixture(scope="session")
-def tiny_model():
-    """A randomly initialised 2-layer Llama (float32, GQA 4/2 heads, head_dim 16) with the embedded tokenizer
-    → (model, tokenizer). Seconds to build; for harness plumbing tests where answers do not matter."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def tokenizer():
+    """The embedded model's tokenizer alone (no weights loaded)."""
+    from transformers import AutoTokenizer
 
     from crosskv.core import assets
 
-    tokenizer = AutoTokenizer.from_pretrained(str(assets.require(assets.embedded_model_dir(), "embedded model")))
+    return AutoTokenizer.from_pretrained(str(assets.require(assets.embedded_model_dir(), "embedded model")))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tokenizer):
+    """A randomly initialised 2-layer Llama (float32, GQA 4/2 heads, head_dim 16) with the embedded tokenizer
+    → (model, tokenizer). Seconds to build; for harness plumbing tests where answers do not matter."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,

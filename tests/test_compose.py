@@ -220,6 +220,7 @@ def check_against_reference(model, tokenizer, tokens, config, units, mapping=Non
     return kept
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("evict", ["snapkv", "pyramidkv"])
 def test_xkv_lossless_after_eviction_equals_eviction_alone(model32, essay, evict):
     model, tokenizer = model32
@@ -231,6 +232,7 @@ def test_xkv_lossless_after_eviction_equals_eviction_alone(model32, essay, evict
         assert len({kept[g[0]].numel() for g in groups}) > 1
 
 
+@pytest.mark.slow
 def test_svd_lossless_after_eviction_equals_eviction_alone(model32, essay):
     model, tokenizer = model32
     config = make_method("compose", base="svd", base_params="rank_k=192;rank_v=192;start_layer=3;end_layer=9",
@@ -239,6 +241,7 @@ def test_svd_lossless_after_eviction_equals_eviction_alone(model32, essay):
     assert len({k.numel() for k in kept.values()}) > 1  # per-layer budgets, layers alone
 
 
+@pytest.mark.slow
 def test_minicache_retaining_everything_after_eviction_equals_eviction_alone(model32, essay):
     model, tokenizer = model32
     config = make_method("compose", base="minicache", base_params="gamma=1;start_layer=10;end_layer=20",
@@ -246,6 +249,7 @@ def test_minicache_retaining_everything_after_eviction_equals_eviction_alone(mod
     check_against_reference(model, tokenizer, essay, config, [(i, i + 1) for i in range(10, 20, 2)])
 
 
+@pytest.mark.slow
 def test_commonkv_full_rank_after_eviction_equals_eviction_alone(model32, essay):
     model, tokenizer = model32
     config = make_method("compose", base="commonkv", base_params="rank=576;unmerged_ratio=1",

@@ -150,8 +150,8 @@ def test_load_offline_in_a_fresh_process():
 
 
 # ---------------------------------------------------------------- data
-def test_calibration_and_heldout_are_deterministic_and_disjoint(model32):
-    _, tok = model32
+def test_calibration_and_heldout_are_deterministic_and_disjoint(tokenizer):
+    tok = tokenizer
     a = data.calibration_set(tok, seed=3)
     assert a.shape == (30, 64)
     assert torch.equal(a, data.calibration_set(tok, seed=3))

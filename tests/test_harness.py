@@ -158,6 +158,23 @@ def test_bind_is_cached_per_model_and_config(tiny_model):
     assert harness.bind(model, tok, make_method("kvpress:snapkv", compression_ratio=0.5)) is not a
 
 
+@pytest.mark.parametrize("method", ["full", "svd"])
+def test_a_bound_model_is_freed_once_the_caller_drops_it(tiny_model, method):
+    import copy
+    import gc
+    import weakref
+
+    template, tok = tiny_model
+    model = copy.deepcopy(template)
+    runner = harness.bind(model, tok, make_method(method))
+    assert harness.bind(model, tok, make_method(method)) is runner
+    assert harness.bind(copy.deepcopy(model), tok, make_method(method)) is not runner  # a copy binds afresh
+    alive = weakref.ref(model)
+    del model, runner
+    gc.collect()
+    assert alive() is None
+
+
 def test_perplexity_tasks_agree_with_a_direct_forward(tiny_model):
     model, tok = tiny_model
     rec = run(tiny_model, "ppl_cont", context=64, samples=1, continuation=16)

@@ -30,6 +30,7 @@ def _close(a, b):
         assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
 
 
+@pytest.mark.slow
 def test_no_consumers_at_full_rank_equals_full(model32, prompt):
     model, tok = model32
     reference, _ = drive(model, make_method("full"), *prompt, tokenizer=tok)
@@ -39,6 +40,7 @@ def test_no_consumers_at_full_rank_equals_full(model32, prompt):
     assert not any(isinstance(layer, ProducerView) for layer in cache.layers)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attention", ["factored", "reconstruct"])
 def test_full_rank_equals_kvsharer_alone(model32, prompt, strategy_file, attention):
     model, tok = model32
@@ -50,6 +52,7 @@ def test_full_rank_equals_kvsharer_alone(model32, prompt, strategy_file, attenti
     assert [i for i, layer in enumerate(cache.layers) if isinstance(layer, ProducerView)] == sorted(MAPPING)
 
 
+@pytest.mark.slow
 def test_groups_run_over_producers_and_consumers_hold_nothing(model32, prompt, strategy_file):
     model, tok = model32
     method = make_method("kvsharer_xkv", strategy=strategy_file, shared_layers=None, group_size=4, kept=0.25)

@@ -359,14 +359,15 @@ def test_sweep_prefix_equals_its_own_search(model32, tmp_path, monkeypatch):
         kss.first_consumers(swept[4], 5)
 
 
-def test_next_token_kl_is_zero_for_identical_and_positive_otherwise(model32):
-    model, _ = model32
+def test_next_token_kl_is_zero_for_identical_and_positive_otherwise(tiny_model):
+    model, _ = tiny_model
     torch.manual_seed(0)
     hidden = torch.randn(2, 5, model.config.hidden_size)
     assert kss.next_token_kl(model, hidden, hidden, chunk=3) == pytest.approx(0.0, abs=1e-6)
     assert kss.next_token_kl(model, hidden + torch.randn_like(hidden), hidden, chunk=3) > 0.01
 
 
+@pytest.mark.slow
 def test_kl_criterion_is_stricter_and_its_prefixes_replay(model32):
     model, tok = model32
     base = dict(shared_layers=3, calibration_samples=4, calibration_length=16)

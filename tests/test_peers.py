@@ -55,7 +55,8 @@ def test_peer_prunes_the_context_only(tiny_model, name):
 
 
 def test_kvpress_import_leaves_our_logits_unchanged(tmp_path):
-    """`full` gives identical logits in a clean interpreter and in one where kvpress was imported first."""
+    """`full` gives identical logits in a clean interpreter and in one where kvpress was imported first
+    (a seeded random model: the fast tier loads no model)."""
     script = textwrap.dedent("""
         import sys, torch
         if sys.argv[1] == "import":
@@ -66,7 +67,7 @@ def test_kvpress_import_leaves_our_logits_unchanged(tmp_path):
         from crosskv.tasks import make_task
         assert ("kvpress" in sys.modules) == (sys.argv[1] == "import")
         torch.set_num_threads(1)
-        model, tok = crosskv.load_model("smollm2-135m", device="cpu", dtype=torch.float32)
+        model, tok = crosskv.load_model("random:tiny", device="cpu", dtype=torch.float32)  # no weights to load
         config = make_task("niah_single_2", 192, 1)
         (sample,) = config.spec.build(config, tok)
         runner = make_method("full").bind(model, tok)

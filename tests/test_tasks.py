@@ -13,15 +13,6 @@ from crosskv.tasks.jsonl import read_records
 RULER_TASKS = [*ruler.NIAH_TASKS, "vt", "cwe", "fwe"]
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    from crosskv.core import assets
-
-    return AutoTokenizer.from_pretrained(str(assets.require(assets.embedded_model_dir(), "embedded model")))
-
-
 def build(tokenizer, name, context=1024, samples=2, seed=0, **options):
     config = make_task(name, context, samples, seed, **options)
     return config, config.spec.build(config, tokenizer)

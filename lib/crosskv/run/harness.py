@@ -41,7 +41,6 @@ import logging
 import math
 import resource
 import time
-import weakref
 from datetime import datetime, timezone
 from typing import Any, Iterable
 
@@ -60,21 +59,26 @@ from crosskv.core.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
 
-_BOUND: dict[tuple[int, MethodConfig], tuple[weakref.ref, Runner]] = {}
+_RUNNERS = "_crosskv_runners"  # attribute of a bound model: (id of the model, {config: runner})
 _CHUNK = 512  # rows of hidden states turned into logits at once when scoring perplexity
 
 
 # --- binding, geometry, environment --------------------------------------------------------------------
 
 def bind(model, tokenizer, config: MethodConfig) -> Runner:
-    """``config.bind(model, tokenizer)``, cached per (model object, config) for the life of the model."""
-    key = (id(model), config)
-    hit = _BOUND.get(key)
-    if hit is not None and hit[0]() is model:
-        return hit[1]
-    runner = config.bind(model, tokenizer)
-    _BOUND[key] = (weakref.ref(model), runner)
-    return runner
+    """``config.bind(model, tokenizer)``, cached per (model object, config) for the life of the model.
+
+    The cache hangs on the model itself, so the library holds no reference to a model: once the caller
+    drops it, the model and its runners (which refer to it) are freed together. A deep copy of the model
+    does not inherit the original's runners.
+    """
+    owner, runners = vars(model).get(_RUNNERS, (None, None))
+    if owner != id(model):
+        runners = {}
+        object.__setattr__(model, _RUNNERS, (id(model), runners))
+    if config not in runners:
+        runners[config] = config.bind(model, tokenizer)
+    return runners[config]
 
 
 def full_cache_bytes(model, tokens: int, batch: int = 1, element_size: int | None = None) -> int:
