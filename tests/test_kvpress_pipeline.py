@@ -44,7 +44,7 @@ def test_compressing_method_answers_as_the_harness_on_the_pipeline_ids(model32, 
     method = make_method("xkv", kept=0.3)
     answers = ours(context, questions=QUESTIONS, press=crosskv.as_press(method), max_new_tokens=NEW)["answers"]
     ids = ours.preprocess(context, questions=QUESTIONS, answer_prefix="", max_context_length=10**9)
-    runner, stops = harness.bind(model, tok, method), harness._stop_ids(model, tok)
+    runner, stops = harness.bind(model, tok, method), harness.stop_ids(model, tok)
     for answer, question_ids in zip(answers, ids["questions_ids"]):
         sample = Sample(0, ids["context_ids"][0].tolist(), question_ids[0].tolist(), max_new_tokens=NEW)
         assert answer == harness.run_generate(runner, sample, stops)["prediction"]

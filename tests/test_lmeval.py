@@ -58,7 +58,7 @@ def test_crosskv_model_in_lm_eval_answers_as_the_harness(model32, tmp_path):
     logged = out["samples"]["crosskv_essays"]
     assert len(logged) == 2 and "exact_match,none" in out["results"]["crosskv_essays"]
     method = make_method("xkv", kept=0.3)
-    runner, stops = harness.bind(model, tok, method), harness._stop_ids(model, tok)
+    runner, stops = harness.bind(model, tok, method), harness.stop_ids(model, tok)
     for entry in logged:
         prompt = entry["arguments"][0][0]  # (prompt, gen_kwargs) of the one request
         context, question = split_prompt(prompt, DEFAULT_SPLIT)

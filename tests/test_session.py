@@ -66,7 +66,7 @@ def test_compressing_method_answers_as_the_harness(model32, prompt, name, params
     context, (question, _) = prompt
     method = make_method(name, **params)
     sample = Sample(0, context[0].tolist(), question[0].tolist(), max_new_tokens=NEW)
-    want = harness.run_generate(harness.bind(model, tok, method), sample, harness._stop_ids(model, tok))
+    want = harness.run_generate(harness.bind(model, tok, method), sample, harness.stop_ids(model, tok))
     with compressed(model, method, tok) as c:
         c.prefill(context)
         out = c.generate(question, max_new_tokens=NEW, do_sample=False)

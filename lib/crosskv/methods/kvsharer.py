@@ -327,12 +327,9 @@ class SearchConfig(SearchOptions):
             raise ValueError(f"max_kl={self.max_kl} must be positive (nats per token)")
         if self.max_candidates is not None and self.max_candidates < 1:
             raise ValueError(f"max_candidates={self.max_candidates} must be >= 1 (or None for every pair)")
-        if self.calibration_samples < 1:
-            raise ValueError(f"calibration_samples={self.calibration_samples} must be >= 1")
-        if self.calibration_length < 2:
-            raise ValueError(f"calibration_length={self.calibration_length} must be >= 2")
-        if self.seed < 0:
-            raise ValueError(f"seed={self.seed} must be >= 0")
+        for name, low in (("calibration_samples", 1), ("calibration_length", 2), ("seed", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= {low}")
 
     def consumers(self, num_layers: int) -> int:
         """C for a model of ``num_layers`` layers (``round(rate · L)`` when given as a rate)."""

@@ -148,7 +148,8 @@ def _positions(start: int, count: int, device) -> torch.Tensor:
     return torch.arange(start, start + count, device=device).unsqueeze(0)
 
 
-def _stop_ids(model, tokenizer) -> set[int]:
+def stop_ids(model, tokenizer) -> set[int]:
+    """Token ids that end greedy decoding: the model's generation-config and the tokenizer's end-of-sequence ids."""
     stops = set()
     for source in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
         if source is not None:
@@ -391,7 +392,7 @@ def evaluate(model, tokenizer, method: MethodConfig | str, task: TaskConfig | st
     device = next(model.parameters()).device
     peak = PeakMemory(device)
     peak.reset()
-    stops = _stop_ids(model, tokenizer)
+    stops = stop_ids(model, tokenizer)
     details = []
     label = f"{config.name} · {task_config.name} · {task_config.context}"
     for sample in progress_bar(samples_, enabled=progress and rank == 0, desc=label, leave=False):
