@@ -13,7 +13,7 @@ Memory: ``kept ≈ (L − C)/L · kept_xkv``, where ``kept`` (the xKV target) ap
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -74,7 +74,7 @@ class SharedXKV(XKV, SearchOptions):
         """The KVSharer config of the sharing part."""
         if self.strategy is not None:
             return KVSharer(strategy=self.strategy)
-        return KVSharer(**{f.name: getattr(self, f.name) for f in fields(SearchOptions)})
+        return KVSharer(**self.search_options())
 
     def check(self, shape: KVShape) -> None:
         """Ranks ≤ a group's width; the group size is checked against the producers when bound."""

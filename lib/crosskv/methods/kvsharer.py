@@ -301,9 +301,13 @@ class SearchOptions:
     max_kl: float = _option(0.1, "nats per token (criterion kl)")
     max_candidates: int | None = _option(None, "stop after evaluating this many candidates (none: every pair)")
 
+    def search_options(self) -> dict[str, Any]:
+        """These options by name (those of a subclass that adds its own fields left out)."""
+        return {f.name: getattr(self, f.name) for f in fields(SearchOptions)}
+
     def search_config(self) -> "SearchConfig":
         """These options as a validated :class:`SearchConfig`."""
-        return SearchConfig(**{f.name: getattr(self, f.name) for f in fields(SearchOptions)})
+        return SearchConfig(**self.search_options())
 
 
 @dataclass(frozen=True)
