@@ -250,6 +250,9 @@ def load_model(name: str = DEFAULT_MODEL, device: str | torch.device | None = No
     hf_logging.disable_progress_bar()
     device = resolve_device(device)
     dtype = resolve_dtype(dtype) or default_dtype(device)
+    if device.type == "meta" and not name.startswith(RANDOM_PREFIX):
+        raise ValueError(f"device 'meta' holds no weights: only random:<shape> models are built there (for "
+                         f"shapes and method bytes), not {name!r}")
     if name.startswith(RANDOM_PREFIX):
         return load_random(name.removeprefix(RANDOM_PREFIX), device, dtype)
     source, local = resolve(name)

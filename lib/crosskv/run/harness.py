@@ -24,7 +24,9 @@ reachable from the cache and the runner, model weights and the runner's pre-run 
 2·L·B·H_kv·T·d·element_size; ``kept`` = kv_bytes / kv_bytes_full, ``factor`` = 1 / kept,
 ``saved`` = 1 − kept. ``kept_16bit`` counts every float tensor as 16-bit against a 16-bit full cache
 (the papers' baseline; equal to ``kept`` in bfloat16 runs). ``*_end`` are the same at the end of
-decoding. Per-run values are means over samples.
+decoding. Per-run values are means over samples. ``method_bytes`` (beside them, not in ``kept``): what the
+method adds to the model while installed, minus model weights it lets a deployment drop
+(:meth:`crosskv.methods.base.Runner.method_bytes`), once per model — not per token.
 
 Timing: ``prefill_s`` (context forward, including any work the method does inside ``prefill``),
 ``compress_s``, ``decode_tok_s`` (greedy steps after the first token / their seconds),
@@ -403,7 +405,7 @@ def evaluate(model, tokenizer, method: MethodConfig | str, task: TaskConfig | st
     record = {"key": key, **{k: v for k, v in ident.items() if k != "task"}, "task": task_config.name,
               "context": task_config.context, "samples": len(details), "seed": task_config.seed,
               "options": dict(task_config.options), **runner.record_fields(), **summarize(task_config, details),
-              "quant_storage": getattr(runner, "quant_storage", None),
+              "quant_storage": getattr(runner, "quant_storage", None), "method_bytes": runner.method_bytes(),
               "peak_mem_bytes": peak_bytes, "peak_mem_kind": peak.kind, "seconds": time.perf_counter() - started,
               "device": str(device), "world_size": world,
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
