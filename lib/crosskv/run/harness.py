@@ -368,15 +368,17 @@ def evaluate(model, tokenizer, method: MethodConfig | str, task: TaskConfig | st
     task_config = task if isinstance(task, TaskConfig) else make_task(task, context, samples, seed, **task_options)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     name = model_name(model)
+    device = next(model.parameters()).device
     ident = results.identity(name, dtype, config.name, config.params(), task_config.params(),
-                             model_fingerprint=fingerprint.model_fingerprint(model))
+                             model_fingerprint=fingerprint.model_fingerprint(model), device_type=device.type)
     key = results.run_key(ident)
+    machine = results.machine_name(device.type)
     rank, world = distributed()
     if store:
         found = _existing(key, results_dir, force, world)
         if found is not None:
             log.info("skipping %s on %s: stored as %s", config.name, task_config.name, key[:12])
-            return found
+            return results.served(found, machine)
     if is_random(model):
         log.warning("%s has random weights: %s scores are meaningless (speed and memory are not)", name,
                     task_config.name)
@@ -385,7 +387,6 @@ def evaluate(model, tokenizer, method: MethodConfig | str, task: TaskConfig | st
     samples_ = spec.build(task_config, tokenizer, range(rank, task_config.samples, world))
     _check_length(model, task_config, samples_)
     runner = bind(model, tokenizer, config)
-    device = next(model.parameters()).device
     peak = PeakMemory(device)
     peak.reset()
     stops = _stop_ids(model, tokenizer)
@@ -407,7 +408,7 @@ def evaluate(model, tokenizer, method: MethodConfig | str, task: TaskConfig | st
               "options": dict(task_config.options), **runner.record_fields(), **summarize(task_config, details),
               "quant_storage": getattr(runner, "quant_storage", None), "method_bytes": runner.method_bytes(),
               "peak_mem_bytes": peak_bytes, "peak_mem_kind": peak.kind, "seconds": time.perf_counter() - started,
-              "device": str(device), "world_size": world,
+              "device": str(device), "machine": machine, "world_size": world,
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               **results.environment(), "details": details}
     if store and rank == 0:
