@@ -91,6 +91,8 @@ def as_ids(ids: Any, device: torch.device, what: str, vocab: int | None = None) 
         tensor = torch.as_tensor(ids)
     except (TypeError, ValueError, RuntimeError) as err:
         raise ValueError(f"{what} must be token ids (ints); got {type(ids).__name__}: {err}") from None
+    if tensor.numel() == 0 and not isinstance(ids, torch.Tensor):
+        tensor = tensor.long()  # an empty list has no dtype; its shape is refused below
     if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
         raise ValueError(f"{what} must have an integer dtype; got {tensor.dtype}")
     tensor = tensor.to(device=device, dtype=torch.long)
@@ -141,12 +143,13 @@ def refused_option(name: str, options: dict[str, Any], config) -> str | None:
 class Compressed:
     """A method bound to a model with its transforms installed; holds one compressed context at a time."""
 
-    def __init__(self, runner: Runner):
+    def __init__(self, runner: Runner, name: str | None = None):
         self.runner = runner
+        self.name = name or runner.config.name  # the method as the caller named it (errors name it)
         self.model = runner.model
         self.device = next(self.model.parameters()).device
         if self.device.type == "meta":
-            raise ValueError(f"method {runner.config.name!r}: the model's parameters are on the meta device (no "
+            raise ValueError(f"method {self.name!r}: the model's parameters are on the meta device (no "
                              "weights loaded); load it on cpu or cuda")
         self.vocab = vocab_size(self.model)
         self._cache: Cache | None = None
@@ -170,7 +173,7 @@ class Compressed:
             self.model(input_ids=ids, past_key_values=cache, use_cache=True, position_ids=positions, logits_to_keep=1)
         self.runner.compress(cache)
         self._cache, self._checkpoint, self.context_ids = cache, layer_lengths(cache), ids
-        log.debug("%s: compressed a context of %d tokens", self.runner.config.name, ids.shape[1])
+        log.debug("%s: compressed a context of %d tokens", self.name, ids.shape[1])
         return self
 
     def reset(self) -> None:
@@ -181,13 +184,13 @@ class Compressed:
         """Refuse a cache whose ``get_seq_length`` is not the context length (``generate`` would misplace tokens)."""
         seen, context = self.cache.get_seq_length(), self.context_ids.shape[1]
         if seen != context:
-            raise ValueError(f"method {self.runner.config.name!r}: its cache reports {seen} tokens for a context of "
+            raise ValueError(f"method {self.name!r}: its cache reports {seen} tokens for a context of "
                              f"{context} (it counts held, not seen tokens), so model.generate would give the question "
                              "wrong positions; use crosskv.run.harness or crosskv.integrations.kvpress, which pass positions")
 
     def check_options(self, options: dict[str, Any], uneven: bool) -> None:
         """Refuse, naming it, a ``generate`` option that cannot run exactly on this compressed cache."""
-        name = self.runner.config.name
+        name = self.name
         supplied = sorted(set(options) & set(SUPPLIED))
         if supplied:
             raise ValueError(f"method {name!r}: generate option(s) {', '.join(supplied)} are supplied by "
@@ -213,10 +216,10 @@ class Compressed:
         from crosskv.run.harness import feed, uneven
 
         self.reset()
-        self.check_positions()
-        question = as_ids(question_ids, self.device, "question_ids", self.vocab)
         stepwise = uneven(self.cache)
         self.check_options(generate_kwargs, stepwise)
+        self.check_positions()
+        question = as_ids(question_ids, self.device, "question_ids", self.vocab)
         ids = torch.cat([self.context_ids, question], dim=1)
         if stepwise and question.shape[1] > 1:  # all but the last question token, one at a time; generate the rest
             with torch.no_grad():
@@ -231,7 +234,7 @@ class Compressed:
         ids = kwargs.get("input_ids", args[0] if args else None)
         rows = ids if ids is not None else kwargs.get("inputs_embeds")
         if rows is not None and rows.shape[0] != 1:
-            raise ValueError(f"method {self.runner.config.name!r}: the model was called with a batch of "
+            raise ValueError(f"method {self.name!r}: the model was called with a batch of "
                              f"{rows.shape[0]} sequences on a compressed cache holding one (batched prompts, "
                              "num_beams > 1 and num_return_sequences > 1 are refused: per-sequence token sets are "
                              "not implemented)")
@@ -250,9 +253,10 @@ def bound(model, method: MethodConfig | str, tokenizer=None) -> Runner:
 @contextlib.contextmanager
 def compressed(model, method: MethodConfig | str, tokenizer=None) -> Iterator[Compressed]:
     """Install ``method`` on ``model`` for the block and yield a :class:`Compressed` (see the module docstring)."""
-    runner = bound(model, method, tokenizer)
+    config = method if isinstance(method, MethodConfig) else make_method(method)
+    runner = bound(model, config, tokenizer)
     with runner.applied():
-        session = Compressed(runner)
+        session = Compressed(runner, config.name)
         handle = model.register_forward_pre_hook(session.guard, with_kwargs=True)
         try:
             yield session
