@@ -26,6 +26,12 @@ def tiny():
 
 
 @pytest.fixture(scope="module")
+def assistant():
+    """A second ``random:tiny`` (its own weights object) as the assistant model of assisted decoding."""
+    return load_model("random:tiny", device="cpu", dtype=torch.float32)[0]
+
+
+@pytest.fixture(scope="module")
 def prompt():
     generator = torch.Generator().manual_seed(0)
     return torch.randint(100, 1000, (1, 48), generator=generator), torch.randint(100, 1000, (1, 5), generator=generator)
@@ -79,13 +85,13 @@ def plain(model, context, question, **kwargs):
 @pytest.mark.parametrize("option", list(OPTIONS))
 @pytest.mark.parametrize("label", ["full", "xkv_lossless", "svd_lossless", "xkv", "minicache", "kvsharer",
                                    "kvsharer_xkv", "commonkv", "quant4", "snapkv", "pyramidkv"])
-def test_every_generate_option_works_exactly_or_is_refused_by_name(tiny, prompt, configs, label, option):
+def test_every_generate_option_works_exactly_or_is_refused_by_name(tiny, assistant, prompt, configs, label, option):
     model, tok = tiny
     context, question = prompt
     method, lossless, uneven = configs[label]
     kwargs, refused = OPTIONS[option]
     if kwargs == "assistant":
-        kwargs = {"assistant_model": load_model("random:tiny", device="cpu", dtype=torch.float32)[0]}
+        kwargs = {"assistant_model": assistant}
     assisted = option in ("assistant", "prompt_lookup")
     if uneven and assisted:
         refused = kwargs and next(iter(kwargs))
@@ -372,7 +378,8 @@ def test_method_bytes_from_shapes_on_the_meta_device(capsys, tmp_path):
     real, _ = load_model("random:tiny", device="cpu")
     assert table.loc["full", "method_bytes"] == 0 and table.loc["xkv", "method_bytes"] == 0
     assert table.loc[f"kvsharer:strategy={strategy}", "method_bytes"] == -_projection_bytes(real, [3])
-    assert table.loc["full", "model_bytes"] == sum(p.numel() * p.element_size() for p in real.parameters())
+    tensors = list(real.parameters()) + list(real.buffers())
+    assert table.loc["full", "model_bytes"] == sum(t.numel() * t.element_size() for t in tensors)
 
 
 @pytest.mark.slow
