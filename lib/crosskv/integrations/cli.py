@@ -1,9 +1,10 @@
-"""``python -m crosskv <command>``: eval, list, assets, bench, search (KVSharer), figures.
+"""``python -m crosskv <command>``: eval, list, assets, bench, overhead (method bytes), search (KVSharer), figures.
 
 Each command is a pair of functions — ``configure(parser)`` adds its arguments, ``run(args) -> int``
 does the work — listed in :data:`SUBCOMMANDS`; a new command is one more entry. Expected errors
 (unknown method/task/parameter, a context too long for the model, a bad jsonl line, a hub-only task
-offline) print one line on stderr and exit with code 2; the library itself only logs.
+offline, a device this machine lacks, an output file in a missing folder) print one line on stderr and exit
+with code 2 — output paths and file parameters are checked before any model loads; the library itself only logs.
 
 ``eval`` prints one JSON object per run as the last line of stdout (``--out FILE`` appends it to a
 jsonl file too). Under ``torchrun --nproc_per_node N python -m crosskv eval ...`` samples are
