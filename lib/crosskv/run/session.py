@@ -88,7 +88,7 @@ def as_ids(ids: Any, device: torch.device, what: str, vocab: int | None = None) 
     an id outside ``[0, vocab)``.
     """
     try:
-        tensor = torch.as_tensor(ids)
+        tensor = torch.as_tensor(ids, device=device)
     except (TypeError, ValueError, RuntimeError) as err:
         raise ValueError(f"{what} must be token ids (ints); got {type(ids).__name__}: {err}") from None
     if tensor.numel() == 0 and not isinstance(ids, torch.Tensor):
