@@ -1,4 +1,8 @@
-"""The memory census: storage-level bytes on hand-made objects, and held == reported for every method and composition."""
+"""The memory census: storage-level bytes on hand-made objects, and held == reported for every method and composition.
+
+Every accepted configuration must run (any error fails the test, a ``ValueError`` included) and match; the
+configurations refused are exactly those the composition matrix declares (same message); both counts are
+asserted exactly, so a configuration that starts failing or stops being built cannot drop out silently."""
 from __future__ import annotations
 
 import collections
@@ -109,22 +113,30 @@ def _tolerance(reported: int) -> float:
     return 0.01 * reported + 64 * 1024
 
 
+# every registered method alone, and 12 bases (7 cross-layer + 5 kvpress presses) × 11 (evict, bits) pairs
+# (6 evictions × {0, one width} less the bare base): 132 compositions, of which the matrix refuses the 5 kvpress
+# bases (55) and kvsharer_xkv under eviction (5 evictions × 2 = 10) → 67 accepted; 12 + 67 = 79 run
+EXPECTED_RUN, EXPECTED_REFUSED = 79, 65
+
+
 def _method_configs(tmp_path, model):
     """Every registered method (cheap settings where a default would calibrate) and every composition
-    base × eviction, unquantized and quantized → (accepted configs, refused ones with their errors)."""
+    base × eviction, unquantized and quantized → (accepted configs, refused ones with their errors,
+    the refusal the composition matrix declares for each composition)."""
     from crosskv.methods import REGISTRY, make_method
-    from crosskv.methods.compose import EVICTIONS
+    from crosskv.methods.compose import EVICTIONS, bases, composition_matrix
     from crosskv.methods.kvsharer import SharingStrategy
     from crosskv.cache.quant import BITS
 
     layers = model.config.num_hidden_layers
     strategy = tmp_path / "strategy.json"
     SharingStrategy(mapping={c: c - 1 for c in range(layers - 1, layers // 2, -2)}, num_layers=layers).save(strategy)
-    cheap = {"kvsharer": {"strategy": str(strategy)}, "commonkv": {"weights": "uniform"}}
-    base_params = {"kvsharer": f"strategy={strategy}", "commonkv": "weights=uniform"}
-    configs = [(name, cheap.get(name, {})) for name in sorted(REGISTRY) if name != "compose"]
-    bases = sorted(n for n in REGISTRY if n != "compose" and not n.startswith("kvpress:"))
-    for b, base in enumerate(bases):
+    cheap = {"kvsharer": {"strategy": str(strategy)}, "kvsharer_xkv": {"strategy": str(strategy)},
+             "commonkv": {"weights": "uniform"}}
+    base_params = {"kvsharer": f"strategy={strategy}", "kvsharer_xkv": f"strategy={strategy}", "commonkv": "weights=uniform"}
+    declared = {(r["base"], r["evict"], r["bits"]): None if r["supported"] else r["rule"] for r in composition_matrix()}
+    configs = [(name, cheap.get(name, {}), None) for name in sorted(REGISTRY) if name != "compose"]
+    for b, base in enumerate(bases(include_refused=True)):
         for e, evict in enumerate(EVICTIONS):
             # bits 2/4/8 share one storage path (their packing is unit-tested in test_quant): each (base, evict)
             # pair runs unquantized and at one bit width, rotated so every width meets every base and eviction
@@ -133,15 +145,20 @@ def _method_configs(tmp_path, model):
                     continue  # the base alone, already above
                 params = {"base": base, "base_params": base_params.get(base, ""), "evict": evict,
                           "evict_ratio": 0.5 if evict != "none" else 0.0, "bits": bits, "residual": 64}
-                configs.append(("compose", params))
-    refused = []
-    accepted = []
-    for name, params in configs:
+                configs.append(("compose", params, declared[(base, evict, bits)]))
+    refused, accepted, undeclared = [], [], []
+    for name, params, reason in configs:
         try:
-            accepted.append((name, params, make_method(name, **params)))
+            config = make_method(name, **params)
         except ValueError as err:
             refused.append((name, params, str(err)))
-    return accepted, refused
+            if str(err) != reason:
+                undeclared.append(f"{_label(name, params)} refused with {str(err)!r}; the matrix declares {reason!r}")
+            continue
+        accepted.append((name, params, config))
+        if reason is not None:
+            undeclared.append(f"{_label(name, params)} accepted; the matrix refuses it: {reason}")
+    return accepted, refused, undeclared
 
 
 def _label(name, params) -> str:
@@ -159,7 +176,8 @@ def test_held_equals_reported_for_every_method_and_composition(model16, tmp_path
     device = next(model.parameters()).device
     ids = tok(heldout_text(tok, CONTEXT + 100), return_tensors="pt").input_ids[0, :CONTEXT].tolist()
     question = tok(" What is the essay about?", return_tensors="pt").input_ids[0].tolist()
-    accepted, refused = _method_configs(tmp_path, model)
+    accepted, refused, undeclared = _method_configs(tmp_path, model)
+    assert not undeclared, "\n".join(undeclared)
     mismatches, crashed, ran = [], [], 0
     for name, params, config in accepted:
         started = time.perf_counter()
@@ -176,10 +194,7 @@ def test_held_equals_reported_for_every_method_and_composition(model16, tmp_path
                     logits = feed(model, cache, [int(logits.argmax())], fed, device)
                     fed += 1
                 moments.append((kv_bytes(cache), census.held(cache)))
-        except ValueError as err:  # refused by the library at run time: a clear error, not a measurement
-            refused.append((name, params, str(err)))
-            continue
-        except Exception as err:  # noqa: BLE001  (every crash is listed, then the test fails)
+        except Exception as err:  # noqa: BLE001  (an accepted configuration must run: every failure is listed)
             crashed.append(f"{_label(name, params)}: {type(err).__name__}: {str(err)[:120]}")
             continue
         ran += 1
@@ -192,4 +207,4 @@ def test_held_equals_reported_for_every_method_and_composition(model16, tmp_path
              [(_label(n, p), e[:60]) for n, p, e in refused])
     assert not crashed, "\n".join(crashed)
     assert not mismatches, "\n".join(mismatches)
-    assert ran >= 20
+    assert (ran, len(refused)) == (EXPECTED_RUN, EXPECTED_REFUSED)

@@ -255,7 +255,7 @@ def test_file_parameters_are_keyed_by_content(tmp_path):
 
     task = tmp_path / "prompts.jsonl"
     task.write_text('{"context": "a", "question": "b", "answers": ["c"]}\n')
-    ident = lambda: results.identity("m", "f32", "full", {}, {"task": f"jsonl:{task}"})  # noqa: E731
+    ident = lambda: results.identity("m", "f32", "full", {}, {"task": f"jsonl:{task}"}, device_type="cpu")  # noqa: E731
     first = ident()
     assert first["files"] == {"task.task": fingerprint.file_digest(task)}
     task.write_text('{"context": "a", "question": "b", "answers": ["d"]}\n')
@@ -272,3 +272,26 @@ def test_torn_record_is_recomputed_and_replaced_with_a_warning(tiny_model, tmp_p
     assert again["key"] == first["key"] and json.loads(path.read_text())["key"] == first["key"]
     path.write_bytes(b"\xff\xfe\x00garbage")
     assert results.load_records(tmp_path).empty
+
+
+def test_stored_record_from_another_machine_serves_scores_not_timings(tiny_model, tmp_path, monkeypatch):
+    first = run(tiny_model, tmp=tmp_path, max_new_tokens=2, samples=1)
+    assert first["machine"] == results.machine_name("cpu") and first["device_type"] == "cpu"
+    assert first["decode_tok_s"] is not None and first["prefill_s"] is not None
+    assert run(tiny_model, tmp=tmp_path, max_new_tokens=2, samples=1)["prefill_s"] == first["prefill_s"]
+    monkeypatch.setattr(results, "machine_name", lambda device_type: "another host · cpu: other, 64 cores")
+    again = run(tiny_model, tmp=tmp_path, max_new_tokens=2, samples=1)
+    assert again["key"] == first["key"] and again["score"] == first["score"]
+    assert again["prefill_s"] is None and again["decode_tok_s"] is None and again["seconds"] is None
+    assert again["details"][0]["prefill_s"] is None and again["timings_dropped"] == first["machine"]
+
+
+def test_records_carry_method_bytes(tiny_model, tmp_path):
+    from crosskv.methods.kvsharer import SharingStrategy
+
+    strategy = SharingStrategy({1: 0}, num_layers=2).save(tmp_path / "s.json")
+    record = run(tiny_model, max_new_tokens=2, samples=1, method=make_method("kvsharer", strategy=str(strategy)))
+    attn = tiny_model[0].model.layers[1].self_attn
+    dropped = sum(p.numel() * p.element_size() for m in (attn.k_proj, attn.v_proj) for p in m.parameters())
+    assert record["method_bytes"] == -dropped < 0
+    assert run(tiny_model, max_new_tokens=2, samples=1)["method_bytes"] == 0

@@ -14,15 +14,39 @@ def record(key="k1", method="full", **extra):
             "details": [{"index": 0, "nll": 1.0, "info": {"depth": 10}}], **extra}
 
 
-def test_run_key_is_stable_and_sensitive():
-    a = results.identity("m", "bfloat16", "svd", {"rank_k": 8, "rank_v": 12}, {"task": "ppl", "context": 128})
-    b = results.identity("m", "bfloat16", "svd", {"rank_v": 12, "rank_k": 8}, {"context": 128, "task": "ppl"})
+def test_run_key_is_stable_and_sensitive(monkeypatch):
+    def ident(dtype="bfloat16", params=None, task=None, device_type="cpu"):
+        return results.identity("m", dtype, "svd", params or {"rank_k": 8, "rank_v": 12},
+                                task or {"task": "ppl", "context": 128}, device_type=device_type)
+
+    a = ident()
+    b = results.identity("m", "bfloat16", "svd", {"rank_v": 12, "rank_k": 8}, {"context": 128, "task": "ppl"},
+                         device_type="cpu")
     assert results.run_key(a) == results.run_key(b)
-    for changed in (results.identity("m", "float32", "svd", {"rank_k": 8, "rank_v": 12}, a["task"]),
-                    results.identity("m", "bfloat16", "svd", {"rank_k": 9, "rank_v": 12}, a["task"]),
-                    results.identity("m", "bfloat16", "svd", a["params"], {"task": "ppl", "context": 256})):
+    for changed in (ident(dtype="float32"), ident(params={"rank_k": 9, "rank_v": 12}),
+                    ident(task={"task": "ppl", "context": 256}), ident(device_type="cuda")):
         assert results.run_key(changed) != results.run_key(a)
     assert a["schema"] == results.SCHEMA_VERSION
+    assert set(a["key_versions"]) == {"torch", "transformers", "kvpress"} and a["key_versions"]["torch"]
+    for package in results.KEY_PACKAGES:  # another version of torch, transformers or kvpress: another key
+        real = results._version
+        monkeypatch.setattr(results, "_version", lambda p, package=package: "0.0-other" if p == package else real(p))
+        assert results.run_key(ident()) != results.run_key(a), package
+        monkeypatch.setattr(results, "_version", real)
+
+
+def test_a_record_from_another_machine_is_served_without_its_timings():
+    stored = {**record(), "kv_bytes": 123, "machine": "elsewhere · cuda: H100", "prefill_s": 0.5, "decode_tok_s": 40.0,
+              "seconds": 9.0, "peak_mem_bytes": 10, "peak_mem_kind": "cuda_max_allocated",
+              "details": [{"index": 0, "score": 1.0, "decode_s": 0.2, "prefill_s": 0.1}]}
+    here = results.served(stored, "here · cpu: x86_64, 2 cores")
+    assert here["score"] == stored["score"] and here["kv_bytes"] == stored["kv_bytes"]
+    assert all(here[k] is None for k in ("prefill_s", "decode_tok_s", "seconds", "peak_mem_bytes", "peak_mem_kind"))
+    assert here["details"] == [{"index": 0, "score": 1.0, "decode_s": None, "prefill_s": None}]
+    assert here["timings_dropped"] == "elsewhere · cuda: H100"
+    assert stored["decode_tok_s"] == 40.0  # the stored record itself is not changed
+    assert results.served(stored, "elsewhere · cuda: H100") is stored  # same machine: served as measured
+    assert results.served({**record(), "prefill_s": 1.0}, "here")["prefill_s"] is None  # no machine recorded
 
 
 def test_save_and_load_roundtrip(tmp_path):

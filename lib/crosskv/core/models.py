@@ -113,6 +113,53 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def resolve_device(device: str | torch.device | None, fallback: bool = False) -> torch.device:
+    """``device`` as a ``torch.device`` this machine has (``None``: :func:`default_device`).
+
+    A device this machine lacks (``cuda`` without CUDA, ``cuda:3`` with one GPU, ``mps`` off Apple silicon)
+    raises ``ValueError`` naming it, or with ``fallback`` is replaced by :func:`default_device` with a warning
+    (as lm-eval's own HF model does). A string torch cannot parse raises ``ValueError`` naming it.
+    """
+    if device is None:
+        return default_device()
+    try:
+        wanted = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device {device!r} is not a torch device (cpu, cuda, cuda:N): {err}") from None
+    missing = None
+    if wanted.type == "cuda" and not torch.cuda.is_available():
+        missing = "this machine has no CUDA device (torch.cuda.is_available() is False)"
+    elif wanted.type == "cuda" and wanted.index is not None and wanted.index >= torch.cuda.device_count():
+        missing = f"this machine has {torch.cuda.device_count()} CUDA device(s)"
+    elif wanted.type == "mps" and not torch.backends.mps.is_available():
+        missing = "MPS is not available on this machine"
+    elif wanted.type not in ("cpu", "cuda", "mps", "meta"):
+        missing = f"device type {wanted.type!r} is not supported (cpu, cuda, mps)"
+    if missing is None:
+        return wanted
+    if not fallback:
+        raise ValueError(f"device {str(device)!r} is not available: {missing}")
+    chosen = default_device()
+    log.warning("device %r is not available (%s); using %s instead", str(device), missing, chosen)
+    return chosen
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``dtype`` (a torch dtype, one of :data:`DTYPES`, ``"auto"`` or ``None``) → a torch dtype or ``None``;
+    any other value raises ``ValueError`` naming it."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    if name == "auto":
+        return None
+    if name not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)} (or auto)")
+    return getattr(torch, name)
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     """bfloat16 everywhere: the papers' 16-bit cache baseline, and faster than float32 on this CPU."""
     return torch.bfloat16
@@ -201,10 +248,11 @@ def load_model(name: str = DEFAULT_MODEL, device: str | torch.device | None = No
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    device = torch.device(device) if device is not None else default_device()
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    dtype = dtype or default_dtype(device)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype) or default_dtype(device)
+    if device.type == "meta" and not name.startswith(RANDOM_PREFIX):
+        raise ValueError(f"device 'meta' holds no weights: only random:<shape> models are built there (for "
+                         f"shapes and method bytes), not {name!r}")
     if name.startswith(RANDOM_PREFIX):
         return load_random(name.removeprefix(RANDOM_PREFIX), device, dtype)
     source, local = resolve(name)

@@ -134,19 +134,38 @@ def _listing(folder: Path) -> dict[str, float]:
     return {p.name: p.stat().st_mtime for p in folder.glob("*") if FIGURE_PATTERN.fullmatch(p.name)} if folder.is_dir() else {}
 
 
+def checked_parameters(notebook: Path, profile: str, extra: dict | None = None) -> dict:
+    """The parameters ``profile`` (and ``extra``) give ``notebook``; ``ValueError`` naming the parameter file
+    and each parameter its parameters cell does not declare."""
+    parameters = dict(load_profile(profile).get(notebook.stem, {}))
+    parameters.update(extra or {})
+    declared = declared_parameters(notebook)
+    unknown = sorted(set(parameters) - set(declared))
+    if unknown:
+        raise ValueError(f"{notebook.name}: parameter(s) {', '.join(unknown)} of profile {profile!r} "
+                         f"({PARAMS_DIR / (profile + '.yaml')}) are not declared in its parameters cell "
+                         f"({', '.join(declared)})")
+    return parameters
+
+
+def check_writable(folder: Path) -> None:
+    """``ValueError`` naming ``folder`` unless it is, or can be created as, a writable directory."""
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"output folder {folder}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"output folder {folder}: {existing} is not writable")
+
+
 def execute(notebook: Path, profile: str = "cpu", force: bool = False, build_root: Path | None = None,
             extra: dict | None = None) -> Path:
     """Execute one notebook under ``profile``; returns the executed notebook's path (skipped if up to date)."""
     import papermill
 
     where = layout(profile, build_root)
-    parameters = dict(load_profile(profile).get(notebook.stem, {}))
-    parameters.update(extra or {})
-    declared = declared_parameters(notebook)
-    unknown = sorted(set(parameters) - set(declared))
-    if unknown:
-        raise ValueError(f"{notebook.name}: parameter(s) {', '.join(unknown)} of profile {profile!r} are not "
-                         f"declared in its parameters cell ({', '.join(declared)})")
+    parameters = checked_parameters(notebook, profile, extra)
     parameters.update(figures_dir=str(where.figures), results_dir=str(where.results))
     target = where.notebooks / notebook.name
     inputs = input_hash(notebook, {k: v for k, v in parameters.items() if k not in ("figures_dir", "results_dir")})
@@ -173,6 +192,11 @@ def run(profile: str = "cpu", only: list[str] | None = None, force: bool = False
     selected = [nb for nb in notebooks() if not only or any(nb.stem.startswith(o) for o in only)]
     if not selected:
         raise ValueError(f"no notebook matches {only}")
+    for notebook in selected:  # every parameter file and output folder is checked before the first notebook runs
+        checked_parameters(notebook, profile)
+    where = layout(profile, build_root)
+    for folder in (where.notebooks, where.figures, where.results):
+        check_writable(folder)
     return [execute(nb, profile, force=force, build_root=build_root) for nb in selected]
 
 

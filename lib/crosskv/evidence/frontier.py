@@ -35,7 +35,7 @@ PAPER_FAMILIES = {"Full": "full", "KIVI-2": "KIVI 2-bit", "SnapKV": "SnapKV", "S
                   "MiniCache": "MiniCache (paper reading)", "xKV-4": "xKV G=4", "KVSharer": "KVSharer",
                   "CommonKV": "CommonKV"}
 TIDY_COLUMNS = ("family", "configuration", "method", "task", "context", "n", "score", "score_lo", "score_hi",
-                "metric", "higher_is_better", "kept", "kept_source", "kept_nominal", "decode_tok_s", "commit",
+                "metric", "higher_is_better", "kept", "kept_source", "kept_nominal", "method_bytes", "decode_tok_s", "commit",
                 "dirty", "fingerprint", "key")
 
 
@@ -84,7 +84,8 @@ def tidy(records: Iterable[dict[str, Any]], configurations: Sequence[str] | None
     """One row per record (family × configuration × task) with :data:`TIDY_COLUMNS`.
 
     ``configurations``/``families`` label each record (defaults: :func:`family_of` and the method's
-    parameters). ``kept_nominal`` is the method's own ``kept`` beside the held one on the x axis.
+    parameters). ``kept_nominal`` is the method's own ``kept`` beside the held one on the x axis;
+    ``method_bytes`` what the method adds to the model (weights, factors) minus what it lets a deployment drop.
     """
     records = list(records)
     for name, labels in (("configurations", configurations), ("families", families)):
@@ -100,7 +101,7 @@ def tidy(records: Iterable[dict[str, Any]], configurations: Sequence[str] | None
                      "n": iv.n, "score": iv.estimate, "score_lo": iv.lo, "score_hi": iv.hi,
                      "metric": record.get("metric"), "higher_is_better": bool(record.get("higher_is_better", True)),
                      "kept": kept, "kept_source": source, "kept_nominal": record.get("kept"),
-                     "decode_tok_s": record.get("decode_tok_s"), "commit": record.get("git_commit"),
+                     "method_bytes": record.get("method_bytes"), "decode_tok_s": record.get("decode_tok_s"), "commit": record.get("git_commit"),
                      "dirty": record.get("git_dirty"), "fingerprint": _fingerprint(record), "key": record.get("key")})
     return pd.DataFrame(rows, columns=list(TIDY_COLUMNS))
 
@@ -138,6 +139,7 @@ def mix_record(records: Sequence[dict[str, Any]], name: str = "mix") -> dict[str
             "context": records[0].get("context"), "seed": records[0].get("seed"), "metric": "accuracy",
             "higher_is_better": True, "details": details, "score": float(np.mean([d["score"] for d in details])),
             "kept": float(np.mean([k for k, _ in kept])), "kept_source": kept[0][1],
+            "method_bytes": records[0].get("method_bytes"),
             "decode_tok_s": float(np.median(speeds)) if speeds else None, "git_commit": records[0].get("git_commit"),
             "key": "+".join(str(r.get("key", "?"))[:12] for r in records)}
 
@@ -278,7 +280,7 @@ class Run:
 
 
 def summary(runs: Sequence[Run], tasks: Sequence[str]) -> pd.DataFrame:
-    """One row per run: family, configuration, held kept, score with interval and n, decode tok/s, on ``tasks``
+    """One row per run: family, configuration, held kept, score with interval and n, method bytes, decode tok/s, on ``tasks``
     (their task mix when several); ``front`` marks the Pareto front."""
     rows = []
     for run in runs:
@@ -286,7 +288,7 @@ def summary(runs: Sequence[Run], tasks: Sequence[str]) -> pd.DataFrame:
         iv = stats.interval(record)
         rows.append({"family": run.family, "configuration": run.configuration, "kept": held_kept(record)[0],
                      "score": iv.estimate, "score_lo": iv.lo, "score_hi": iv.hi, "n": iv.n,
-                     "decode_tok_s": record.get("decode_tok_s"),
+                     "method_bytes": record.get("method_bytes"), "decode_tok_s": record.get("decode_tok_s"),
                      "higher_is_better": bool(record.get("higher_is_better", True))})
     df = pd.DataFrame(rows)
     return df.assign(front=pareto(df, higher_is_better=bool(df["higher_is_better"].iloc[0])) if len(df) else [])

@@ -1,9 +1,10 @@
-"""``python -m crosskv <command>``: eval, list, assets, bench, search (KVSharer), figures.
+"""``python -m crosskv <command>``: eval, list, assets, bench, overhead (method bytes), search (KVSharer), figures.
 
 Each command is a pair of functions — ``configure(parser)`` adds its arguments, ``run(args) -> int``
 does the work — listed in :data:`SUBCOMMANDS`; a new command is one more entry. Expected errors
 (unknown method/task/parameter, a context too long for the model, a bad jsonl line, a hub-only task
-offline) print one line on stderr and exit with code 2; the library itself only logs.
+offline, a device this machine lacks, an output file in a missing folder) print one line on stderr and exit
+with code 2 — output paths and file parameters are checked before any model loads; the library itself only logs.
 
 ``eval`` prints one JSON object per run as the last line of stdout (``--out FILE`` appends it to a
 jsonl file too). Under ``torchrun --nproc_per_node N python -m crosskv eval ...`` samples are
@@ -24,14 +25,14 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from crosskv.evidence import figures
-from crosskv.integrations.argtypes import nonnegative_int, positive_int
+from crosskv.integrations.argtypes import nonnegative_int, output_file, output_folder, positive_int
 from crosskv.methods import kvsharer
 from crosskv.methods.base import coerce
 
 log = logging.getLogger(__name__)
 
 SUMMARY_FIELDS = ("key", "model", "dtype", "method", "params", "task", "context", "samples", "seed", "options",
-                  "score", "metric", "kv_bytes", "kv_bytes_full", "kept", "factor", "kept_16bit", "kv_bytes_end",
+                  "score", "metric", "kv_bytes", "kv_bytes_full", "kept", "method_bytes", "factor", "kept_16bit", "kv_bytes_end",
                   "kv_bytes_full_end", "kept_end", "prefill_s", "compress_s", "decode_tok_s", "peak_mem_bytes",
                   "seconds", "world_size")
 PROMPT_SPLIT_NOTE = ("All methods compress only the context part of a prompt (chat prefix + instruction + "
@@ -70,8 +71,9 @@ def configure_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None, help="default: bfloat16")
     p.add_argument("--device", default=None, help="default: cuda if available (cuda:LOCAL_RANK under torchrun)")
-    p.add_argument("--out", default=None, help="also append the JSON summary to this jsonl file")
-    p.add_argument("--results-dir", default=None, help="results store (default: $CROSSKV_RESULTS or data/results)")
+    p.add_argument("--out", type=output_file, default=None, help="also append the JSON summary to this jsonl file")
+    p.add_argument("--results-dir", type=output_folder, default=None,
+                   help="results store (default: $CROSSKV_RESULTS or data/results)")
     p.add_argument("--force", action="store_true", help="recompute even if the run is stored")
     p.add_argument("--no-store", action="store_true", help="neither read nor write the results store")
     p.add_argument("--details", action="store_true", help="include per-sample details in the printed JSON")
@@ -105,6 +107,13 @@ def _init_distributed(device: str | None) -> str | None:
     return device or "cpu"
 
 
+def refuse_meta(args: argparse.Namespace) -> None:
+    """``--device meta`` holds no weights: only ``overhead`` (binding, no forward) runs there."""
+    if str(getattr(args, "device", "") or "").startswith("meta"):
+        raise ValueError(f"--device meta: {args.command} runs the model, and the meta device holds no weights "
+                         "(use `crosskv overhead --device meta` for shapes)")
+
+
 def run_eval(args: argparse.Namespace) -> int:
     import torch
 
@@ -113,6 +122,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from crosskv.core.models import load_model
     from crosskv.tasks import make_task
 
+    refuse_meta(args)
     method = make_method(args.method, **_pairs(args.set, "--set"))
     task = make_task(args.task, args.context, args.samples, args.seed, **_pairs(args.opt, "--opt"))
     set_threads(args)
@@ -235,7 +245,7 @@ def configure_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--out", default=None, help="also write the table as CSV to this file")
+    p.add_argument("--out", type=output_file, default=None, help="also write the table as CSV to this file")
     add_threads(p)
 
 
@@ -243,6 +253,7 @@ def run_bench(args: argparse.Namespace) -> int:
     from crosskv.run.bench import bench
     from crosskv.core.models import load_model
 
+    refuse_meta(args)
     set_threads(args)
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     table = bench(model, tokenizer, args.methods, args.contexts, batch_sizes=args.batch_sizes, repeats=args.repeats,
@@ -280,6 +291,33 @@ def search_option(name: str) -> Callable[[str], Any]:
     return parse
 
 
+def configure_overhead(p: argparse.ArgumentParser) -> None:
+    from crosskv.run.bench import DEFAULT_METHODS
+
+    p.add_argument("--model", default="smollm2-135m",
+                   help="alias, random:<shape>, local folder or hub id (random:<shape> also on --device meta)")
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
+                   help="method names or name:key=value,… specs (default: %(default)s)")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None)
+    p.add_argument("--device", default="cpu",
+                   help="cpu, cuda, or meta (random:<shape> only: from shapes, nothing allocated)")
+    p.add_argument("--out", type=output_file, default=None, help="also write the table as CSV to this file")
+
+
+def run_overhead(args: argparse.Namespace) -> int:
+    from crosskv.core.models import load_model
+    from crosskv.run.bench import overhead
+
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    table = overhead(model, tokenizer, args.methods)
+    print(f"{args.model} on {args.device}: method_bytes = bytes a method adds to the model while installed, minus "
+          "model weights it lets a deployment drop (negative: a net saving)")
+    print(table.to_markdown(index=False, floatfmt=".4g"))
+    if args.out:
+        table.to_csv(args.out, index=False)
+    return 0
+
+
 def configure_search(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """Arguments of ``python -m crosskv search`` (added to ``parser`` if given): one flag per field of
     :class:`~crosskv.methods.kvsharer.SearchOptions`, with its default and help."""
@@ -291,10 +329,11 @@ def configure_search(parser: argparse.ArgumentParser | None = None) -> argparse.
         target.add_argument("--" + option.name.replace("_", "-"), type=search_option(option.name),
                             default=option.default, choices=SEARCH_CHOICES.get(option.name),
                             help=option.metadata["help"] + " (default: %(default)s)")
-    parser.add_argument("--dtype", default=None, help="model dtype (default: the loader's, bfloat16)")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+                        help="model dtype (default: the loader's, bfloat16)")
     parser.add_argument("--device", default=None)
     add_threads(parser)
-    parser.add_argument("--out", required=True, help="where to write the strategy JSON")
+    parser.add_argument("--out", type=output_file, required=True, help="where to write the strategy JSON")
     return parser
 
 
@@ -304,6 +343,7 @@ def run_search(args: argparse.Namespace) -> int:
     from crosskv.methods.kvsharer_search import search
 
     config = kvsharer.SearchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(kvsharer.SearchOptions)})
+    refuse_meta(args)
     set_threads(args)
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     strategy = search(model, tokenizer, config, progress=True)
@@ -319,6 +359,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "assets": Subcommand("fetch, verify and convert the embedded model and corpus", configure_assets, run_assets),
     "bench": Subcommand("prefill/compress/decode speed, held bytes and peak memory of methods × contexts",
                         configure_bench, run_bench),
+    "overhead": Subcommand("method_bytes of methods on a model (random:<shape> on the meta device: from shapes)",
+                           configure_overhead, run_overhead),
     "search": Subcommand("KVSharer strategy search on calibration data -> strategy JSON",
                          configure_search, run_search),
     "figures": Subcommand("execute the notebooks under a parameter profile and regenerate figures/",

@@ -12,6 +12,11 @@ during the context prefill, and the cache is cut back to the compressed context 
 each layer's ``crop`` (kvpress slices ``layer.keys``, which does not rewind a compressed layer). kvpress's
 own presses run through it unchanged. The stock ``kv-press-text-generation`` pipeline decodes outside the
 press and cannot rewind compressed layers, so a :class:`CrossKVPress` refuses to run there.
+
+Token ids are checked before the prefill (an id at or beyond the model's embedding rows, e.g. a tokenizer
+larger than the model, is refused naming it). On a cache whose layers hold different token counts
+(PyramidKV compositions) the question is fed one token at a time before the answer is decoded (exact:
+a single query needs no mask; kvpress feeds the whole question in one forward, which needs one mask).
 """
 from __future__ import annotations
 
@@ -24,7 +29,8 @@ from transformers import AutoModelForCausalLM, Cache
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from crosskv.methods import MethodConfig, Runner, make_method
-from crosskv.run.session import bound, rewind
+from crosskv.run.harness import feed, uneven
+from crosskv.run.session import bound, check_ids, rewind, vocab_size
 
 TASK = "crosskv-text-generation"
 
@@ -83,8 +89,20 @@ class CrossKVPipeline(KVPressTextGenerationPipeline):
         if cache is not None:
             raise ValueError(f"crosskv press {press.method.name!r} builds its own cache (runner.new_cache()); "
                              f"pass cache=None, not a {type(cache).__name__}")
+        vocab = vocab_size(self.model)
+        check_ids(input_tensors["context_ids"], vocab, "context_ids")
+        for question_ids in input_tensors["questions_ids"]:
+            check_ids(question_ids, vocab, "questions_ids")
         with press.serving(self.model, self.tokenizer) as run_cache:
             return super()._forward(input_tensors, max_new_tokens=max_new_tokens, press=press, cache=run_cache)
+
+    def generate_answer(self, question_ids, cache: Cache, context_length: int, max_new_tokens: int) -> str:
+        """kvpress's greedy answer; on an uneven cache the question but its last token is fed one token at a time."""
+        if question_ids.shape[1] > 1 and uneven(cache):
+            feed(self.model, cache, question_ids[0, :-1].tolist(), context_length, self.model.device)
+            context_length += question_ids.shape[1] - 1
+            question_ids = question_ids[:, -1:]
+        return super().generate_answer(question_ids, cache, context_length, max_new_tokens)
 
     def _remove_answer_from_cache(self, cache: Cache, cache_seq_lengths: list[int]) -> None:
         rewind(cache, cache_seq_lengths)

@@ -25,6 +25,11 @@ question after one newline: use ``split=\\nWhat``; ``question_tokens=N`` makes t
 instead. A prompt with none of the markers is refused. For ``loglikelihood`` requests the same split
 applies to the context and the continuation is scored teacher-forced through the compressed cache;
 ``loglikelihood_rolling`` is refused (use crosskv's ``ppl`` tasks).
+
+``device``: a device this machine lacks (lm-eval's default ``cuda:0`` on a CPU machine) falls back to the
+available one with a warning, as lm-eval's own HF model does; ``dtype``: bfloat16, float16, float32 or auto.
+Token ids are checked against the model's vocabulary before any forward. On a cache whose layers hold
+different token counts (PyramidKV compositions) questions and continuations are fed one token at a time.
 """
 from __future__ import annotations
 
@@ -36,10 +41,10 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from crosskv.run.harness import max_positions
+from crosskv.run.harness import feed, max_positions
 from crosskv.methods import make_method
-from crosskv.core.models import load_model
-from crosskv.run.session import compressed
+from crosskv.core.models import load_model, resolve_device, resolve_dtype
+from crosskv.run.session import as_ids, compressed
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +85,8 @@ class CrossKVLM(LM):
         if not split and question_tokens is None:
             raise ValueError("split is empty: give a marker or question_tokens=N")
         self.method = make_method(method, **method_params)
-        self.model, self.tokenizer = load_model(pretrained, device=device or None, dtype=dtype or None)
+        self.model, self.tokenizer = load_model(pretrained, device=resolve_device(device or None, fallback=True),
+                                                dtype=resolve_dtype(dtype or None))
         self.pretrained, self.split = pretrained, codecs.decode(str(split), "unicode_escape")  # "\\n" → newline
         self.question_tokens = None if question_tokens is None else int(question_tokens)
         self.chat = False
@@ -152,14 +158,14 @@ class CrossKVLM(LM):
         if not target:
             raise ValueError(f"continuation {continuation!r} encodes to no tokens")
         self.check_length(len(context) + len(question) + len(target))
-        with compressed(self.model, self.method, self.tokenizer) as c:
-            c.prefill(context)
-            ids = torch.tensor([question + target], device=self._device)
-            positions = torch.arange(len(context), len(context) + ids.shape[1], device=self._device).unsqueeze(0)
-            logits = self.model(input_ids=ids, past_key_values=c.cache, position_ids=positions).logits[0]
         if not question:
             raise ValueError("the split left no exact question part to predict the first continuation token from")
-        logprobs = logits[len(question) - 1:-1].float().log_softmax(-1)  # (len(target), vocab)
+        with compressed(self.model, self.method, self.tokenizer) as c:
+            c.prefill(context)
+            ids = as_ids(question + target, self._device, "question + continuation ids", c.vocab)[0]
+            hidden = feed(self.model, c.cache, ids.tolist(), len(context), self._device, hidden=True)  # (Q+M, D)
+            logits = self.model.get_output_embeddings()(hidden[len(question) - 1:-1])  # (M, vocab)
+        logprobs = logits.float().log_softmax(-1)  # (len(target), vocab)
         wanted = torch.tensor(target, device=logprobs.device)
         total = float(logprobs.gather(-1, wanted[:, None]).sum())
         return total, bool((logprobs.argmax(-1) == wanted).all())

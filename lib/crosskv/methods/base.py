@@ -73,8 +73,32 @@ class Runner:
 
     def method_bytes(self) -> int:
         """Bytes of parameters and buffers the method adds to the model while installed (factors,
-        replacement modules, codebooks), minus the model bytes it lets a deployment drop; 0 by default."""
-        return 0
+        replacement modules, codebooks), minus the model bytes it lets a deployment drop.
+
+        By default: every tensor storage the runner itself holds (:func:`state_bytes`; 0 for a runner that
+        precomputes nothing). Methods that drop or replace model weights override it.
+        """
+        return state_bytes(self)
+
+
+def state_bytes(runner: Runner) -> int:
+    """Bytes of every tensor storage reachable from ``runner`` (the memory census of
+    :mod:`crosskv.cache.census`), model weights excluded. Tensors on the meta device hold no storage and
+    count 0: a runner whose precomputation is shaped by the model must count it from shapes itself."""
+    from crosskv.cache.census import held_bytes
+
+    return held_bytes(runner, exclude=[runner.model])
+
+
+def module_bytes(modules) -> int:
+    """Bytes of the parameters and buffers of ``modules`` (from shapes: valid on the meta device)."""
+    seen, total = set(), 0
+    for module in modules:
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                total += tensor.numel() * tensor.element_size()
+    return total
 
 
 REGISTRY: dict[str, type[MethodConfig]] = {}

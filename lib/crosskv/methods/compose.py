@@ -222,6 +222,11 @@ class ComposeRunner(Runner):
     def record_fields(self) -> dict:
         return self.base.record_fields()
 
+    def method_bytes(self) -> int:
+        """The sum over the stages: eviction adds nothing (its scorer's statistics live only during the
+        prefill), quantization nothing (scales and zero points are held by the cache), plus the base's."""
+        return self.base.method_bytes()
+
     @contextlib.contextmanager
     def applied(self) -> Iterator["ComposeRunner"]:
         with self.base.applied():

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from crosskv.core.capture import KVShape, kv_shape
-from crosskv.methods.base import register
-from crosskv.methods.kvsharer import KVSharer, SearchOptions, SharedLayer, SharingStrategy
+from crosskv.methods.base import register, state_bytes
+from crosskv.methods.kvsharer import KVSharer, SearchOptions, SharedLayer, SharingStrategy, consumer_projection_bytes
 from crosskv.cache.prefix import PrefixLayer
 from crosskv.methods.svd import XKV, LowRankCache, LowRankRunner
 
@@ -103,6 +103,12 @@ class SharedXKVRunner(LowRankRunner):
         super().__init__(grouping, model, tokenizer)
         self.hybrid = config
         self.strategy = strategy
+        self.dropped_bytes = consumer_projection_bytes(model, strategy.mapping)
+
+    def method_bytes(self) -> int:
+        """Nothing added (the SVD is of the cache, not of weights); minus the consumers' ``k_proj``/``v_proj``
+        weights, which a deployment can drop (consumer layers read their producer's cache)."""
+        return state_bytes(self) - self.dropped_bytes
 
     def new_cache(self) -> LowRankCache:
         cache = LowRankCache(self.config, self.shape, self.rotary)

@@ -30,7 +30,7 @@ from transformers.cache_utils import CacheLayerMixin
 from crosskv.cache.eviction import evict_plain
 from crosskv.cache.storage import layer_tensors
 from crosskv.core.capture import attention_modules, kv_shape
-from crosskv.methods.base import MethodConfig, Runner, register
+from crosskv.methods.base import MethodConfig, Runner, module_bytes, register, state_bytes
 
 FORMAT = "crosskv.kvsharer/1"
 METRICS = ("euclidean", "cosine")
@@ -364,6 +364,12 @@ class SkippedProjection(nn.Module):
         return x.new_empty(*x.shape[:-1], 0)
 
 
+def consumer_projection_bytes(model, consumers) -> int:
+    """Bytes of the ``k_proj``/``v_proj`` parameters of the ``consumers`` layers (from shapes)."""
+    attns = attention_modules(model)
+    return module_bytes(getattr(attns[layer], name) for layer in consumers for name in ("k_proj", "v_proj"))
+
+
 class KVSharerRunner(Runner):
     """Runs the model with a :class:`SharingCache` built from a fixed strategy; while applied, consumer
     layers skip their key/value projections and RoPE (:class:`SkippedProjection`)."""
@@ -371,6 +377,12 @@ class KVSharerRunner(Runner):
     def __init__(self, config: "KVSharer", model, tokenizer, strategy: SharingStrategy):
         super().__init__(config, model, tokenizer)
         self.strategy = strategy
+        self.dropped_bytes = consumer_projection_bytes(model, strategy.mapping)
+
+    def method_bytes(self) -> int:
+        """Nothing added; minus the consumers' ``k_proj``/``v_proj`` weights, which a deployment can drop
+        (their outputs are never used)."""
+        return state_bytes(self) - self.dropped_bytes
 
     @contextlib.contextmanager
     def applied(self) -> Iterator["KVSharerRunner"]:
@@ -407,6 +419,8 @@ class KVSharer(MethodConfig, SearchOptions):
             if self.shared_layers is not None or self.rate is not None:
                 raise ValueError(f"strategy={self.strategy!r} is a fixed strategy; do not also give "
                                  f"shared_layers={self.shared_layers} / rate={self.rate}")
+            if not Path(self.strategy).is_file():  # checked when the config is made, before any model loads
+                raise ValueError(f"strategy={self.strategy!r}: no such file")
             return
         self.search_config()  # validates the search options
 

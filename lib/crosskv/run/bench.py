@@ -40,8 +40,8 @@ DEFAULT_METHODS = ("full", "kvsharer:rate=0.25", "minicache", "xkv:kept=0.25,gro
 MODES = ("eager",)
 QUESTION = "\n\nIn one sentence, what is the text above about?"
 COLUMNS = ("method", "mode", "context", "batch", "prefill_s", "compress_s", "decode_tok_s", "decode_vs_full",
-           "rebuild_gmac", "attention_gmac", "floor_tok_s", "vs_floor", "held_bytes", "kept", "peak_mem_mb",
-           "peak_delta_mb", "repeats", "device", "machine", "threads", "load_start", "load_end", "model", "dtype")
+           "rebuild_gmac", "attention_gmac", "floor_tok_s", "vs_floor", "held_bytes", "kept", "method_bytes",
+           "peak_mem_mb", "peak_delta_mb", "repeats", "device", "machine", "threads", "load_start", "load_end", "model", "dtype")
 
 
 def parse_method(spec: str | MethodConfig) -> MethodConfig:
@@ -64,6 +64,33 @@ def parse_method(spec: str | MethodConfig) -> MethodConfig:
 
 def method_label(config: MethodConfig, spec: str | MethodConfig) -> str:
     return spec if isinstance(spec, str) else config.name
+
+
+def overhead(model, tokenizer, methods) -> "pandas.DataFrame":
+    """``method_bytes`` of each of ``methods`` (specs or configs) bound to ``model`` → one row per method:
+    ``method``, ``method_bytes``, ``method_mib`` and ``model_bytes`` (the model's own weights, for scale).
+
+    Binding only (no forward), so a model built on the meta device (``load_model("random:llama-3.1-8b",
+    device="meta")``) gives the numbers from shapes without allocating; a method that cannot bind there
+    (one that must read weights or run calibration) raises, naming the method.
+    """
+    import pandas as pd
+
+    from crosskv.methods.base import module_bytes
+
+    weights = module_bytes([model])
+    rows = []
+    for spec in methods:
+        config = parse_method(spec)
+        try:
+            runner = config.bind(model, tokenizer)
+        except (NotImplementedError, RuntimeError) as err:
+            raise ValueError(f"method {method_label(config, spec)!r} cannot bind to {model_name(model)} on "
+                             f"{next(model.parameters()).device}: {err}") from err
+        value = runner.method_bytes()
+        rows.append({"method": method_label(config, spec), "method_bytes": value, "method_mib": value / 2 ** 20,
+                     "model_bytes": weights})
+    return pd.DataFrame(rows)
 
 
 def _release_freed_memory() -> None:
@@ -208,6 +235,8 @@ def bench(model, tokenizer, methods=DEFAULT_METHODS, contexts=(2048, 4096), batc
       ``vs_floor`` = decode_tok_s / floor_tok_s (≥ 1 means at or above that floor);
     - ``held_bytes``: bytes the cache holds right after compression (:func:`crosskv.cache.storage.kv_bytes`);
       ``kept``: held_bytes / a plain cache of the context (2·L·B·H_kv·T·d·element size);
+      ``method_bytes``: what the method adds to the model while installed, minus weights it lets a
+      deployment drop (:meth:`crosskv.methods.base.Runner.method_bytes`; once per model, not per token);
     - ``peak_mem_mb``: peak during the run — CUDA max allocated, or on CPU the process RSS high-water mark
       (model weights included); ``peak_delta_mb``: that peak minus what was resident at the run's start
       (the run's own working set: activations, cache, SVD buffers);
@@ -249,6 +278,7 @@ def bench(model, tokenizer, methods=DEFAULT_METHODS, contexts=(2048, 4096), batc
             for key in ("prefill_s", "compress_s", "decode_tok_s", "held_bytes", "peak_mem_mb", "peak_delta_mb"):
                 row[key] = _median([r[key] for r in runs[label]])
             row["kept"] = row["held_bytes"] / full_bytes
+            row["method_bytes"] = runners[label].method_bytes()
             row["attention_gmac"] = attention_macs(model, context, batch) / 1e9
             gemms = rebuild_gemms(config, model, context)
             row["rebuild_gmac"] = batch * sum(t * r * w for t, r, w in gemms) / 1e9 if gemms else None

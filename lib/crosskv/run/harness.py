@@ -24,7 +24,9 @@ reachable from the cache and the runner, model weights and the runner's pre-run 
 2·L·B·H_kv·T·d·element_size; ``kept`` = kv_bytes / kv_bytes_full, ``factor`` = 1 / kept,
 ``saved`` = 1 − kept. ``kept_16bit`` counts every float tensor as 16-bit against a 16-bit full cache
 (the papers' baseline; equal to ``kept`` in bfloat16 runs). ``*_end`` are the same at the end of
-decoding. Per-run values are means over samples.
+decoding. Per-run values are means over samples. ``method_bytes`` (beside them, not in ``kept``): what the
+method adds to the model while installed, minus model weights it lets a deployment drop
+(:meth:`crosskv.methods.base.Runner.method_bytes`), once per model — not per token.
 
 Timing: ``prefill_s`` (context forward, including any work the method does inside ``prefill``),
 ``compress_s``, ``decode_tok_s`` (greedy steps after the first token / their seconds),
@@ -372,15 +374,17 @@ def evaluate(model, tokenizer, method: MethodConfig | str, task: TaskConfig | st
     task_config = task if isinstance(task, TaskConfig) else make_task(task, context, samples, seed, **task_options)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     name = model_name(model)
+    device = next(model.parameters()).device
     ident = results.identity(name, dtype, config.name, config.params(), task_config.params(),
-                             model_fingerprint=fingerprint.model_fingerprint(model))
+                             model_fingerprint=fingerprint.model_fingerprint(model), device_type=device.type)
     key = results.run_key(ident)
+    machine = results.machine_name(device.type)
     rank, world = distributed()
     if store:
         found = _existing(key, results_dir, force, world)
         if found is not None:
             log.info("skipping %s on %s: stored as %s", config.name, task_config.name, key[:12])
-            return found
+            return results.served(found, machine)
     if is_random(model):
         log.warning("%s has random weights: %s scores are meaningless (speed and memory are not)", name,
                     task_config.name)
@@ -389,7 +393,6 @@ def evaluate(model, tokenizer, method: MethodConfig | str, task: TaskConfig | st
     samples_ = spec.build(task_config, tokenizer, range(rank, task_config.samples, world))
     _check_length(model, task_config, samples_)
     runner = bind(model, tokenizer, config)
-    device = next(model.parameters()).device
     peak = PeakMemory(device)
     peak.reset()
     stops = stop_ids(model, tokenizer)
@@ -409,9 +412,9 @@ def evaluate(model, tokenizer, method: MethodConfig | str, task: TaskConfig | st
     record = {"key": key, **{k: v for k, v in ident.items() if k != "task"}, "task": task_config.name,
               "context": task_config.context, "samples": len(details), "seed": task_config.seed,
               "options": dict(task_config.options), **runner.record_fields(), **summarize(task_config, details),
-              "quant_storage": getattr(runner, "quant_storage", None),
+              "quant_storage": getattr(runner, "quant_storage", None), "method_bytes": runner.method_bytes(),
               "peak_mem_bytes": peak_bytes, "peak_mem_kind": peak.kind, "seconds": time.perf_counter() - started,
-              "device": str(device), "world_size": world,
+              "device": str(device), "machine": machine, "world_size": world,
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               **results.environment(), "details": details}
     if store and rank == 0:

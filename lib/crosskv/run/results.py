@@ -1,7 +1,7 @@
 """The results store: one JSON record per completed run, keyed by a hash of what determines the run.
 
-The key is the sha256 of (model name, dtype, method name + parameters, task config, schema
-version) and of the content that produced it (:mod:`crosskv.core.fingerprint`): the library code's
+The key is the sha256 of (model name, dtype, device type, method name + parameters, task config, schema
+version, the versions of torch, transformers and kvpress) and of the content that produced it (:mod:`crosskv.core.fingerprint`): the library code's
 fingerprint, the model's fingerprint (config + weights), and the content hash of every file a
 parameter names (KVSharer ``strategy``, ``jsonl:PATH``). So a code change, an edited strategy file or
 different weights make the next run recompute, while an unchanged re-run is served from the store.
@@ -12,7 +12,11 @@ temporary file in the same folder and are renamed into place (``os.replace``), s
 leaves no record and a reader never sees half a file.
 
 A record holds the run's identity, its scores, measured bytes and timings, versions, git commit,
-device, and the per-sample ``details`` list. :func:`load_records` gives one tidy row per run
+device, the machine it ran on (:func:`machine_name`), and the per-sample ``details`` list. Timings and peak
+memory describe one machine: a stored record served on another machine (same key: same device type, dtype
+and versions) keeps its scores and bytes but has its timing fields (:data:`TIMING_FIELDS`,
+:data:`DETAIL_TIMING_FIELDS`) set to ``None`` and ``timings_dropped`` naming the machine they came from
+(:func:`served`); ``force=True`` recomputes them. :func:`load_records` gives one tidy row per run
 (method parameters flattened as ``param.<name>`` columns, task options as ``option.<name>``,
 versions as ``version.<package>``; ``details`` left out); :func:`load_samples` one row per sample.
 """
@@ -42,13 +46,42 @@ def results_dir(path: str | Path | None = None) -> Path:
     return Path(path or os.environ.get(ENV_VAR) or PROJECT_ROOT / "data" / "results")
 
 
+KEY_PACKAGES = ("torch", "transformers", "kvpress")
+TIMING_FIELDS = ("prefill_s", "compress_s", "decode_tok_s", "seconds", "peak_mem_bytes", "peak_mem_kind")
+DETAIL_TIMING_FIELDS = ("prefill_s", "compress_s", "decode_s", "continuation_s")
+
+
 def identity(model: str, dtype: str, method: str, params: dict[str, Any], task: dict[str, Any],
-             model_fingerprint: str | None = None) -> dict[str, Any]:
-    """What determines a run's result (the hashed part of a record): names and parameters, plus the library
-    code fingerprint, the model fingerprint and the content hash of every file a parameter names."""
-    return {"model": model, "dtype": dtype, "method": method, "params": params, "task": task,
-            "schema": SCHEMA_VERSION, "code": fingerprint.code_fingerprint(), "model_fingerprint": model_fingerprint,
+             model_fingerprint: str | None = None, *, device_type: str) -> dict[str, Any]:
+    """What determines a run's result (the hashed part of a record): names and parameters, the device type
+    (``cpu``, ``cuda``) and the versions of :data:`KEY_PACKAGES`, plus the library code fingerprint, the model
+    fingerprint and the content hash of every file a parameter names."""
+    return {"model": model, "dtype": dtype, "device_type": device_type, "method": method, "params": params,
+            "task": task, "schema": SCHEMA_VERSION, "code": fingerprint.code_fingerprint(),
+            "model_fingerprint": model_fingerprint, "key_versions": {p: _version(p) for p in KEY_PACKAGES},
             "files": fingerprint.file_digests({"params": params, "task": task})}
+
+
+def machine_name(device_type: str) -> str:
+    """The machine a run's timings describe: host name and processor with its core count, or the GPU's name."""
+    import torch
+
+    if device_type == "cuda":
+        return f"{platform.node()} · cuda: {torch.cuda.get_device_name()}"
+    return f"{platform.node()} · cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def served(record: dict[str, Any], machine: str) -> dict[str, Any]:
+    """``record`` as served on ``machine``: unchanged when it was measured there; otherwise a copy whose timing
+    fields (run and per-sample) are ``None`` and whose ``timings_dropped`` names the machine they came from."""
+    if record.get("machine") == machine:
+        return record
+    log.info("record %s was timed on %r, not this machine (%r): serving its scores, dropping its timings",
+             str(record.get("key"))[:12], record.get("machine"), machine)
+    out = {**record, **{k: None for k in TIMING_FIELDS if k in record},
+           "timings_dropped": record.get("machine") or "unknown machine"}
+    out["details"] = [{**d, **{k: None for k in DETAIL_TIMING_FIELDS if k in d}} for d in record.get("details", [])]
+    return out
 
 
 def run_key(ident: dict[str, Any]) -> str:
@@ -159,7 +192,7 @@ def _records(path: str | Path | None) -> list[dict[str, Any]]:
 
 
 def _flat(record: dict[str, Any]) -> dict[str, Any]:
-    row = {k: v for k, v in record.items() if k not in ("params", "options", "versions", "details")}
+    row = {k: v for k, v in record.items() if k not in ("params", "options", "versions", "key_versions", "details")}
     row.update({f"param.{k}": v for k, v in record.get("params", {}).items()})
     row.update({f"option.{k}": v for k, v in record.get("options", {}).items()})
     row.update({f"version.{k}": v for k, v in record.get("versions", {}).items()})
