@@ -3,7 +3,7 @@ the papers' numbers on the same kept axis.
 
 A *configuration* is one method with its parameters (a family label and a configuration label name it
 on the chart); it is run on several tasks, one record per task. Its *task-mix* score is the mean of the
-per-sample scores of its accuracy tasks pooled into one record (:func:`mix_record`), so
+per-sample scores of its accuracy tasks pooled into one record (:func:`crosskv.evidence.stats.pool`), so
 :func:`crosskv.evidence.stats.interval` and :func:`crosskv.evidence.stats.compare` apply to it unchanged (pairing is by
 task and sample). The x axis is the memory the cache holds: ``kept_held`` (the memory census) when a
 record has it, else ``kept`` — :func:`held_kept` says which one a row uses.
@@ -108,38 +108,6 @@ def tidy(records: Iterable[dict[str, Any]], configurations: Sequence[str] | None
 def _params_label(record: dict[str, Any]) -> str:
     params = record.get("params", {})
     return " ".join(f"{k}={v}" for k, v in params.items() if v not in (None, "", 0) or k == "bits") or record["method"]
-
-
-# ----------------------------------------------------------------------------- the task mix
-
-def mix_record(records: Sequence[dict[str, Any]], name: str = "mix") -> dict[str, Any]:
-    """Pool the per-sample scores of several accuracy-task records of one configuration into one record.
-
-    Its score is the mean over all pooled samples (= the mean of the task means when every task has the
-    same sample count); ``kept`` is the mean of the records' held kept, ``decode_tok_s`` their median.
-    Sample indices are offset per task (``task position · 10⁶ + index``) so two mix records over the same
-    tasks pair sample by sample in :func:`crosskv.evidence.stats.compare`.
-    """
-    records = sorted(records, key=lambda r: r["task"])
-    if not records:
-        raise ValueError("mix_record needs at least one record")
-    tasks = [r["task"] for r in records]
-    if len(set(tasks)) != len(tasks):
-        raise ValueError(f"mix_record got a task twice: {tasks}")
-    for r in records:
-        if not r.get("higher_is_better", True) or not r.get("details") or "score" not in r["details"][0]:
-            raise ValueError(f"mix_record pools accuracy tasks only; {r['task']!r} is not one (perplexity "
-                             "is shown on its own axis)")
-    details = [{"index": t * 1_000_000 + d["index"], "score": d["score"]}
-               for t, r in enumerate(records) for d in r["details"]]
-    kept = [held_kept(r) for r in records]
-    speeds = [r["decode_tok_s"] for r in records if r.get("decode_tok_s")]
-    return {"method": records[0]["method"], "params": records[0].get("params", {}), "task": f"{name}:{'+'.join(tasks)}",
-            "context": records[0].get("context"), "seed": records[0].get("seed"), "metric": "accuracy",
-            "higher_is_better": True, "details": details, "score": float(np.mean([d["score"] for d in details])),
-            "kept": float(np.mean([k for k, _ in kept])), "kept_source": kept[0][1],
-            "decode_tok_s": float(np.median(speeds)) if speeds else None, "git_commit": records[0].get("git_commit"),
-            "key": "+".join(str(r.get("key", "?"))[:12] for r in records)}
 
 
 # ----------------------------------------------------------------------------- front and budgets
@@ -270,11 +238,11 @@ class Run:
     records: dict[str, dict[str, Any]]
 
     def combined(self, tasks: Sequence[str]) -> dict[str, Any]:
-        """The record of one task, or the task-mix record (:func:`mix_record`) of several accuracy tasks."""
+        """The record of one task, or the task-mix record (:func:`crosskv.evidence.stats.pool`) of several."""
         missing = [t for t in tasks if t not in self.records]
         if missing:
             raise ValueError(f"{self.family} {self.configuration}: no record for task(s) {missing}")
-        return self.records[tasks[0]] if len(tasks) == 1 else mix_record([self.records[t] for t in tasks])
+        return self.records[tasks[0]] if len(tasks) == 1 else stats.pool([self.records[t] for t in tasks])
 
 
 def summary(runs: Sequence[Run], tasks: Sequence[str]) -> pd.DataFrame:
