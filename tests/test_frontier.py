@@ -49,16 +49,14 @@ def test_tidy_rows_carry_interval_and_held_kept():
         frontier.tidy([rec("full", "a", [1], 1.0)], configurations=["x", "y"])
 
 
-def test_mix_record_pools_tasks_and_pairs():
-    a = frontier.mix_record([rec("m", "t1", [1, 1], 0.5), rec("m", "t2", [0, 1], 0.3)])
-    assert a["score"] == 0.75 and a["kept"] == pytest.approx(0.4) and a["task"] == "mix:t1+t2"
-    b = frontier.mix_record([rec("n", "t2", [0, 0], 0.2), rec("n", "t1", [0, 0], 0.2)])
+def test_pool_of_a_configuration_pairs_tasks_in_any_order():
     from crosskv.evidence import stats
+    a = stats.pool([rec("m", "t1", [1, 1], 0.5), rec("m", "t2", [0, 1], 0.3)])
+    assert a["score"] == 0.75 and a["kept"] == pytest.approx(0.4) and a["task"].startswith("mix:t1@")
+    b = stats.pool([rec("n", "t2", [0, 0], 0.2), rec("n", "t1", [0, 0], 0.2)])
     assert stats.compare(a, b).diff.estimate == pytest.approx(0.75)
-    with pytest.raises(ValueError, match="accuracy tasks only"):
-        frontier.mix_record([ppl_rec("m", [1.0], 0.5)])
-    with pytest.raises(ValueError, match="task twice"):
-        frontier.mix_record([rec("m", "t1", [1], 0.5), rec("m", "t1", [1], 0.5)])
+    with pytest.raises(ValueError, match="twice"):
+        stats.pool([rec("m", "t1", [1], 0.5), rec("m", "t1", [1], 0.5)])
 
 
 def test_pareto_front():
