@@ -67,21 +67,6 @@ def test_pareto_front():
         [True, False, False, True, True]
 
 
-def test_best_at_budget():
-    df = pd.DataFrame({"family": ["A", "A", "B", "B"], "configuration": ["a1", "a2", "b1", "b2"],
-                       "kept": [0.5, 0.1, 0.25, 0.04], "score": [0.9, 0.3, 0.6, 0.5],
-                       "score_lo": [0.8, 0.2, 0.5, 0.4], "score_hi": [1, 0.4, 0.7, 0.6], "n": [4] * 4,
-                       "decode_tok_s": [1.0] * 4})
-    best = frontier.best_at_budget(df, budgets=(0.5, 0.25, 0.05, 0.02))
-    overall = best[best.scope == "overall"].set_index("budget")
-    assert overall.loc[0.5, "configuration"] == "a1"
-    assert overall.loc[0.25, "configuration"] == "b1"
-    assert overall.loc[0.05, "configuration"] == "b2"
-    assert overall.loc[0.02, "family"] == "none" and math.isnan(overall.loc[0.02, "score"])
-    fam = best[(best.scope == "family") & (best.budget == 0.25)].set_index("family")
-    assert fam.loc["A", "configuration"] == "a2" and fam.loc["B", "configuration"] == "b1"
-
-
 def test_paper_kept_conventions():
     ref = pd.DataFrame({"method": ["xKV-4", "KVSharer", "CommonKV", "xKV"],
                         "setting": [None, "24 layers", None, "G=1 iso-compression"],
@@ -117,3 +102,35 @@ def test_orderings_agree_disagree_undecided():
     out = frontier.orderings(ref, flipped).set_index(["a", "b"])["agreement"]
     assert out[("SnapKV", "KVSharer")] == "disagree"
     assert out[("Full", "SnapKV")] == "undecided"  # identical scores: interval contains zero
+
+
+def _gold_rec(method, kept, loglik, params=None):
+    details = [{"index": i, "score": None, "gold_loglik": v, "gold_match": int(v > -1)} for i, v in enumerate(loglik)]
+    return {"method": method, "params": params or {}, "task": "mix", "context": 256, "seed": 0, "metric": "accuracy",
+            "higher_is_better": True, "kept": kept, "details": details, "key": method}
+
+
+def test_best_at_budget_names_a_winner_only_when_separated():
+    import numpy as np
+    rng = np.random.default_rng(0)
+    base = rng.normal(-1.0, 0.5, 120)
+    records = {"full": _gold_rec("full", 1.0, base + 0.5),
+               "xkv": _gold_rec("xkv", 0.24, base + 0.3, {"group_size": 4}),
+               "snap": _gold_rec("kvpress:snapkv", 0.25, base + 0.3 + rng.normal(0, 0.01, 120)),
+               "kivi": _gold_rec("compose", 0.2, base - 0.4, {"base": "full", "evict": "none", "bits": 2}),
+               "stream": _gold_rec("kvpress:streaming_llm", 0.1, base - 1.0)}
+    out = frontier.best_at_budget(records, budgets=(0.5, 0.125, 0.01), metric="gold_loglik")
+    d25 = out[(out.budget == 0.5) & (out.scope == "decision")].iloc[0]
+    assert d25["winner"] == "" and set(d25["tied"].split("; ")) == {"xkv", "snap"} and d25["verdict"] == "tie"
+    assert d25["n"] == 120 and d25["low"] <= d25["diff"] <= d25["high"]
+    classes = out[(out.budget == 0.5) & (out.scope == "class")].set_index("class")
+    assert set(classes.index) == {"cross-layer", "eviction", "quantization"}
+    assert classes.loc["quantization", "leader"] == "kivi" and classes.loc["quantization", "verdict"] == "worse"
+    d125 = out[(out.budget == 0.125) & (out.scope == "decision")].iloc[0]
+    assert d125["winner"] == "stream" and d125["verdict"] == "only candidate"
+    assert out[out.budget == 0.01].iloc[0]["verdict"] == "none under budget"
+    clear = frontier.best_at_budget({k: records[k] for k in ("full", "xkv", "kivi")}, budgets=(0.5,))
+    assert clear.iloc[0]["winner"] == "xkv" and clear.iloc[0]["verdict"] == "better"
+    assert clear["p_holm"].dropna().ge(clear["p"].dropna()).all()
+    with pytest.raises(ValueError, match="per-sample"):
+        frontier.best_at_budget(pd.DataFrame({"kept": [0.1], "score": [1.0]}))

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
 from crosskv.evidence import stats
 
-BUDGETS = (0.5, 0.25, 0.125, 0.05, 0.02)
+BUDGETS = (0.5, 0.25, 0.125, 0.05)
 CONVENTIONS = {"multiplier": lambda c: 1.0 / c, "fraction_of_layers_shared": lambda c: 1.0 - c,
                "fraction_of_memory_removed": lambda c: 1.0 - c}
 PRESS_FAMILIES = {"kvpress:snapkv": "SnapKV", "kvpress:pyramidkv": "PyramidKV",
@@ -125,31 +125,115 @@ def pareto(df: pd.DataFrame, x: str = "kept", y: str = "score", higher_is_better
     return pd.Series(mask, index=df.index)
 
 
-def best_at_budget(df: pd.DataFrame, budgets: Sequence[float] = BUDGETS, higher_is_better: bool = True) -> pd.DataFrame:
-    """For each budget: the best row of each family with ``kept ≤ budget`` and the best overall.
+def family_class(family: str) -> str:
+    """The kind of a chart family: ``full``, ``eviction`` (the presses), ``quantization`` (KIVI alone),
+    ``composition`` (eviction/quantization over another method) or ``cross-layer`` (the rest)."""
+    if family == "full":
+        return "full"
+    if family in PRESS_FAMILIES.values():
+        return "eviction"
+    if family.startswith("KIVI "):
+        return "quantization"
+    if " × " in family:
+        return "composition"
+    return "cross-layer"
 
-    ``df`` has one row per configuration (columns family, configuration, kept, score, score_lo,
-    score_hi, n, decode_tok_s). Ties on score go to the smaller kept. A family with no configuration
-    under a budget has no row there; a budget nothing reaches has only ``overall = none`` (score NaN).
+
+def sample_frame(records: Mapping[str, dict[str, Any]] | Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """Long per-sample rows ``configuration, family, class, kept, index`` + every per-sample metric
+    (``score``, ``gold_loglik``, ``gold_match``) of generation records, one record per configuration (a
+    :func:`crosskv.evidence.stats.pool` of its task mix). ``records``: label → record, or records (labelled by
+    their family and parameters)."""
+    items = records.items() if isinstance(records, Mapping) else (
+        (f"{family_of(r)} {_params_label(r)}", r) for r in records)
+    rows = []
+    for label, record in items:
+        if stats.is_perplexity(record):
+            raise ValueError(f"{label}: best_at_budget compares per-sample retrieval metrics, not perplexity runs")
+        family, kept = family_of(record), held_kept(record)[0]
+        for d in record["details"]:
+            rows.append({"configuration": label, "family": family, "class": family_class(family), "kept": kept,
+                         "index": d["index"], **{m: d.get(m) for m in stats.METRICS}})
+    return pd.DataFrame(rows)
+
+
+def _paired_on(frame: pd.DataFrame, a: str, b: str, metric: str, n_min: int) -> dict[str, Any]:
+    wide = frame[frame["configuration"].isin([a, b])].pivot(index="index", columns="configuration",
+                                                             values=metric).dropna()
+    return stats.paired(wide[a].to_numpy(float), wide[b].to_numpy(float), n_min=n_min)
+
+
+def _means(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Per configuration: family, class, kept and the mean of ``metric``, best first (ties: smaller kept)."""
+    out = frame.dropna(subset=[metric]).groupby("configuration", sort=True).agg(
+        family=("family", "first"), cls=("class", "first"), kept=("kept", "first"), mean=(metric, "mean"))
+    return out.sort_values(["mean", "kept"], ascending=[False, True])
+
+
+def best_at_budget(records_or_frame, budgets: Sequence[float] = BUDGETS, metric: str = "gold_loglik",
+                   n_min: int = stats.N_MIN) -> pd.DataFrame:
+    """Decisions, not leaders: for each budget, who is best at held kept ≤ budget on ``metric``, and whether
+    that is decided.
+
+    ``records_or_frame``: a :func:`sample_frame` (or what it takes). Per budget, rows:
+
+    - ``scope == "decision"``: the leader (highest mean; ties to the smaller kept) against the runner-up,
+      paired over the same samples (:func:`crosskv.evidence.stats.paired`). ``winner`` names the leader only
+      when the verdict is ``better`` (its interval excludes zero); ``tied`` lists every configuration not
+      separated from the leader (the leader included), ``;``-joined;
+    - ``scope == "class"``: the best configuration of each class (cross-layer, eviction, quantization,
+      composition) under the budget against ``full``, paired.
+
+    Columns: budget, metric, scope, class, winner, tied, leader, leader_mean, leader_kept, versus, versus_mean,
+    diff, low, high, n, p, p_holm (Holm over every row of this call), verdict. A budget nothing reaches has
+    one decision row with verdict ``none under budget``.
     """
-    missing = {"family", "configuration", "kept", "score"} - set(df.columns)
+    frame = records_or_frame if isinstance(records_or_frame, pd.DataFrame) else sample_frame(records_or_frame)
+    missing = {"configuration", "family", "class", "kept", "index", metric} - set(frame.columns)
     if missing:
-        raise ValueError(f"best_at_budget needs column(s) {sorted(missing)}")
-    sign = -1 if higher_is_better else 1
+        raise ValueError(f"best_at_budget needs per-sample column(s) {sorted(missing)} (see sample_frame)")
+    if metric not in stats.METRICS:
+        raise ValueError(f"metric={metric!r} is not one of {', '.join(stats.METRICS)}")
+    means = _means(frame, metric)
+    full = means[means["cls"] == "full"]
     rows = []
     for budget in budgets:
-        under = df[df["kept"] <= budget + 1e-12].assign(_rank=lambda d: sign * d["score"])
-        under = under.sort_values(["_rank", "kept"]).drop(columns="_rank")
-        for family, group in under.groupby("family", sort=True):
-            rows.append({"budget": budget, "scope": "family", **group.iloc[0].to_dict()})
+        under = means[(means["kept"] <= budget + 1e-12) & (means["cls"] != "full")]
+        base = {"budget": budget, "metric": metric}
         if under.empty:
-            rows.append({"budget": budget, "scope": "overall", "family": "none", "configuration": "none",
-                         "score": math.nan})
+            rows.append({**base, "scope": "decision", "verdict": "none under budget"})
+            continue
+        leader = under.index[0]
+        head = {"leader": leader, "leader_mean": under["mean"].iloc[0], "leader_kept": under["kept"].iloc[0]}
+        if len(under) == 1:
+            rows.append({**base, "scope": "decision", "class": under["cls"].iloc[0], "winner": leader, "tied": leader,
+                         **head, "verdict": "only candidate"})
         else:
-            rows.append({"budget": budget, "scope": "overall", **under.iloc[0].to_dict()})
+            tests = {c: _paired_on(frame, leader, c, metric, n_min) for c in under.index[1:]}
+            tied = [leader] + [c for c, t in tests.items() if t["verdict"] != "better"]
+            runner = under.index[1]
+            t = tests[runner]
+            rows.append({**base, "scope": "decision", "class": under["cls"].iloc[0],
+                         "winner": leader if t["verdict"] == "better" else "", "tied": "; ".join(tied), **head,
+                         "versus": runner, "versus_mean": under["mean"].iloc[1],
+                         **{k: t[k] for k in ("diff", "low", "high", "n", "p", "verdict")}})
+        for cls, group in under.groupby("cls", sort=True):
+            best = group.index[0]
+            row = {**base, "scope": "class", "class": cls, "leader": best, "leader_mean": group["mean"].iloc[0],
+                   "leader_kept": group["kept"].iloc[0]}
+            if not full.empty:
+                t = _paired_on(frame, best, full.index[0], metric, n_min)
+                row.update(versus=full.index[0], versus_mean=full["mean"].iloc[0],
+                           **{k: t[k] for k in ("diff", "low", "high", "n", "p", "verdict")})
+            rows.append(row)
     out = pd.DataFrame(rows)
-    lead = ["budget", "scope", "family", "configuration", "score", "score_lo", "score_hi", "n", "kept", "decode_tok_s"]
-    return out[[c for c in lead if c in out.columns] + [c for c in out.columns if c not in lead]]
+    columns = ["budget", "metric", "scope", "class", "winner", "tied", "leader", "leader_mean", "leader_kept",
+               "versus", "versus_mean", "diff", "low", "high", "n", "p", "p_holm", "verdict"]
+    out = out.reindex(columns=columns)
+    tested = out["p"].notna()
+    if tested.any():
+        out.loc[tested, "p_holm"] = stats.holm(out.loc[tested, "p"])["p_holm"].to_numpy()
+    return out
 
 
 # ----------------------------------------------------------------------------- the papers

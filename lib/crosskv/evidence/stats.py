@@ -92,6 +92,7 @@ def bootstrap_interval(data: tuple[np.ndarray, ...], statistic: Callable[..., np
     for method in ("BCa", "percentile"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", sps.DegenerateDataWarning)
+            warnings.simplefilter("ignore", RuntimeWarning)  # BCa's acceleration on near-constant data
             res = sps.bootstrap(data, statistic, paired=True, vectorized=True, confidence_level=level,
                                 n_resamples=resamples, method=method, random_state=np.random.default_rng(seed))
         lo, hi = (float(v) for v in res.confidence_interval)
