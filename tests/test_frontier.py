@@ -80,28 +80,46 @@ def test_paper_kept_conventions():
         frontier.paper_kept(ref.assign(compression_convention="bits"))
 
 
-def test_orderings_agree_disagree_undecided():
-    ref = frontier.paper_kept(pd.DataFrame({
-        "paper": ["P"] * 3, "table": ["T"] * 3, "model": ["M"] * 3, "benchmark": ["B"] * 3,
-        "method": ["Full", "SnapKV", "KVSharer"], "setting": [None, None, None],
-        "compression": [1.0, 8.0, 0.25], "compression_convention": ["multiplier", "multiplier",
-                                                                   "fraction_of_layers_shared"],
-        "score": [90.0, 80.0, 85.0], "metric": ["accuracy"] * 3}))
+def _reference(models=("M",), kvsharer_compression=0.25):
+    rows = []
+    for model in models:
+        rows += [dict(paper="P", table="T", model=model, benchmark="B", method=m, setting=None, compression=c,
+                      compression_convention=conv, score=score, metric="accuracy")
+                 for m, c, conv, score in (("Full", 1.0, "multiplier", 90.0), ("SnapKV", 8.0, "multiplier", 80.0),
+                                           ("KVSharer", kvsharer_compression, "fraction_of_layers_shared", 85.0))]
+    return frontier.paper_kept(pd.DataFrame(rows))
+
+
+def test_orderings_count_each_comparison_once_and_full_apart():
     n = 40
     full = rec("full", "t", [1] * n, 1.0)
-    snap = rec("s", "t", [0] * n, 0.125)
-    sharer = rec("k", "t", [1, 0] * (n // 2), 0.75)
-    ours = [frontier.Ours("full", 1.0, full), frontier.Ours("SnapKV", 0.125, snap),
+    snap = rec("s", "t", [0, 1] * (n // 2), 0.125)
+    sharer = rec("k", "t", [1] * (n - 4) + [0] * 4, 0.75)
+    ours = [frontier.Ours("full", 1.0, full), frontier.Ours("SnapKV", 0.12, snap),
             frontier.Ours("KVSharer", 0.75, sharer)]
-    out = frontier.orderings(ref, ours).set_index(["a", "b"])["agreement"]
-    assert out[("Full", "SnapKV")] == "agree"
-    assert out[("Full", "KVSharer")] == "agree"
-    assert out[("SnapKV", "KVSharer")] == "agree"  # paper: KVSharer 85 > SnapKV 80; ours 0.5 > 0
-    flipped = [frontier.Ours("full", 1.0, full), frontier.Ours("SnapKV", 0.125, rec("s", "t", [1] * n, 0.125)),
-               frontier.Ours("KVSharer", 0.75, rec("k", "t", [0] * n, 0.75))]
-    out = frontier.orderings(ref, flipped).set_index(["a", "b"])["agreement"]
-    assert out[("SnapKV", "KVSharer")] == "disagree"
-    assert out[("Full", "SnapKV")] == "undecided"  # identical scores: interval contains zero
+    out = frontier.orderings(_reference(models=("M1", "M2", "M3")), ours)
+    assert len(out) == 3 and out["papers"].tolist() == [3, 3, 3]  # three paper models, one row per comparison
+    rows = out.set_index(["a", "b"])
+    assert rows.loc[("full @ 1", "SnapKV @ 0.12"), "kind"] == "full vs X"
+    assert rows.loc[("full @ 1", "SnapKV @ 0.12"), "agreement"] == "agree"
+    assert rows.loc[("KVSharer @ 0.75", "SnapKV @ 0.12"), "kind"] == "X vs Y"
+    assert rows.loc[("KVSharer @ 0.75", "SnapKV @ 0.12"), "paper_says"] == "a better"
+    assert rows.loc[("KVSharer @ 0.75", "SnapKV @ 0.12"), "agreement"] == "agree"
+    tally = frontier.orderings_tally(out).set_index("kind")
+    assert tally.loc["full vs X", "agree"] == 2 and tally.loc["X vs Y", "agree"] == 1 and tally.loc["all", "total"] == 3
+
+
+def test_orderings_report_floors_and_unmatched_points():
+    n = 40
+    zeros = [frontier.Ours("full", 1.0, rec("full", "t", [0] * n, 1.0)),
+             frontier.Ours("SnapKV", 0.125, rec("s", "t", [0] * n, 0.125)),
+             frontier.Ours("KVSharer", 0.5, rec("k", "t", [0] * n, 0.5))]  # paper's KVSharer at 0.75: > 25 % away
+    out = frontier.orderings(_reference(), zeros)
+    assert out.set_index(["a", "b"]).loc[("full @ 1", "SnapKV @ 0.125"), "agreement"] == "floor"
+    unmatched = out[out["agreement"] == "no matching point"]
+    assert len(unmatched) == 2 and all("KVSharer @ 0.75 (paper)" in (a, b) for a, b in zip(unmatched.a, unmatched.b))
+    assert frontier.match_point(zeros, "KVSharer", 0.6) is zeros[2]  # within 25 % of 0.6
+    assert frontier.match_point(zeros, "KVSharer", 0.75) is None
 
 
 def _gold_rec(method, kept, loglik, params=None):

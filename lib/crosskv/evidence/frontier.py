@@ -264,24 +264,44 @@ class Ours:
     record: dict[str, Any]
 
 
-def _nearest(ours: Sequence[Ours], family: str, kept: float) -> Ours | None:
-    candidates = [o for o in ours if o.family == family]
-    if not candidates:
-        return None
-    return min(candidates, key=lambda o: (abs(math.log(o.kept) - math.log(max(kept, 1e-6))), o.kept))
+KEPT_TOLERANCE = 0.25  # a paper point matches one of ours only within ±25 % relative kept
 
 
-def orderings(reference: pd.DataFrame, ours_accuracy: Sequence[Ours], ours_perplexity: Sequence[Ours] = ()) -> pd.DataFrame:
-    """Every pair of rows of one paper table (paper, table, model, benchmark) with both families run by us:
-    the paper's ordering, ours at the nearest held kept (a paired :func:`crosskv.evidence.stats.compare`), agreement.
+def match_point(ours: Sequence[Ours], family: str, kept: float, tolerance: float = KEPT_TOLERANCE) -> Ours | None:
+    """Our run of ``family`` closest to the paper's ``kept`` within ``tolerance`` relative, else ``None``."""
+    candidates = [o for o in ours if o.family == family and abs(o.kept - kept) <= tolerance * kept]
+    return min(candidates, key=lambda o: (abs(o.kept - kept), o.kept)) if candidates else None
 
-    ``reference`` comes from :func:`paper_kept`. Accuracy/score tables compare ``ours_accuracy``,
-    perplexity tables ``ours_perplexity``; other metrics (memory, speed, claims) are skipped.
-    ``agreement``: ``agree`` (same direction, our interval excludes zero), ``disagree`` (opposite
-    direction, excluding zero) or ``undecided`` (our paired interval contains zero).
+
+def _floor(a: dict[str, Any], b: dict[str, Any], metric: str) -> bool:
+    """Both runs at the same floor or ceiling on every sample (all 0 or all 1): nothing to order."""
+    if stats.is_perplexity(a):
+        return False
+    va, vb = stats.unit_values(a, metric)[1], stats.unit_values(b, metric)[1]
+    return any(bool(np.all(va == edge) and np.all(vb == edge)) for edge in (0.0, 1.0))
+
+
+def _label(o: Ours) -> str:
+    return f"{o.family} @ {o.kept:.3g}"
+
+
+def orderings(reference: pd.DataFrame, ours_accuracy: Sequence[Ours], ours_perplexity: Sequence[Ours] = (),
+              metric: str = "score", tolerance: float = KEPT_TOLERANCE) -> pd.DataFrame:
+    """The papers' pairwise orderings checked on our runs, **one row per distinct comparison** on our side.
+
+    Every pair of rows of one paper table (paper, table, model, benchmark) whose families we run is matched to
+    our runs within ``tolerance`` relative kept (:func:`match_point`). Paper pairs that land on the same two
+    runs of ours are one comparison: ``papers`` counts them, ``paper_says`` is ``a better``, ``b better`` or
+    ``mixed`` (papers disagree). ``kind``: ``full vs X`` (full against a compressed cache, counted apart) or
+    ``X vs Y``. ``agreement``: ``agree``/``disagree`` (our paired interval excludes zero, same/opposite
+    direction), ``undecided`` (it contains zero, or fewer than the minimum n), ``floor`` (both runs at 0 on
+    every sample, or both at 1) or ``no matching point`` (one per distinct paper pair without a run of ours
+    within tolerance). ``reference`` comes from :func:`paper_kept`; accuracy tables use ``ours_accuracy``
+    (compared on ``metric``), perplexity tables ``ours_perplexity``; other metrics are skipped.
     """
     pools = {"accuracy": ours_accuracy, "score": ours_accuracy, "perplexity": ours_perplexity}
-    rows = []
+    found: dict[tuple, dict[str, Any]] = {}
+    unmatched: dict[tuple, dict[str, Any]] = {}
     table = reference.dropna(subset=["score", "family"])
     for (paper, name, model, bench), group in table.groupby(["paper", "table", "model", "benchmark"], sort=False):
         group = group.reset_index(drop=True)
@@ -291,27 +311,67 @@ def orderings(reference: pd.DataFrame, ours_accuracy: Sequence[Ours], ours_perpl
                 pool = pools.get(a["metric"])
                 if pool is None or a["score"] == b["score"]:
                     continue
-                oa, ob = _nearest(pool, a["family"], a["kept"]), _nearest(pool, b["family"], b["kept"])
-                if oa is None or ob is None or oa.record is ob.record:
-                    continue
+                if not any(o.family == a["family"] for o in pool) or not any(o.family == b["family"] for o in pool):
+                    continue  # a family we do not run: not a comparison we could make
                 higher = a["metric"] != "perplexity"
-                paper_a_better = (a["score"] > b["score"]) == higher
-                c = stats.compare(oa.record, ob.record, f"{a['family']} @ {oa.kept:.3g}", f"{b['family']} @ {ob.kept:.3g}")
-                agreement = "undecided" if c.verdict == "tie" else (
-                    "agree" if (c.verdict == "better") == paper_a_better else "disagree")
-                rows.append({"paper": paper, "table": name, "model": model, "benchmark": bench,
-                             "a": f"{a['method']} {a['setting'] if isinstance(a['setting'], str) else ''}".strip(),
-                             "b": f"{b['method']} {b['setting'] if isinstance(b['setting'], str) else ''}".strip(),
-                             "paper_kept_a": a["kept"], "paper_kept_b": b["kept"],
-                             "paper_a": a["score"], "paper_b": b["score"],
-                             "paper_says": "a better" if paper_a_better else "b better",
-                             "ours_kept_a": oa.kept, "ours_kept_b": ob.kept,
-                             "ours_diff": c.diff.estimate, "ours_diff_lo": c.diff.lo, "ours_diff_hi": c.diff.hi,
-                             "n": c.diff.n, "ours_says": c.verdict, "agreement": agreement})
-    return pd.DataFrame(rows)
+                a_better = (a["score"] > b["score"]) == higher
+                oa, ob = match_point(pool, a["family"], a["kept"], tolerance), match_point(pool, b["family"], b["kept"], tolerance)
+                source = f"{paper} · {model}"
+                if oa is None or ob is None:
+                    key = tuple(sorted([(a["family"], round(float(a["kept"]), 4)), (b["family"], round(float(b["kept"]), 4))]))
+                    row = unmatched.setdefault(key, {"a": f"{key[0][0]} @ {key[0][1]:.3g} (paper)",
+                                                     "b": f"{key[1][0]} @ {key[1][1]:.3g} (paper)", "papers": 0,
+                                                     "sources": set(), "agreement": "no matching point"})
+                    row["papers"] += 1
+                    row["sources"].add(source)
+                    continue
+                if oa.record is ob.record:
+                    continue
+                if b["family"] == "full" or (a["family"] != "full" and _label(ob) < _label(oa)):
+                    oa, ob, a_better = ob, oa, not a_better  # full first, else alphabetical: one orientation
+                key = (_label(oa), _label(ob), a["metric"] == "perplexity")
+                row = found.get(key)
+                if row is None:
+                    row = found[key] = {"a": _label(oa), "b": _label(ob), "oa": oa, "ob": ob, "papers": 0,
+                                        "a_better": 0, "b_better": 0, "sources": set()}
+                row["papers"] += 1
+                row["a_better" if a_better else "b_better"] += 1
+                row["sources"].add(source)
+    rows = []
+    for row in found.values():
+        oa, ob = row.pop("oa"), row.pop("ob")
+        says = "mixed" if row["a_better"] and row["b_better"] else ("a better" if row["a_better"] else "b better")
+        use = metric if not stats.is_perplexity(oa.record) else "score"
+        c = stats.compare(oa.record, ob.record, row["a"], row["b"], metric=use)
+        if _floor(oa.record, ob.record, use):
+            agreement = "floor"
+        elif c.verdict in ("tie", "too few") or says == "mixed":
+            agreement = "undecided"
+        else:
+            agreement = "agree" if (c.verdict == "better") == (says == "a better") else "disagree"
+        rows.append({"kind": "full vs X" if oa.family == "full" else "X vs Y", "a": row["a"], "b": row["b"],
+                     "papers": row["papers"], "sources": "; ".join(sorted(row["sources"])), "paper_says": says,
+                     "ours_kept_a": oa.kept, "ours_kept_b": ob.kept, "metric": c.metric, "ours_diff": c.diff.estimate,
+                     "ours_diff_lo": c.diff.lo, "ours_diff_hi": c.diff.hi, "n": c.diff.n, "p": c.p,
+                     "ours_says": c.verdict, "agreement": agreement})
+    for row in unmatched.values():
+        rows.append({"kind": "full vs X" if row["a"].startswith("full @") or row["b"].startswith("full @") else "X vs Y",
+                     "a": row["a"], "b": row["b"], "papers": row["papers"], "sources": "; ".join(sorted(row["sources"])),
+                     "agreement": row["agreement"]})
+    columns = ["kind", "a", "b", "papers", "sources", "paper_says", "ours_kept_a", "ours_kept_b", "metric", "ours_diff",
+               "ours_diff_lo", "ours_diff_hi", "n", "p", "ours_says", "agreement"]
+    return pd.DataFrame(rows, columns=columns)
 
 
-# ----------------------------------------------------------------------------- configurations and the chart
+AGREEMENTS = ("agree", "disagree", "undecided", "floor", "no matching point")
+
+
+def orderings_tally(order: pd.DataFrame) -> pd.DataFrame:
+    """Counts of :func:`orderings` rows by ``kind`` (rows) and ``agreement`` (columns), with totals."""
+    counts = pd.crosstab(order["kind"], order["agreement"]).reindex(columns=list(AGREEMENTS), fill_value=0)
+    counts.loc["all"] = counts.sum()
+    return counts.assign(total=counts.sum(axis=1)).rename_axis(index="kind", columns=None).reset_index()
+
 
 @dataclass(frozen=True)
 class Run:
