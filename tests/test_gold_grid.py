@@ -13,6 +13,16 @@ from crosskv.methods import make_method
 from crosskv.run import harness
 from crosskv.tasks import make_task
 
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model):
+    """A copy of the session's tiny model: binds and kvpress's press(model) here never touch the shared one
+    (whose cached fingerprint other modules compare)."""
+    import copy
+
+    model, tok = tiny_model
+    return copy.deepcopy(model), tok
+
+
 TIMING = {"prefill_s", "compress_s", "decode_s", "gold_s", "continuation_s"}
 
 
