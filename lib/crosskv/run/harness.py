@@ -346,8 +346,8 @@ def run_generate(runner: Runner, sample: Sample, stops: set[int], settled=None, 
         _sync(device)
         detail["gold_s"] = time.perf_counter() - t0 if gold else None
         if generate:
-            if fed > asked:
-                cache.crop(asked)
+            if fed > asked:  # drop the gold tokens: a negative crop counts from each layer's own end (evicted
+                cache.crop(asked - fed)  # caches hold fewer tokens than they have seen, layers may differ)
                 fed = asked
             detail.update(_decode(runner, cache, first, fed, sample, stops, settled, device))
             fed += detail["decode_steps"]
