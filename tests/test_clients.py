@@ -115,7 +115,7 @@ def test_every_generate_option_works_exactly_or_is_refused_by_name(tiny, assista
     if label == "pyramidkv" and option == "greedy":  # uneven: the question is fed stepwise, as the harness does
         assert harness.uneven(c.cache)
         sample = Sample(0, context[0].tolist(), question[0].tolist(), max_new_tokens=NEW)
-        want = harness.run_generate(harness.bind(model, tok, method), sample, harness._stop_ids(model, tok))
+        want = harness.run_generate(harness.bind(model, tok, method), sample, harness.stop_ids(model, tok))
         assert tok.decode(got[0, context.shape[1] + question.shape[1]:], skip_special_tokens=True) == want["prediction"]
 
 
@@ -262,7 +262,7 @@ def test_kvpress_pipeline_checks_ids_and_feeds_uneven_caches_stepwise(tiny, monk
     answer = pipe(context, question="Where was it?", press=crosskv.as_press(method), max_new_tokens=4)["answer"]
     ids = pipe.preprocess(context, questions=["Where was it?"], answer_prefix="", max_context_length=10 ** 9)
     sample = Sample(0, ids["context_ids"][0].tolist(), ids["questions_ids"][0][0].tolist(), max_new_tokens=4)
-    want = harness.run_generate(harness.bind(model, tok, method), sample, harness._stop_ids(model, tok))
+    want = harness.run_generate(harness.bind(model, tok, method), sample, harness.stop_ids(model, tok))
     assert answer == want["prediction"]
     monkeypatch.setattr(integration, "vocab_size", lambda model: 50)  # a model smaller than its tokenizer
     with pytest.raises(ValueError, match="context_ids: token id .* >= vocab 50"):

@@ -7,7 +7,6 @@ bad argument fails when the command line is parsed, before any work.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 from pathlib import Path
 from typing import Callable
