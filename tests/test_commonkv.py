@@ -9,9 +9,10 @@ import accounting
 from crosskv.core import budget
 from crosskv.core.capture import attention_modules, kv_shape
 from crosskv.cache.storage import kv_bytes
-from crosskv.methods import commonkv, make_method
-from crosskv.methods.commonkv import (CommonKVCache, LatentKeyProj, key_noise_sensitivity, merge_groups,
-                                      value_fisher)
+from crosskv.methods import commonkv, commonkv_calibration, make_method
+from crosskv.methods.commonkv_cache import CommonKVCache, merge_groups
+from crosskv.methods.commonkv_calibration import cached_measurement, key_noise_sensitivity, value_fisher
+from crosskv.methods.commonkv_weights import LatentKeyProj
 
 
 def tiny_model(arch: str, layers: int = 6):
@@ -206,7 +207,7 @@ def test_embedded_model_full_rank_exact_and_merge_saves(model32):
 
 
 def test_measurements_cached_on_disk_once(tmp_path, monkeypatch):
-    monkeypatch.setattr(commonkv, "cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(commonkv_calibration, "cache_dir", lambda: tmp_path)
     model = tiny_model("llama")
     calls = []
 
@@ -214,9 +215,9 @@ def test_measurements_cached_on_disk_once(tmp_path, monkeypatch):
         calls.append(1)
         return [0.5, 1.5]
 
-    first = commonkv.cached_measurement("fisher", model, {"calibration": 2}, compute)
-    again = commonkv.cached_measurement("fisher", model, {"calibration": 2}, compute)
-    other = commonkv.cached_measurement("fisher", model, {"calibration": 3}, compute)
+    first = cached_measurement("fisher", model, {"calibration": 2}, compute)
+    again = cached_measurement("fisher", model, {"calibration": 2}, compute)
+    other = cached_measurement("fisher", model, {"calibration": 3}, compute)
     assert first == again == other == [0.5, 1.5] and len(calls) == 2
     assert len(list(tmp_path.glob("*-fisher-*.json"))) == 2
 
@@ -224,7 +225,7 @@ def test_measurements_cached_on_disk_once(tmp_path, monkeypatch):
 def test_measurements_follow_code_and_weights_and_survive_a_torn_file(tmp_path, monkeypatch, caplog):
     from crosskv.core import fingerprint
 
-    monkeypatch.setattr(commonkv, "cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(commonkv_calibration, "cache_dir", lambda: tmp_path)
     model = tiny_model("llama")
     calls = []
 
@@ -232,18 +233,18 @@ def test_measurements_follow_code_and_weights_and_survive_a_torn_file(tmp_path, 
         calls.append(1)
         return [float(len(calls))]
 
-    assert commonkv.cached_measurement("fisher", model, {}, compute) == [1.0]
+    assert cached_measurement("fisher", model, {}, compute) == [1.0]
     (path,) = tmp_path.glob("*.json")
     path.write_text("{ torn")
     with caplog.at_level("WARNING"):
-        assert commonkv.cached_measurement("fisher", model, {}, compute) == [2.0]
-    assert str(path) in caplog.text and commonkv.cached_measurement("fisher", model, {}, compute) == [2.0]
+        assert cached_measurement("fisher", model, {}, compute) == [2.0]
+    assert str(path) in caplog.text and cached_measurement("fisher", model, {}, compute) == [2.0]
     monkeypatch.setattr(fingerprint, "code_fingerprint", lambda: "changed-code")
-    assert commonkv.cached_measurement("fisher", model, {}, compute) == [3.0]
+    assert cached_measurement("fisher", model, {}, compute) == [3.0]
     other = tiny_model("llama")
     with torch.no_grad():
         other.model.layers[0].self_attn.v_proj.weight.mul_(2)
-    assert commonkv.cached_measurement("fisher", other, {}, compute) == [4.0]
+    assert cached_measurement("fisher", other, {}, compute) == [4.0]
 
 
 def test_value_fisher_is_the_release_statistic():
@@ -259,12 +260,12 @@ def test_value_fisher_is_the_release_statistic():
         for total, g in zip(squares, torch.autograd.grad(loss, params)):
             total += g.double() ** 2
     expected = [float((s / 3).sqrt().mean()) for s in squares]
-    assert commonkv.value_fisher(model, ids) == pytest.approx(expected, rel=1e-6)
+    assert value_fisher(model, ids) == pytest.approx(expected, rel=1e-6)
 
 
 @pytest.mark.slow
 def test_embedded_model_fisher_ranks_within_budget(model32, tmp_path, monkeypatch):
-    monkeypatch.setattr(commonkv, "cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(commonkv_calibration, "cache_dir", lambda: tmp_path)
     model, tokenizer = model32
     config = make_method("commonkv", ranks="fisher", rank_ratio="0.5", weights="uniform", calibration="2",
                          calibration_length="16")
@@ -323,7 +324,7 @@ def test_embedded_default_holds_less_than_a_plain_cache(model32):
 
 def test_token_and_input_cosines_per_group():
     from crosskv.core.capture import capture, decoder_layers
-    from crosskv.methods.commonkv import group_cosines, input_cosines, prompt_latents, token_cosines
+    from crosskv.methods.commonkv_analysis import group_cosines, input_cosines, prompt_latents, token_cosines
 
     model = tiny_model("llama", layers=5)  # groups of 4: [0..3], [4]
     runner = make_method("commonkv", unmerged_ratio="1", weights="uniform").bind(model)
