@@ -35,6 +35,7 @@ from typing import Iterator
 
 import torch
 from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -145,10 +146,17 @@ def crosskv_attention(module, query, key, value, attention_mask, dropout: float 
     return out.view(b, hq, q_len, d).transpose(1, 2).contiguous(), None
 
 
+def unwrap_kvpress() -> None:
+    """Importing kvpress wraps every registered attention function in its head-wise key masking, which reads
+    ``key.shape``: make the model call :func:`crosskv_attention` itself (after any such import)."""
+    ALL_ATTENTION_FUNCTIONS[ATTENTION] = crosskv_attention
+
+
 @contextlib.contextmanager
 def installed(model) -> Iterator[None]:
     """Run ``model`` with :data:`ATTENTION` as its attention implementation; the previous one is restored."""
     previous = model.config._attn_implementation
+    unwrap_kvpress()
     model.set_attn_implementation(ATTENTION)
     try:
         yield

@@ -5,12 +5,19 @@ latent projections of :mod:`crosskv.methods.commonkv_weights` and builds the lat
 :mod:`crosskv.methods.commonkv_cache`; ranks and merge weights come from
 :mod:`crosskv.methods.commonkv_calibration`.
 
-Attention (``attend``): ``"rebuild"`` (default) holds only latents and rebuilds K/V (RoPE at the
-stored positions) on every call, as the CommonKV release does — the memory-saving mode.
-``"buffer"`` additionally keeps the rebuilt post-RoPE K and V as a float buffer (built once after
-compression, then the exact new K/V are appended), so decoding runs at plain-cache speed; the
+Attention (``attend``): ``"rebuild"`` (default) holds only latents — the memory-saving mode. Each step
+rebuilds the held tokens' keys once (R_k·c, RoPE at their positions from cached tables, in the model's
+dtype) and applies the attention weights to the latents, then R_v once per head, instead of rebuilding V
+(:mod:`crosskv.methods.commonkv_attention`; about H_kv·d / Hq times fewer multiply-adds for the values
+than the rebuild, which is what the CommonKV release does for K and V every step). The latent values
+reach attention through :mod:`crosskv.cache.attention`'s explicit channel, installed by
+:meth:`CommonKVRunner.applied`. ``"buffer"`` additionally keeps the rebuilt post-RoPE K and V (built
+once after compression, then the exact new K/V are appended), so decoding runs at plain-cache speed; the
 buffer is held across steps, so it is counted in ``stored_tensors()`` (``kept`` > 1 then): a speed
 reference, not a compression mode.
+
+Method overhead (:meth:`CommonKVRunner.method_bytes`, :func:`nominal_method_bytes`): the replacement
+projections in the model's dtype minus the ``k_proj``/``v_proj`` weights they make unused.
 """
 from __future__ import annotations
 
@@ -20,15 +27,16 @@ import math
 from dataclasses import dataclass
 from typing import Iterator
 
-from torch import nn
+import torch
 
+from crosskv.cache.attention import installed
 from crosskv.core import budget
 from crosskv.core.capture import Rotary, attention_modules, kv_shape
 from crosskv.methods.base import MethodConfig, Runner, register
-from crosskv.methods.commonkv_cache import CommonKVCache, CommonKVLayer, GroupStore, merge_groups
+from crosskv.methods.commonkv_cache import CommonKVCache, CommonKVLayer, GroupStore, RopeTable, merge_groups
 from crosskv.methods.commonkv_calibration import cached_measurement, group_fisher, key_noise_sensitivity
-from crosskv.methods.commonkv_weights import (LatentKeyProj, LatentSlot, LatentValueProj, _linear, factorize_group,
-                                              full_rank)
+from crosskv.methods.commonkv_weights import (LatentKeyProj, LatentSlot, LatentValueProj, build_projections,
+                                              full_rank, module_bytes, overhead_bytes)
 
 log = logging.getLogger(__name__)
 
@@ -125,14 +133,20 @@ class CommonKV(MethodConfig):
         shape = kv_shape(model)
         return kept_rank(self.kept, 2 * shape.width, self.stored_fraction(), shape.hidden) / shape.hidden
 
-    def group_ranks(self, model, tokenizer, groups: list[list[int]]) -> list[int]:
-        shape = kv_shape(model)
+    def uniform_ranks(self, model_or_config, groups: list[list[int]]) -> list[int]:
+        """``rank`` or the :meth:`rank_budget` rank for every group, capped at each group's full rank."""
+        shape = kv_shape(model_or_config)
         caps = [full_rank(len(g), shape.width, shape.hidden) for g in groups]
         if self.rank is not None and self.rank > shape.hidden:
             raise ValueError(f"rank={self.rank} exceeds the model width D={shape.hidden}")
+        rank = self.rank if self.rank is not None else max(1, round(self.rank_budget(model_or_config) * shape.hidden))
+        return budget.uniform_ranks(rank, caps)
+
+    def group_ranks(self, model, tokenizer, groups: list[list[int]]) -> list[int]:
         if self.ranks == "uniform":
-            rank = self.rank if self.rank is not None else max(1, round(self.rank_budget(model) * shape.hidden))
-            return budget.uniform_ranks(rank, caps)
+            return self.uniform_ranks(model, groups)
+        shape = kv_shape(model)
+        caps = [full_rank(len(g), shape.width, shape.hidden) for g in groups]
         fisher = group_fisher(model, tokenizer, self, groups)
         return budget.fisher_ranks(fisher, [len(g) for g in groups], caps, self.rank_budget(model), shape.hidden)
 
@@ -159,17 +173,29 @@ def kept_rank(kept: float, kv_width: int, stored_fraction: float, hidden: int, m
 
 
 class CommonKVRunner(Runner):
-    """Holds the factorized weights; installs the latent projections and builds latent caches."""
+    """Holds the replacement projections (built once, in the model's dtype); installs them with the ``crosskv``
+    attention and builds latent caches.
+
+    :meth:`method_bytes` = the replacement projections (P_g per group and device, R_k/R_v and biases per layer)
+    − the original ``k_proj``/``v_proj`` they make unused while installed. The originals stay loaded here so
+    that leaving :meth:`applied` restores the plain model; a deployment that only runs CommonKV could drop
+    them (and the runner could then not restore them). Nothing else is kept for the model's lifetime: the
+    SVD's float64 factors live only while :func:`~crosskv.methods.commonkv_weights.build_projections` runs.
+    """
 
     def __init__(self, config: CommonKV, model, tokenizer, groups: list[list[int]], ranks: list[int],
                  weights: list[float]):
         super().__init__(config, model, tokenizer)
         self.groups, self.ranks, self.weights = groups, ranks, weights
         attns = attention_modules(model)
-        self.factors = [factorize_group(attns, g, r) for g, r in zip(groups, ranks)]
+        self.projections = build_projections(attns, groups, ranks)
+        self.devices = layer_devices(attns)
         self.rotary = Rotary(model)
+        rope_type = getattr(self.rotary.rotary_emb, "rope_type", "default")
+        if "dynamic" in rope_type or rope_type == "longrope":
+            raise ValueError(f"commonkv: rope_type={rope_type!r} rescales RoPE with the sequence length; the latent "
+                             "cache rotates keys from tables of fixed positions (static RoPE types only)")
         self.slots: list[LatentSlot] | None = None
-        self.ups: list[tuple[nn.Linear, nn.Linear]] = []
         self.merged_counts: list[int] = []
         self.kv_width = 2 * kv_shape(model).width
         log.info("commonkv: groups %s, ranks %s", [len(g) for g in groups], ranks)
@@ -186,47 +212,44 @@ class CommonKVRunner(Runner):
         return {"latent_ranks": list(self.ranks), "kv_width": self.kv_width,
                 "latent_wider_than_kv": self.latent_wider_than_kv}
 
-    def _modules(self) -> tuple[list[LatentSlot], list[tuple[nn.Module, nn.Module]], list[tuple[nn.Linear, nn.Linear]]]:
-        attns = attention_modules(self.model)
-        slots, replacements, ups = [None] * len(attns), [None] * len(attns), [None] * len(attns)
-        for factors in self.factors:
-            first = attns[factors.layers[0]].k_proj
-            down = _linear(factors.down, None, first)
-            for i, layer in enumerate(factors.layers):
-                attn = attns[layer]
-                up_k = _linear(factors.up_k[i], attn.k_proj.bias, attn.k_proj)
-                up_v = _linear(factors.up_v[i], attn.v_proj.bias, attn.v_proj)
-                slots[layer] = LatentSlot()
-                replacements[layer] = (LatentKeyProj(down, up_k, slots[layer]), LatentValueProj(down, up_v, slots[layer]))
-                ups[layer] = (up_k, up_v)
-        return slots, replacements, ups
+    def method_bytes(self) -> int:
+        """Bytes of the replacement projections minus the original ``k_proj``/``v_proj`` (see the class docstring);
+        negative when the factors are smaller than the weights they replace."""
+        added = module_bytes(m for p in self.projections for m in (p.down, p.up_k, p.up_v))
+        originals = [m for a in attention_modules(self.model) for m in (a.k_proj, a.v_proj)]
+        if self.slots is not None:  # installed: the originals are the ones applied() put aside
+            originals = [m for pair in self.originals for m in pair]
+        return added - module_bytes(originals)
 
     @contextlib.contextmanager
     def applied(self) -> Iterator["CommonKVRunner"]:
         attns = attention_modules(self.model)
-        originals = [(a.k_proj, a.v_proj) for a in attns]
-        self.slots, replacements, self.ups = self._modules()
+        self.originals = [(a.k_proj, a.v_proj) for a in attns]
+        self.slots = [LatentSlot() for _ in attns]
+        attention = installed(self.model) if self.config.attend == "rebuild" else contextlib.nullcontext()
         try:
-            for attn, (k, v) in zip(attns, replacements):
-                attn.k_proj, attn.v_proj = k, v
-            yield self
+            for attn, proj, slot in zip(attns, self.projections, self.slots):
+                attn.k_proj = LatentKeyProj(proj.down, proj.up_k, slot)
+                attn.v_proj = LatentValueProj(proj.down, proj.up_v, slot)
+            with attention:
+                yield self
         finally:
-            for attn, (k, v) in zip(attns, originals):
+            for attn, (k, v) in zip(attns, self.originals):
                 attn.k_proj, attn.v_proj = k, v
-            self.slots, self.ups = None, []
+            self.slots, self.originals = None, []
 
     def new_cache(self) -> CommonKVCache:
         if self.slots is None:
             raise RuntimeError("CommonKVRunner.new_cache() must be called inside runner.applied()")
         shape = kv_shape(self.model)
         attns = attention_modules(self.model)
-        device = next(self.model.parameters()).device
-        stores = [GroupStore(device) for _ in self.groups]
+        stores = [GroupStore(device) for device in store_devices(self.groups, self.devices)]
         group_of = {layer: g for g, layers in enumerate(self.groups) for layer in layers}
-        layers = [CommonKVLayer(self.slots[i], *self.ups[i], stores[group_of[i]], self.rotary, shape.kv_heads,
-                                shape.head_dim, self.config.attend, getattr(attns[i], "k_norm", None), device)
+        rope = RopeTable(self.rotary)
+        layers = [CommonKVLayer(self.slots[i], self.projections[i], stores[group_of[i]], rope, shape,
+                                self.config.attend, getattr(attns[i], "k_norm", None), self.devices[i], i)
                   for i in range(shape.layers)]
-        return CommonKVCache(layers, self.groups, stores)
+        return CommonKVCache(layers, self.groups, stores, rope)
 
     def compress(self, cache: CommonKVCache) -> None:
         if not self.config.merges:
@@ -236,3 +259,23 @@ class CommonKVRunner(Runner):
         log.info("commonkv: merged tokens per group %s", self.merged_counts)
 
 
+def layer_devices(attns: list) -> list[torch.device]:
+    """Each layer's device: that of its ``k_proj`` weight (with ``device_map="auto"`` layers differ)."""
+    return [attn.k_proj.weight.device for attn in attns]
+
+
+def store_devices(groups: list[list[int]], devices: list[torch.device]) -> list[torch.device]:
+    """Where each group's store of merged latents lives: on its first layer's device (a layer on another
+    device reads the merged latents through a transient copy)."""
+    return [devices[group[0]] for group in groups]
+
+
+def nominal_method_bytes(config: CommonKV, model_config, element_size: int = 2) -> dict[str, int]:
+    """:meth:`CommonKVRunner.method_bytes` from shapes alone (no weights: e.g. the Llama-3.1-8B shape), for
+    uniform ranks (``ranks="fisher"`` needs the model), one device: ``{added, droppable, net}`` bytes."""
+    if config.ranks != "uniform":
+        raise ValueError(f"ranks={config.ranks!r}: nominal method bytes need uniform ranks (bind the model instead)")
+    shape = kv_shape(model_config)
+    groups = budget.layer_groups(shape.layers, config.group_size)
+    ranks = config.uniform_ranks(model_config, groups)
+    return overhead_bytes(shape, ranks, [len(g) for g in groups], element_size)

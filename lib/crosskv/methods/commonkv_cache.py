@@ -15,10 +15,13 @@ from torch import nn
 from transformers import Cache
 from transformers.cache_utils import CacheLayerMixin
 
+from crosskv.cache.attention import compressed_kv
 from crosskv.cache.quant import QTensor, QuantSpec, quantize, split_residual
 from crosskv.core import budget
-from crosskv.core.capture import Rotary
-from crosskv.methods.commonkv_weights import LatentSlot
+from crosskv.core.capture import KVShape, Rotary
+from crosskv.methods.commonkv_attention import LatentPrefix, latent_values_cheaper
+from crosskv.methods.commonkv_weights import LatentSlot, LayerProjections
+
 
 class GroupStore:
     """A group's merged entries: latents ``(B, M, r)`` (float or quantized) and their positions ``(M,)`` int32."""
@@ -41,22 +44,52 @@ class GroupStore:
         yield from (self.qlat.tensors() if self.qlat is not None else (self.lat,))
 
 
+class RopeTable:
+    """cos/sin tables ``(N, d)`` of absolute positions 0…N−1 from the model's rotary embedding, in the model's
+    dtype, shared by every layer of a cache (one pair per device and dtype) and grown ``block`` positions at a
+    time, so a decode step gathers its held positions' rows instead of recomputing RoPE's sines and cosines.
+    Held across steps, so :meth:`tensors` counts them (2·N·d values, N < tokens seen + ``block``)."""
+
+    def __init__(self, rotary: Rotary, block: int = 64):
+        self.rotary, self.block = rotary, block
+        self.tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def lookup(self, positions: torch.Tensor, upto: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin ``(n, d)`` at ``positions`` ``(n,)`` (all < ``upto``) in ``like``'s dtype and device."""
+        key = (like.device, like.dtype)
+        cos, sin = self.tables.get(key, (like.new_zeros(0, 0), like.new_zeros(0, 0)))
+        if cos.shape[0] < upto:
+            size = self.block * -(-upto // self.block)
+            new = torch.arange(cos.shape[0], size, device=like.device)
+            more_cos, more_sin = (t[0, 0] for t in self.rotary.cos_sin(new, like))  # (size − N, d) each
+            cos, sin = (more_cos, more_sin) if not cos.numel() else (torch.cat([cos, more_cos]), torch.cat([sin, more_sin]))
+            self.tables[key] = cos, sin
+        return cos.index_select(0, positions), sin.index_select(0, positions)
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        for pair in self.tables.values():
+            yield from pair
+
+
 class CommonKVLayer(CacheLayerMixin):
     """One layer's latents ``(B, n, r)`` with absolute positions ``(n,)``; K/V rebuilt with the layer's R_k, R_v.
 
-    Own latents are ``qlat`` (quantized, oldest) followed by ``lat`` (float), in position order.
-    ``seen`` counts every token that arrived (absolute positions; evicted/merged ones included).
+    Own latents are ``qlat`` (quantized, oldest) followed by ``lat`` (float), in position order; the group's
+    merged entries live in ``store``. ``seen`` counts every token that arrived (absolute positions;
+    evicted/merged ones included). Attention sees the held tokens in *held order* — the group's merged
+    entries, then the own latents — with each key rotated at its own position: past tokens are all visible
+    to every new query, so their order does not matter and is never re-sorted.
     """
 
     is_sliding = False
     is_compileable = False
 
-    def __init__(self, slot: LatentSlot, up_k: nn.Linear, up_v: nn.Linear, store: GroupStore, rotary: Rotary,
-                 kv_heads: int, head_dim: int, attend: str, k_norm: nn.Module | None = None,
-                 device: torch.device | None = None):
+    def __init__(self, slot: LatentSlot, proj: LayerProjections, store: GroupStore, rope: RopeTable,
+                 shape: KVShape, attend: str, k_norm: nn.Module | None = None, device: torch.device | None = None,
+                 layer_idx: int | None = None):
         super().__init__()
-        self.slot, self.up_k, self.up_v, self.store, self.rotary = slot, up_k, up_v, store, rotary
-        self.kv_heads, self.head_dim, self.attend, self.k_norm = kv_heads, head_dim, attend, k_norm
+        self.slot, self.proj, self.store, self.rope, self.shape = slot, proj, store, rope, shape
+        self.attend, self.k_norm, self.layer_idx = attend, k_norm, layer_idx
         self.lat: torch.Tensor | None = None
         self.qlat: QTensor | None = None
         self.pos = torch.zeros(0, dtype=torch.int32, device=device)
@@ -70,7 +103,15 @@ class CommonKVLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs=None):
-        """Store the new tokens' latents; return K, V ``(B, H_kv, S, d)`` for every held token."""
+        """Store the new tokens' latents; return what attention reads for every held token.
+
+        ``key_states``/``value_states`` ``(B, H_kv, q, d)``: the new tokens' exact K (post-RoPE) and V. With
+        ``attend="rebuild"`` and no earlier token, they are returned as they are. Otherwise the earlier
+        tokens' keys are rebuilt once (R_k·c, RoPE at their positions) and, when cheaper (q·Hq < H_kv·d, e.g.
+        decoding), their values stay latent: a :class:`~crosskv.methods.commonkv_attention.LatentPrefix` goes
+        through :func:`crosskv.cache.attention.compressed_kv` to the ``crosskv`` attention, which applies the
+        weights to the latents and R_v once per head. Else (long chunks) V is rebuilt too: plain tensors.
+        """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         latent = self.slot.latent
@@ -78,12 +119,25 @@ class CommonKVLayer(CacheLayerMixin):
         q = key_states.shape[-2]
         if latent is None or latent.shape[-2] != q:
             raise RuntimeError("CommonKV cache used without its latent projections (run inside Runner.applied())")
+        prefix = self.segments()
         self.lat = latent if self.lat is None else torch.cat([self.lat, latent], dim=-2)
         new_pos = torch.arange(self.seen, self.seen + q, dtype=torch.int32, device=self.pos.device)
         self.pos = torch.cat([self.pos, new_pos])
-        self.seen += q
-        if self.attend == "rebuild":
-            return self.rebuild()
+        upto, self.seen = self.seen, self.seen + q
+        if self.attend == "buffer":
+            return self.buffered(key_states, value_states)
+        if not prefix:
+            return key_states, value_states
+        keys = self.rebuild_keys(prefix, upto)
+        if latent_values_cheaper(q, self.shape):
+            values = LatentPrefix(tuple(keys), tuple(lat for lat, _ in prefix), self.proj.up_v.weight,
+                                  self.proj.up_v.bias, self.shape.kv_heads)
+            return compressed_kv(values, key_states, value_states, self.layer_idx)
+        return (torch.cat([*keys, key_states], dim=-2),
+                torch.cat([self.rebuild_values(prefix), value_states], dim=-2))
+
+    def buffered(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``attend="buffer"``: append the exact new K/V to the rebuilt K/V kept across steps."""
         if self.buffer is None:
             self.buffer = (key_states, value_states)
         else:
@@ -137,15 +191,27 @@ class CommonKVLayer(CacheLayerMixin):
         index = torch.searchsorted(self.pos, positions.to(self.pos.dtype))
         return self.own_latents().index_select(-2, index.long())
 
+    def segments(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The held tokens in held order as ``(latents (B, n, r), positions (n,) int32)`` pieces: the group's merged
+        entries (moved to this layer's device if the group spans devices), quantized own, float own."""
+        out = []
+        if len(self.store):
+            out.append((self.store.latents().to(self.lat.device, self.lat.dtype), self.store.pos.to(self.pos.device)))
+        n_q = 0
+        if self.qlat is not None:
+            own_q = self.qlat.dequantize()
+            n_q = own_q.shape[-2]
+            out.append((own_q, self.pos[:n_q]))
+        if self.lat is not None and self.lat.shape[-2]:
+            out.append((self.lat, self.pos[n_q:]))
+        return out
+
     def all_latents(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Own and merged latents ``(B, S, r)`` in position order, with positions ``(S,)`` int64."""
-        own = self.own_latents()
-        merged = self.store.latents()
-        if merged is None or not len(self.store):
-            return own, self.pos.long()
-        pos = torch.cat([self.pos, self.store.pos]).long()
+        """Own and merged latents ``(B, S, r)`` in position order, with positions ``(S,)`` int64 (for analysis)."""
+        latents, positions = zip(*self.segments())
+        pos = torch.cat(positions).long()
         order = torch.argsort(pos)
-        return torch.cat([own, merged.to(own.dtype)], dim=-2).index_select(-2, order), pos[order]
+        return torch.cat(latents, dim=-2).index_select(-2, order), pos[order]
 
     def keep(self, positions: torch.Tensor) -> None:
         """Keep only own latents at ``positions`` (eviction or removal of merged tokens); float storage only."""
@@ -154,15 +220,30 @@ class CommonKVLayer(CacheLayerMixin):
         mask = torch.isin(self.pos, positions.to(self.pos.dtype))
         self.lat, self.pos = self.lat[:, mask], self.pos[mask]
 
+    def rebuild_keys(self, segments: list[tuple[torch.Tensor, torch.Tensor]], upto: int) -> list[torch.Tensor]:
+        """Post-RoPE keys ``(B, H_kv, n_i, d)`` per piece of ``segments``: one R_k GEMM each, RoPE in the model's
+        dtype from the cached tables (positions < ``upto``)."""
+        out = []
+        for lat, pos in segments:
+            keys = self.proj.up_k(lat)                                       # (B, n, H_kv·d)
+            keys = keys.view(*keys.shape[:2], self.shape.kv_heads, self.shape.head_dim)
+            if self.k_norm is not None:
+                keys = self.k_norm(keys)
+            cos, sin = self.rope.lookup(pos, upto, keys)                     # (n, d) each
+            out.append(Rotary.apply(keys, cos[:, None], sin[:, None]).transpose(1, 2))
+        return out
+
+    def rebuild_values(self, segments: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """V ``(B, H_kv, S, d)`` of ``segments`` (held order)."""
+        values = [self.proj.up_v(lat) for lat, _ in segments]
+        values = torch.cat(values, dim=-2) if len(values) > 1 else values[0]
+        b, s, _ = values.shape
+        return values.view(b, s, self.shape.kv_heads, self.shape.head_dim).transpose(1, 2)
+
     def rebuild(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """K (post-RoPE) and V ``(B, H_kv, S, d)`` from the latents, RoPE at the stored positions."""
-        latents, positions = self.all_latents()
-        b, s, _ = latents.shape
-        keys = self.up_k(latents).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        values = self.up_v(latents).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        if self.k_norm is not None:
-            keys = self.k_norm(keys)
-        return self.rotary.rotate(keys, positions), values
+        """K (post-RoPE) and V ``(B, H_kv, S, d)`` of every held token, in held order."""
+        segments = self.segments()
+        return torch.cat(self.rebuild_keys(segments, self.seen), dim=-2), self.rebuild_values(segments)
 
     def current_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The K/V attention currently sees (for eviction scorers)."""
@@ -192,17 +273,18 @@ class CommonKVLayer(CacheLayerMixin):
 
 
 class CommonKVCache(Cache):
-    """Container of :class:`CommonKVLayer` s and one :class:`GroupStore` per layer group."""
+    """Container of :class:`CommonKVLayer` s, one :class:`GroupStore` per layer group and their :class:`RopeTable`."""
 
-    def __init__(self, layers: list[CommonKVLayer], groups: list[list[int]], stores: list[GroupStore]):
+    def __init__(self, layers: list[CommonKVLayer], groups: list[list[int]], stores: list[GroupStore], rope: RopeTable):
         super().__init__(layers=layers)
-        self.groups, self.stores = groups, stores
+        self.groups, self.stores, self.rope = groups, stores, rope
 
     def stored_tensors(self) -> Iterator[torch.Tensor]:
         for layer in self.layers:
             yield from layer.stored()
         for store in self.stores:
             yield from store.tensors()
+        yield from self.rope.tensors()
         for layer in self.layers:  # attend="buffer": the rebuilt K/V kept across steps
             if layer.buffer is not None:
                 yield from layer.buffer
