@@ -195,7 +195,8 @@ class CommonKVRunner(Runner):
         if "dynamic" in rope_type or rope_type == "longrope":
             raise ValueError(f"commonkv: rope_type={rope_type!r} rescales RoPE with the sequence length; the latent "
                              "cache rotates keys from tables of fixed positions (static RoPE types only)")
-        self.slots: list[LatentSlot] | None = None
+        self.slots: list[LatentSlot] | None = None  # set while installed, with the originals put aside
+        self.originals: list[tuple] = []
         self.merged_counts: list[int] = []
         self.kv_width = 2 * kv_shape(model).width
         log.info("commonkv: groups %s, ranks %s", [len(g) for g in groups], ranks)

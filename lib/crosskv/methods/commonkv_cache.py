@@ -4,7 +4,12 @@ The cache stores **one** latent per layer and token with its absolute position. 
 (group, token) the cosine between the group's first and last layer latents is scored; over all groups
 the ``unmerged_ratio`` least similar entries stay per-layer (the first ``sink_tokens`` and last
 ``recent_tokens`` prompt tokens never merge) and every other entry is replaced by one group latent, the
-sensitivity-weighted average of the group's latents, stored once in the group's :class:`GroupStore`.
+sensitivity-weighted average of the group's latents, stored once in the group's :class:`GroupStore`
+(on the device of the group's first layer).
+
+Attention reads a layer's held tokens in held order (merged entries, then own latents), keys rebuilt
+once per step with RoPE from a :class:`RopeTable` shared by the cache (counted in its bytes), values
+left latent for decode steps (:mod:`crosskv.methods.commonkv_attention`).
 """
 from __future__ import annotations
 
@@ -196,7 +201,7 @@ class CommonKVLayer(CacheLayerMixin):
         entries (moved to this layer's device if the group spans devices), quantized own, float own."""
         out = []
         if len(self.store):
-            out.append((self.store.latents().to(self.lat.device, self.lat.dtype), self.store.pos.to(self.pos.device)))
+            out.append((self.store.latents().to(self.device, self.dtype), self.store.pos.to(self.device)))
         n_q = 0
         if self.qlat is not None:
             own_q = self.qlat.dequantize()
