@@ -9,9 +9,10 @@ import accounting
 from crosskv.core import budget
 from crosskv.core.capture import attention_modules, kv_shape
 from crosskv.cache.storage import kv_bytes
-from crosskv.methods import commonkv, make_method
-from crosskv.methods.commonkv import (CommonKVCache, LatentKeyProj, key_noise_sensitivity, merge_groups,
-                                      value_fisher)
+from crosskv.methods import commonkv, commonkv_calibration, make_method
+from crosskv.methods.commonkv_cache import CommonKVCache, merge_groups
+from crosskv.methods.commonkv_calibration import cached_measurement, key_noise_sensitivity, value_fisher
+from crosskv.methods.commonkv_weights import LatentKeyProj
 
 
 def tiny_model(arch: str, layers: int = 6):
@@ -113,9 +114,9 @@ def test_merge_drops_bytes_and_matches_accounting():
     candidates = 64 - 4 - 8
     assert sum(counts) == 2 * candidates - round(0.4 * 2 * candidates)  # global bottom-k over both groups
     sizes = [len(g) for g in runner.groups]
-    expected = accounting.commonkv_bytes(runner.ranks, sizes, 70, counts, float_bytes=4)
+    expected = accounting.commonkv_bytes(runner.ranks, sizes, 70, counts, float_bytes=4, rope_rows=69, head_dim=16)
     assert kv_bytes(cache) == expected
-    unmerged = accounting.commonkv_bytes(runner.ranks, sizes, 70, [0, 0], float_bytes=4)
+    unmerged = accounting.commonkv_bytes(runner.ranks, sizes, 70, [0, 0], float_bytes=4, rope_rows=69, head_dim=16)
     assert kv_bytes(cache) < unmerged
     for store, count in zip(cache.stores, counts):  # merged entries stored once per group
         assert store.lat.shape == (1, count, 48)
@@ -201,12 +202,12 @@ def test_embedded_model_full_rank_exact_and_merge_saves(model32):
     assert torch.allclose(got, ref, atol=2e-4), (got - ref).abs().max()
     full = accounting.full_bytes(kv_shape(model), 200, float_bytes=4)
     assert kv_bytes(cache) == accounting.commonkv_bytes(runner.ranks, [len(g) for g in runner.groups], 200,
-                                                        [0] * 8, float_bytes=4)
+                                                        [0] * 8, float_bytes=4, rope_rows=199, head_dim=64)
     assert kv_bytes(cache) > full  # an unmerged full-rank latent (576) is wider than one layer's K+V (384)
 
 
 def test_measurements_cached_on_disk_once(tmp_path, monkeypatch):
-    monkeypatch.setattr(commonkv, "cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(commonkv_calibration, "cache_dir", lambda: tmp_path)
     model = tiny_model("llama")
     calls = []
 
@@ -214,9 +215,9 @@ def test_measurements_cached_on_disk_once(tmp_path, monkeypatch):
         calls.append(1)
         return [0.5, 1.5]
 
-    first = commonkv.cached_measurement("fisher", model, {"calibration": 2}, compute)
-    again = commonkv.cached_measurement("fisher", model, {"calibration": 2}, compute)
-    other = commonkv.cached_measurement("fisher", model, {"calibration": 3}, compute)
+    first = cached_measurement("fisher", model, {"calibration": 2}, compute)
+    again = cached_measurement("fisher", model, {"calibration": 2}, compute)
+    other = cached_measurement("fisher", model, {"calibration": 3}, compute)
     assert first == again == other == [0.5, 1.5] and len(calls) == 2
     assert len(list(tmp_path.glob("*-fisher-*.json"))) == 2
 
@@ -224,7 +225,7 @@ def test_measurements_cached_on_disk_once(tmp_path, monkeypatch):
 def test_measurements_follow_code_and_weights_and_survive_a_torn_file(tmp_path, monkeypatch, caplog):
     from crosskv.core import fingerprint
 
-    monkeypatch.setattr(commonkv, "cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(commonkv_calibration, "cache_dir", lambda: tmp_path)
     model = tiny_model("llama")
     calls = []
 
@@ -232,18 +233,18 @@ def test_measurements_follow_code_and_weights_and_survive_a_torn_file(tmp_path, 
         calls.append(1)
         return [float(len(calls))]
 
-    assert commonkv.cached_measurement("fisher", model, {}, compute) == [1.0]
+    assert cached_measurement("fisher", model, {}, compute) == [1.0]
     (path,) = tmp_path.glob("*.json")
     path.write_text("{ torn")
     with caplog.at_level("WARNING"):
-        assert commonkv.cached_measurement("fisher", model, {}, compute) == [2.0]
-    assert str(path) in caplog.text and commonkv.cached_measurement("fisher", model, {}, compute) == [2.0]
+        assert cached_measurement("fisher", model, {}, compute) == [2.0]
+    assert str(path) in caplog.text and cached_measurement("fisher", model, {}, compute) == [2.0]
     monkeypatch.setattr(fingerprint, "code_fingerprint", lambda: "changed-code")
-    assert commonkv.cached_measurement("fisher", model, {}, compute) == [3.0]
+    assert cached_measurement("fisher", model, {}, compute) == [3.0]
     other = tiny_model("llama")
     with torch.no_grad():
         other.model.layers[0].self_attn.v_proj.weight.mul_(2)
-    assert commonkv.cached_measurement("fisher", other, {}, compute) == [4.0]
+    assert cached_measurement("fisher", other, {}, compute) == [4.0]
 
 
 def test_value_fisher_is_the_release_statistic():
@@ -259,12 +260,12 @@ def test_value_fisher_is_the_release_statistic():
         for total, g in zip(squares, torch.autograd.grad(loss, params)):
             total += g.double() ** 2
     expected = [float((s / 3).sqrt().mean()) for s in squares]
-    assert commonkv.value_fisher(model, ids) == pytest.approx(expected, rel=1e-6)
+    assert value_fisher(model, ids) == pytest.approx(expected, rel=1e-6)
 
 
 @pytest.mark.slow
 def test_embedded_model_fisher_ranks_within_budget(model32, tmp_path, monkeypatch):
-    monkeypatch.setattr(commonkv, "cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(commonkv_calibration, "cache_dir", lambda: tmp_path)
     model, tokenizer = model32
     config = make_method("commonkv", ranks="fisher", rank_ratio="0.5", weights="uniform", calibration="2",
                          calibration_length="16")
@@ -323,7 +324,7 @@ def test_embedded_default_holds_less_than_a_plain_cache(model32):
 
 def test_token_and_input_cosines_per_group():
     from crosskv.core.capture import capture, decoder_layers
-    from crosskv.methods.commonkv import group_cosines, input_cosines, prompt_latents, token_cosines
+    from crosskv.methods.commonkv_analysis import group_cosines, input_cosines, prompt_latents, token_cosines
 
     model = tiny_model("llama", layers=5)  # groups of 4: [0..3], [4]
     runner = make_method("commonkv", unmerged_ratio="1", weights="uniform").bind(model)
@@ -338,3 +339,137 @@ def test_token_and_input_cosines_per_group():
     first, last = layers[0].input_layernorm(hidden[0, 0]), layers[3].input_layernorm(hidden[3, 0])
     assert torch.allclose(inputs[0], torch.nn.functional.cosine_similarity(first, last, dim=-1), atol=1e-5)
     assert inputs[1] is None
+
+
+# --- decode without rebuilding V; the explicit channel; method overhead; devices ----------------------------
+
+def test_decode_hands_latent_values_to_attention_and_long_chunks_rebuild():
+    from crosskv.cache.attention import CompressedKV
+    from crosskv.methods.commonkv_attention import LatentPrefix
+
+    model = tiny_model("qwen2")
+    runner = make_method("commonkv", rank="48", unmerged_ratio="0", weights="uniform", recent_tokens="4").bind(model)
+    tokens = ids(60)
+    returned = []
+    with runner.applied():
+        cache = runner.new_cache()
+        layer = cache.layers[0]
+        update = layer.update
+        layer.update = lambda k, v, kw=None: returned.append(update(k, v, kw)) or returned[-1]
+        with torch.no_grad():
+            model(tokens[:, :40], past_key_values=cache)
+            runner.compress(cache)
+            model(tokens[:, 40:41], past_key_values=cache)   # q·Hq = 4 < H_kv·d = 32: latent values
+            model(tokens[:, 41:60], past_key_values=cache)   # q·Hq = 76 ≥ 32: V rebuilt, plain tensors
+    first, step, chunk = returned
+    assert isinstance(first[0], torch.Tensor)  # nothing held before the prefill: the exact K/V as they are
+    assert isinstance(step[0], CompressedKV) and isinstance(step[0].prefix, LatentPrefix)
+    prefix = step[0].prefix
+    assert prefix.length == 40 and [t.shape[-2] for t in prefix.latents] == [32, 8]  # merged, then own
+    assert isinstance(chunk[0], torch.Tensor) and chunk[0].shape[-2] == 41 + 19
+
+
+def test_latent_values_equal_rebuilt_values():
+    from crosskv.methods.commonkv_attention import LatentPrefix
+
+    model = tiny_model("qwen2")
+    runner = make_method("commonkv", rank="48", unmerged_ratio="0", weights="uniform", recent_tokens="4").bind(model)
+    _, cache = run(runner, model, ids(50), 44)
+    layer = cache.layers[1]
+    keys, values = layer.rebuild()                                    # (1, 2, S, 16)
+    segments = layer.segments()
+    prefix = LatentPrefix(tuple(layer.rebuild_keys(segments, layer.seen)), tuple(lat for lat, _ in segments),
+                          layer.proj.up_v.weight, layer.proj.up_v.bias, 2)
+    assert len(segments) == 2  # the group's merged entries, then the layer's own
+    probs = torch.rand(1, 2, 3, keys.shape[-2]).softmax(-1)
+    assert torch.allclose(prefix.apply(probs), probs @ values, atol=1e-5)
+    q = torch.randn(1, 2, 3, 16)
+    assert torch.allclose(prefix.scores(q), q @ keys.transpose(-1, -2))
+
+
+def test_compressed_layer_under_another_attention_raises():
+    from crosskv.cache.attention import PrefixChannelError
+
+    model = tiny_model("llama")
+    runner = make_method("commonkv", rank="48", unmerged_ratio="1").bind(model)
+    tokens = ids(20)
+    with runner.applied(), torch.no_grad():
+        cache = runner.new_cache()
+        model(tokens[:, :16], past_key_values=cache)
+        model.set_attn_implementation("sdpa")  # someone swaps the attention function mid-run
+        with pytest.raises(PrefixChannelError, match="cache layer 0"):
+            model(tokens[:, 16:17], past_key_values=cache)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_rope_table_equals_the_models_rotary_and_is_counted():
+    from crosskv.core.capture import Rotary
+    from crosskv.methods.commonkv_cache import RopeTable
+
+    model = tiny_model("llama")
+    rotary = Rotary(model)
+    table = RopeTable(rotary, block=8)
+    positions = torch.tensor([17, 3, 0, 9], dtype=torch.int32)
+    like = torch.zeros(1, dtype=torch.bfloat16)
+    cos, sin = table.lookup(positions, 18, like)
+    ref_cos, ref_sin = (t[0, 0] for t in rotary.cos_sin(positions.long(), like))
+    assert cos.dtype == torch.bfloat16 and torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin)
+    assert [t.shape for t in table.tensors()] == [(24, 16), (24, 16)]  # grown in blocks of 8 past position 17
+
+
+def test_rotate_keeps_the_dtype_and_matches_the_model():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from crosskv.core.capture import Rotary
+
+    model = tiny_model("llama").to(torch.bfloat16)
+    k = torch.randn(1, 2, 5, 16, dtype=torch.bfloat16)
+    positions = torch.arange(5)
+    cos, sin = model.model.rotary_emb(k, positions[None])
+    _, expected = apply_rotary_pos_emb(k, k, cos, sin)
+    got = Rotary(model).rotate(k, positions)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
+
+
+def test_method_bytes_counts_projections_minus_dropped_weights_in_model_dtype():
+    from crosskv.methods.commonkv import nominal_method_bytes
+
+    model = tiny_model("qwen2").to(torch.bfloat16)  # D = 64, H_kv·d = 32, 6 layers → groups of 4 and 2
+    config = make_method("commonkv", rank="40", unmerged_ratio="1")
+    runner = config.bind(model)
+    params = [p for proj in runner.projections for m in (proj.down, proj.up_k, proj.up_v) for p in m.parameters()]
+    assert {p.dtype for p in params} == {torch.bfloat16}  # no float32 factor copies kept
+    added = (2 * 40 * 64 + 6 * 2 * 32 * 40 + 6 * 2 * 32) * 2    # P_g per group, R_k/R_v + biases per layer
+    dropped = 6 * 2 * (32 * 64 + 32) * 2                          # k_proj/v_proj weights and biases
+    assert runner.method_bytes() == added - dropped
+    with runner.applied():
+        assert runner.method_bytes() == added - dropped
+    assert nominal_method_bytes(config, model.config, element_size=2)["net"] == added - dropped
+    llama = nominal_method_bytes(make_method("commonkv"), kv_shape_config("llama-3.1-8b"), element_size=2)
+    # kept=0.5 → r = 1856 for 8 groups of 4: P 8·1856·4096, R 32·2·1024·1856; dropped 32·2·1024·4096 (bf16)
+    assert llama == {"added": 2 * (8 * 1856 * 4096 + 32 * 2 * 1024 * 1856), "droppable": 2 * 32 * 2 * 1024 * 4096,
+                     "net": 2 * (8 * 1856 * 4096 + 32 * 2 * 1024 * 1856 - 32 * 2 * 1024 * 4096)}
+
+
+def kv_shape_config(shape: str):
+    from crosskv.core.models import random_config
+
+    return random_config(shape, vocab=128256)
+
+
+def test_group_store_lives_on_its_layers_device():
+    """A fake two-device split: layers 2–3 on the meta device, the rest on the CPU (groups of 2)."""
+    from crosskv.methods.commonkv import layer_devices, store_devices
+
+    model = tiny_model("llama")
+    for layer in model.model.layers[2:4]:
+        layer.to("meta")
+    runner = make_method("commonkv", group_size="2", rank="32", unmerged_ratio="0.5", weights="uniform").bind(model)
+    attns = attention_modules(model)
+    assert [d.type for d in layer_devices(attns)] == ["cpu", "cpu", "meta", "meta", "cpu", "cpu"]
+    assert [d.type for d in store_devices(runner.groups, runner.devices)] == ["cpu", "meta", "cpu"]
+    assert runner.projections[2].down.weight.device.type == "meta"  # the projections follow their layer
+    with runner.applied():
+        cache = runner.new_cache()
+    assert [s.pos.device.type for s in cache.stores] == ["cpu", "meta", "cpu"]
+    assert [layer.pos.device.type for layer in cache.layers] == ["cpu", "cpu", "meta", "meta", "cpu", "cpu"]

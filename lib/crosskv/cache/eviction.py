@@ -21,6 +21,8 @@ from typing import Iterator
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from crosskv.cache.attention import unwrap_kvpress
+
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,8 @@ def layer_kv(layer) -> tuple[torch.Tensor | None, torch.Tensor | None]:
 def make_press(evict: str, ratio: float, window_size: int):
     """The kvpress press for ``evict`` at ``compression_ratio=ratio``."""
     import kvpress  # lazy: importing kvpress patches transformers' attention functions
+
+    unwrap_kvpress()  # a run already inside installed() keeps reading compressed prefixes
 
     spec = EVICTIONS[evict]
     kwargs = {"compression_ratio": ratio}

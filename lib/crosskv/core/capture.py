@@ -67,19 +67,25 @@ class Rotary:
         self.rotary_emb = decoder(model).rotary_emb
 
     def cos_sin(self, positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables ``(B|1, 1, T, d)`` in ``like``'s dtype, on its device (only those two are read from it)."""
         if positions.dim() == 1:
             positions = positions.unsqueeze(0)
-        cos, sin = self.rotary_emb(like.float(), positions.to(like.device))  # (B|1, T, d) each
+        cos, sin = self.rotary_emb(like.new_empty(0), positions.to(like.device))  # (B|1, T, d) each
         return cos.unsqueeze(1), sin.unsqueeze(1)  # (B|1, 1, T, d)
 
     def rotate(self, k: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """RoPE in ``k``'s dtype, as the model applies it (no float32 copies)."""
         cos, sin = self.cos_sin(positions, k)
-        kf = k.float()
-        return (kf * cos + _rotate_half(kf) * sin).to(k.dtype)
+        return self.apply(k, cos, sin)
+
+    @staticmethod
+    def apply(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE with ``cos``/``sin`` tables broadcastable to ``k`` (e.g. from :meth:`cos_sin`)."""
+        return k * cos + _rotate_half(k) * sin
 
     def unrotate(self, k: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        cos, sin = self.cos_sin(positions, k)
         kf = k.float()
+        cos, sin = self.cos_sin(positions, kf)
         return ((kf * cos - _rotate_half(kf) * sin) / (cos * cos + sin * sin)).to(k.dtype)
 
 

@@ -1,481 +1,50 @@
 """``commonkv``: cross-layer parameter sharing with a latent cache and an adaptive merge budget (CommonKV).
 
-Offline, for each group of ``group_size`` consecutive layers the stacked projection weights
-[W_k¹;…;W_kᴳ;W_v¹;…;W_vᴳ] ``(2·G·H_kv·d, D)`` get a thin SVD U·Σ·Vᵀ; the group shares the
-down-projection P_g = Σ^½·Vᵀ ``(r_g, D)`` and each layer keeps its up-projections R_k, R_v (its rows
-of U·Σ^½). Each layer's ``k_proj``/``v_proj`` are replaced by modules computing the latent
-c = P_g·x once and K = R_k·c (+ bias), V = R_v·c (+ bias); exact when r_g is the full rank.
+The method's config (:class:`CommonKV`) and its runner (:class:`CommonKVRunner`), which installs the
+latent projections of :mod:`crosskv.methods.commonkv_weights` and builds the latent caches of
+:mod:`crosskv.methods.commonkv_cache`; ranks and merge weights come from
+:mod:`crosskv.methods.commonkv_calibration`.
 
-The cache stores **one** latent per layer and token (pre-RoPE) with its absolute position. After the
-prefill, per (group, token) the cosine between the group's first and last layer latents is scored;
-over all groups the ``unmerged_ratio`` least similar entries stay per-layer (the first
-``sink_tokens`` and last ``recent_tokens`` prompt tokens never merge) and every other entry is
-replaced by one group latent, the sensitivity-weighted average of the group's latents, stored once.
-
-Attention (``attend``): ``"rebuild"`` (default) holds only latents and rebuilds K/V (RoPE at the
-stored positions) on every call, as the CommonKV release does — the memory-saving mode.
-``"buffer"`` additionally keeps the rebuilt post-RoPE K and V as a float buffer (built once after
-compression, then the exact new K/V are appended), so decoding runs at plain-cache speed; the
+Attention (``attend``): ``"rebuild"`` (default) holds only latents — the memory-saving mode. Each step
+rebuilds the held tokens' keys once (R_k·c, RoPE at their positions from cached tables, in the model's
+dtype) and applies the attention weights to the latents, then R_v once per head, instead of rebuilding V
+(:mod:`crosskv.methods.commonkv_attention`; about H_kv·d / Hq times fewer multiply-adds for the values
+than the rebuild, which is what the CommonKV release does for K and V every step). The latent values
+reach attention through :mod:`crosskv.cache.attention`'s explicit channel, installed by
+:meth:`CommonKVRunner.applied`. ``"buffer"`` additionally keeps the rebuilt post-RoPE K and V (built
+once after compression, then the exact new K/V are appended), so decoding runs at plain-cache speed; the
 buffer is held across steps, so it is counted in ``stored_tensors()`` (``kept`` > 1 then): a speed
-reference, not a compression mode. Exact latent attention is not cheaper here: V can be absorbed (out = R_v·Σ a_t c_t)
-but costs H·r per token instead of H_kv·d, and RoPE makes the absorbed key a per-frequency
-combination that costs as much as rebuilding K.
+reference, not a compression mode.
+
+Method overhead (:meth:`CommonKVRunner.method_bytes`, :func:`nominal_method_bytes`): the replacement
+projections in the model's dtype minus the ``k_proj``/``v_proj`` weights they make unused.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
-from torch import nn
-from transformers import Cache
-from transformers.cache_utils import CacheLayerMixin
 
+from crosskv.cache.attention import installed
 from crosskv.core import budget
-from crosskv.core.assets import data_dir
-from crosskv.core.capture import Rotary, attention_modules, decoder_layers, kv_shape
+from crosskv.core.capture import Rotary, attention_modules, kv_shape
 from crosskv.methods.base import MethodConfig, Runner, register
-from crosskv.cache.quant import QTensor, QuantSpec, quantize, split_residual
-from crosskv.core.progress import bar as progress_bar
+from crosskv.methods.commonkv_cache import CommonKVCache, CommonKVLayer, GroupStore, RopeTable, merge_groups
+from crosskv.methods.commonkv_calibration import cached_measurement, group_fisher, key_noise_sensitivity
+from crosskv.methods.commonkv_weights import (LatentKeyProj, LatentSlot, LatentValueProj, build_projections,
+                                              full_rank, module_bytes, overhead_bytes)
 
 log = logging.getLogger(__name__)
 
-FORMAT = "crosskv.commonkv/1"
 RANKINGS = ("uniform", "fisher")
 WEIGHTINGS = ("sensitivity", "uniform")
 MERGE_BUDGETS = ("global", "group")
 ATTEND = ("buffer", "rebuild")
 
-
-def cache_dir():
-    return data_dir() / "cache" / "commonkv"
-
-
-# ----------------------------------------------------------------------------- weight sharing
-
-@dataclass
-class GroupFactors:
-    """One group's shared down-projection ``down`` (r, D) and per-layer ``up_k``/``up_v`` (H_kv·d, r)."""
-
-    layers: list[int]
-    down: torch.Tensor
-    up_k: list[torch.Tensor]
-    up_v: list[torch.Tensor]
-
-    @property
-    def rank(self) -> int:
-        return self.down.shape[0]
-
-
-def stacked_weights(attns: list, layers: list[int]) -> torch.Tensor:
-    """[W_k of each layer; W_v of each layer] → ``(2·G·H_kv·d, D)`` float64."""
-    keys = [attns[i].k_proj.weight.detach().double() for i in layers]
-    values = [attns[i].v_proj.weight.detach().double() for i in layers]
-    return torch.cat(keys + values)
-
-
-def factorize_group(attns: list, layers: list[int], rank: int) -> GroupFactors:
-    """Thin SVD of the group's stacked K/V weights, truncated to ``rank`` (≤ its full rank)."""
-    weights = stacked_weights(attns, layers)
-    u, s, vh = torch.linalg.svd(weights, full_matrices=False)
-    if rank > s.numel():
-        raise ValueError(f"rank={rank} exceeds the group's full rank {s.numel()}")
-    root = s[:rank].sqrt()
-    down = root[:, None] * vh[:rank]                  # (r, D)
-    up = u[:, :rank] * root[None, :]                  # (2·G·w, r)
-    width = attns[layers[0]].k_proj.weight.shape[0]
-    g = len(layers)
-    up_k = [up[i * width:(i + 1) * width] for i in range(g)]
-    up_v = [up[(g + i) * width:(g + i + 1) * width] for i in range(g)]
-    return GroupFactors(layers, down.float(), [t.float() for t in up_k], [t.float() for t in up_v])
-
-
-def full_rank(layers: int, width: int, hidden: int) -> int:
-    """Rank of a group's stacked weights at most: min(D, 2·G·H_kv·d)."""
-    return min(hidden, 2 * layers * width)
-
-
-class LatentSlot:
-    """Hands the latent computed by a layer's key projection to its value projection and cache layer."""
-
-    def __init__(self):
-        self.x: torch.Tensor | None = None
-        self.latent: torch.Tensor | None = None
-
-
-def _linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Linear) -> nn.Linear:
-    out_f, in_f = weight.shape
-    layer = nn.Linear(in_f, out_f, bias=bias is not None, device=like.weight.device, dtype=like.weight.dtype)
-    with torch.no_grad():
-        layer.weight.copy_(weight)
-        if bias is not None:
-            layer.bias.copy_(bias)
-    layer.requires_grad_(False)
-    return layer
-
-
-class LatentKeyProj(nn.Module):
-    """Replaces ``k_proj``: x ``(B, T, D)`` → latent c = P_g·x ``(B, T, r)`` (kept in the slot) → R_k·c + b_k."""
-
-    def __init__(self, down: nn.Linear, up: nn.Linear, slot: LatentSlot):
-        super().__init__()
-        self.down, self.up, self.slot = down, up, slot
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        latent = self.down(x)
-        self.slot.x, self.slot.latent = x, latent
-        return self.up(latent)
-
-
-class LatentValueProj(nn.Module):
-    """Replaces ``v_proj``: reuses the latent of the same input (computes it if the input differs) → R_v·c + b_v."""
-
-    def __init__(self, down: nn.Linear, up: nn.Linear, slot: LatentSlot):
-        super().__init__()
-        self.down, self.up, self.slot = down, up, slot
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        latent = self.slot.latent if self.slot.x is x else self.down(x)
-        return self.up(latent)
-
-
-# ----------------------------------------------------------------------------- the latent cache
-
-class GroupStore:
-    """A group's merged entries: latents ``(B, M, r)`` (float or quantized) and their positions ``(M,)`` int32."""
-
-    def __init__(self, device: torch.device | None = None):
-        self.pos = torch.zeros(0, dtype=torch.int32, device=device)
-        self.lat: torch.Tensor | None = None
-        self.qlat: QTensor | None = None
-
-    def __len__(self) -> int:
-        return self.pos.numel()
-
-    def latents(self) -> torch.Tensor | None:
-        return self.qlat.dequantize() if self.qlat is not None else self.lat
-
-    def tensors(self) -> Iterator[torch.Tensor]:
-        if not len(self):
-            return
-        yield self.pos
-        yield from (self.qlat.tensors() if self.qlat is not None else (self.lat,))
-
-
-class CommonKVLayer(CacheLayerMixin):
-    """One layer's latents ``(B, n, r)`` with absolute positions ``(n,)``; K/V rebuilt with the layer's R_k, R_v.
-
-    Own latents are ``qlat`` (quantized, oldest) followed by ``lat`` (float), in position order.
-    ``seen`` counts every token that arrived (absolute positions; evicted/merged ones included).
-    """
-
-    is_sliding = False
-    is_compileable = False
-
-    def __init__(self, slot: LatentSlot, up_k: nn.Linear, up_v: nn.Linear, store: GroupStore, rotary: Rotary,
-                 kv_heads: int, head_dim: int, attend: str, k_norm: nn.Module | None = None,
-                 device: torch.device | None = None):
-        super().__init__()
-        self.slot, self.up_k, self.up_v, self.store, self.rotary = slot, up_k, up_v, store, rotary
-        self.kv_heads, self.head_dim, self.attend, self.k_norm = kv_heads, head_dim, attend, k_norm
-        self.lat: torch.Tensor | None = None
-        self.qlat: QTensor | None = None
-        self.pos = torch.zeros(0, dtype=torch.int32, device=device)
-        self.seen = 0
-        self.buffer: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    # --- transformers protocol
-    def lazy_initialization(self, key_states, value_states) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.pos = self.pos.to(self.device)
-        self.is_initialized = True
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs=None):
-        """Store the new tokens' latents; return K, V ``(B, H_kv, S, d)`` for every held token."""
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        latent = self.slot.latent
-        self.slot.x = self.slot.latent = None  # the slot must not keep this step's activations alive
-        q = key_states.shape[-2]
-        if latent is None or latent.shape[-2] != q:
-            raise RuntimeError("CommonKV cache used without its latent projections (run inside Runner.applied())")
-        self.lat = latent if self.lat is None else torch.cat([self.lat, latent], dim=-2)
-        new_pos = torch.arange(self.seen, self.seen + q, dtype=torch.int32, device=self.pos.device)
-        self.pos = torch.cat([self.pos, new_pos])
-        self.seen += q
-        if self.attend == "rebuild":
-            return self.rebuild()
-        if self.buffer is None:
-            self.buffer = (key_states, value_states)
-        else:
-            self.buffer = (torch.cat([self.buffer[0], key_states], dim=-2),
-                           torch.cat([self.buffer[1], value_states], dim=-2))
-        return self.buffer
-
-    def held(self) -> int:
-        """Tokens attended to: own latents + the group's merged entries."""
-        return self.pos.numel() + len(self.store)
-
-    def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
-        held = self.held()
-        return held + cache_position.shape[0], self.seen - held
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_max_cache_shape(self) -> int:
-        return -1
-
-    def crop(self, max_length: int) -> None:
-        """Drop the newest own latents down to ``max_length`` seen (float latents appended after compression)."""
-        max_length = self.seen + max_length if max_length < 0 else max_length
-        if max_length >= self.seen:
-            return
-        drop = int((self.pos >= max_length).sum())
-        lat = 0 if self.lat is None else self.lat.shape[-2]
-        merged_late = len(self.store) and bool((self.store.pos >= max_length).any())
-        if drop > lat or bool((self.pos[self.pos.numel() - drop:] < max_length).any()) or merged_late:
-            raise ValueError(f"cannot crop to {max_length} tokens: some later tokens were merged or quantized")
-        if drop:
-            self.lat, self.pos = self.lat[:, :lat - drop].clone(), self.pos[:self.pos.numel() - drop].clone()  # no pinning views
-            if self.buffer is not None:
-                rows = self.buffer[0].shape[-2] - drop
-                self.buffer = (self.buffer[0][..., :rows, :].clone(), self.buffer[1][..., :rows, :].clone())
-        self.seen = max_length
-
-    def reset(self) -> None:
-        self.lat, self.qlat, self.buffer, self.seen = None, None, None, 0
-        self.pos = torch.zeros(0, dtype=torch.int32, device=self.pos.device)
-
-    # --- latents
-    def own_latents(self) -> torch.Tensor:
-        """Own latents ``(B, n, r)`` in position order."""
-        parts = ([self.qlat.dequantize()] if self.qlat is not None else []) + ([self.lat] if self.lat is not None else [])
-        return torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]
-
-    def latents_at(self, positions: torch.Tensor) -> torch.Tensor:
-        """Own latents ``(B, m, r)`` at ``positions`` ``(m,)`` (which must be held by this layer)."""
-        index = torch.searchsorted(self.pos, positions.to(self.pos.dtype))
-        return self.own_latents().index_select(-2, index.long())
-
-    def all_latents(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Own and merged latents ``(B, S, r)`` in position order, with positions ``(S,)`` int64."""
-        own = self.own_latents()
-        merged = self.store.latents()
-        if merged is None or not len(self.store):
-            return own, self.pos.long()
-        pos = torch.cat([self.pos, self.store.pos]).long()
-        order = torch.argsort(pos)
-        return torch.cat([own, merged.to(own.dtype)], dim=-2).index_select(-2, order), pos[order]
-
-    def keep(self, positions: torch.Tensor) -> None:
-        """Keep only own latents at ``positions`` (eviction or removal of merged tokens); float storage only."""
-        if self.qlat is not None:
-            raise RuntimeError("cannot drop tokens from a quantized CommonKV layer (quantize last)")
-        mask = torch.isin(self.pos, positions.to(self.pos.dtype))
-        self.lat, self.pos = self.lat[:, mask], self.pos[mask]
-
-    def rebuild(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """K (post-RoPE) and V ``(B, H_kv, S, d)`` from the latents, RoPE at the stored positions."""
-        latents, positions = self.all_latents()
-        b, s, _ = latents.shape
-        keys = self.up_k(latents).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        values = self.up_v(latents).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        if self.k_norm is not None:
-            keys = self.k_norm(keys)
-        return self.rotary.rotate(keys, positions), values
-
-    def current_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The K/V attention currently sees (for eviction scorers)."""
-        return self.buffer if self.attend == "buffer" and self.buffer is not None else self.rebuild()
-
-    def refresh(self) -> None:
-        """Rebuild the working buffer after the stored latents changed (merge, eviction, quantization)."""
-        if self.attend == "buffer":
-            self.buffer = self.rebuild()
-
-    def quantize_(self, spec: QuantSpec) -> None:
-        """Quantize own latents per token, all but the ``spec.residual`` most recent."""
-        if self.qlat is not None or self.lat is None:
-            return
-        n_q = split_residual(self.lat, spec.residual, axis=-2)
-        if n_q:
-            self.qlat = quantize(self.lat[:, :n_q], spec.bits, spec.group_size, axis=-1)
-            self.lat = self.lat[:, n_q:].clone()
-
-    def stored(self) -> Iterator[torch.Tensor]:
-        if self.qlat is not None:
-            yield from self.qlat.tensors()
-        if self.lat is not None and self.lat.numel():
-            yield self.lat
-        if self.pos.numel():
-            yield self.pos
-
-
-class CommonKVCache(Cache):
-    """Container of :class:`CommonKVLayer` s and one :class:`GroupStore` per layer group."""
-
-    def __init__(self, layers: list[CommonKVLayer], groups: list[list[int]], stores: list[GroupStore]):
-        super().__init__(layers=layers)
-        self.groups, self.stores = groups, stores
-
-    def stored_tensors(self) -> Iterator[torch.Tensor]:
-        for layer in self.layers:
-            yield from layer.stored()
-        for store in self.stores:
-            yield from store.tensors()
-        for layer in self.layers:  # attend="buffer": the rebuilt K/V kept across steps
-            if layer.buffer is not None:
-                yield from layer.buffer
-
-    def evict_tokens(self, kept: dict[int, torch.Tensor]) -> None:
-        """Keep, per layer index, only the latents at the given absolute positions."""
-        for idx, positions in kept.items():
-            self.layers[idx].keep(positions)
-        self.refresh()
-
-    def quantize_(self, spec: QuantSpec) -> None:
-        for layer in self.layers:
-            layer.quantize_(spec)
-        for store in self.stores:
-            if len(store) and store.qlat is None:
-                store.qlat, store.lat = quantize(store.lat, spec.bits, spec.group_size, axis=-1), None
-        self.refresh()
-
-    def refresh(self) -> None:
-        for layer in self.layers:
-            layer.refresh()
-
-
-# ----------------------------------------------------------------------------- the adaptive merge
-
-def candidate_positions(layers: list[CommonKVLayer], prompt_len: int, sinks: int, recent: int) -> torch.Tensor:
-    """Positions held by every layer of a group, outside the first ``sinks`` and last ``recent`` prompt tokens."""
-    pos = layers[0].pos
-    for layer in layers[1:]:
-        pos = pos[torch.isin(pos, layer.pos)]
-    return pos[(pos >= sinks) & (pos < prompt_len - recent)]
-
-
-def group_similarity(layers: list[CommonKVLayer], positions: torch.Tensor) -> torch.Tensor:
-    """Cosine of the first and last layer's latents per position ``(m,)`` (averaged over the batch)."""
-    first = layers[0].latents_at(positions).float()
-    last = layers[-1].latents_at(positions).float()
-    return torch.nn.functional.cosine_similarity(first, last, dim=-1).mean(0)
-
-
-def merge_groups(cache: CommonKVCache, weights: list[float], unmerged_ratio: float, sinks: int, recent: int,
-                 mode: str = "global") -> list[int]:
-    """Merge the most similar (group, token) entries into one weighted group latent; returns merged counts per group."""
-    prompt_len = cache.layers[0].seen
-    groups = [[cache.layers[i] for i in g] for g in cache.groups]
-    cands = [candidate_positions(ls, prompt_len, sinks, recent) if len(ls) > 1 else ls[0].pos[:0] for ls in groups]
-    scores = [group_similarity(ls, c) if c.numel() else c.new_zeros(0, dtype=torch.float32) for ls, c in zip(groups, cands)]
-    select = budget.global_bottom_k if mode == "global" else budget.per_group_bottom_k
-    unmerged = select(scores, unmerged_ratio)
-    counts = []
-    for g, (layers, pos, keep) in enumerate(zip(groups, cands, unmerged)):
-        chosen = pos[~keep.to(pos.device)]
-        counts.append(int(chosen.numel()))
-        if not chosen.numel():
-            continue
-        w = [weights[i] for i in cache.groups[g]]
-        merged = sum(wi * layer.latents_at(chosen).float() for wi, layer in zip(w, layers))
-        store = cache.stores[g]
-        store.pos, store.lat = chosen.clone(), merged.to(layers[0].lat.dtype)
-        for layer in layers:
-            layer.keep(layer.pos[~torch.isin(layer.pos, chosen)])
-    cache.refresh()
-    return counts
-
-
-# ----------------------------------------------------------------------------- calibration measurements
-
-def cached_measurement(kind: str, model, key: dict, compute: Callable[[], list[float]]) -> list[float]:
-    """``compute()`` once per (model weights, library code, ``kind``, ``key``); stored as JSON under
-    ``data/cache/commonkv/``. An unreadable file is measured again and replaced."""
-    from crosskv.core import fingerprint
-    from crosskv.core.models import model_name
-
-    full_key = {"format": FORMAT, "kind": kind, "model": model_name(model), "dtype": str(model.dtype),
-                "fingerprint": fingerprint.model_fingerprint(model), "code": fingerprint.code_fingerprint(), **key}
-    digest = fingerprint.digest(full_key)
-    slug = "".join(ch if ch.isalnum() else "-" for ch in str(full_key["model"]))[-40:]
-    path = cache_dir() / f"{slug}-{kind}-{digest}.json"
-    if path.exists():
-        try:
-            return json.loads(path.read_text())["values"]
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            log.warning("commonkv: unreadable measurement %s (%s); measuring again", path, err)
-    values = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"key": full_key, "values": values}, indent=1))
-    tmp.replace(path)
-    log.info("commonkv: measured %s for %s → %s", kind, full_key["model"], path)
-    return values
-
-
-@torch.no_grad()
-def lm_loss(model, ids: torch.Tensor, batch: int = 8) -> float:
-    """Mean next-token loss of ``model`` on token rows ``ids`` ``(N, T)``."""
-    total = 0.0
-    for start in range(0, ids.shape[0], batch):
-        rows = ids[start:start + batch].to(model.device)
-        total += model(input_ids=rows, labels=rows).loss.item() * rows.shape[0]
-    return total / ids.shape[0]
-
-
-def key_noise_sensitivity(model, ids: torch.Tensor, seed: int = 0) -> list[float]:
-    """Per layer: perplexity increase when that layer's keys are replaced by Gaussian noise of the same
-    per-channel mean and std, on calibration rows ``ids`` ``(N, T)``."""
-    base = math.exp(lm_loss(model, ids))
-    deltas = []
-    gen = torch.Generator().manual_seed(seed)
-
-    def noise(module, args, out):
-        mean, std = out.float().mean(dim=(0, 1)), out.float().std(dim=(0, 1))
-        rand = torch.randn(out.shape, generator=gen, device="cpu")  # seeded on the CPU: same noise on every device
-        return (rand.to(out.device) * std + mean).to(out.dtype)
-
-    for attn in progress_bar(attention_modules(model), desc="key-noise sensitivity", leave=False):
-        handle = attn.k_proj.register_forward_hook(noise)
-        try:
-            deltas.append(math.exp(lm_loss(model, ids)) - base)
-        finally:
-            handle.remove()
-    return deltas
-
-
-def value_fisher(model, ids: torch.Tensor) -> list[float]:
-    """Per layer: Fisher importance of ``v_proj.weight`` as in the CommonKV/Palu release — per weight, the root
-    of the mean over the rows of ``ids`` ``(N, T)`` of the squared LM-loss gradient; then the mean over weights."""
-    params = [attn.v_proj.weight for attn in attention_modules(model)]
-    saved = {p: p.requires_grad for p in model.parameters()}
-    squares = [torch.zeros(p.shape, dtype=torch.float64, device=p.device) for p in params]
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for p in params:
-            p.requires_grad_(True)
-        with torch.enable_grad():
-            for row in progress_bar(ids, desc="v_proj Fisher", leave=False):
-                row = row[None].to(model.device)
-                loss = model(input_ids=row, labels=row).loss
-                grads = torch.autograd.grad(loss, params)
-                for total, g in zip(squares, grads):
-                    total += g.double().pow(2)
-    finally:
-        for p, flag in saved.items():
-            p.requires_grad_(flag)
-    return [float(total.div(ids.shape[0]).sqrt().mean()) for total in squares]
-
-
-# ----------------------------------------------------------------------------- the method
 
 @register
 @dataclass(frozen=True)
@@ -564,14 +133,20 @@ class CommonKV(MethodConfig):
         shape = kv_shape(model)
         return kept_rank(self.kept, 2 * shape.width, self.stored_fraction(), shape.hidden) / shape.hidden
 
-    def group_ranks(self, model, tokenizer, groups: list[list[int]]) -> list[int]:
-        shape = kv_shape(model)
+    def uniform_ranks(self, model_or_config, groups: list[list[int]]) -> list[int]:
+        """``rank`` or the :meth:`rank_budget` rank for every group, capped at each group's full rank."""
+        shape = kv_shape(model_or_config)
         caps = [full_rank(len(g), shape.width, shape.hidden) for g in groups]
         if self.rank is not None and self.rank > shape.hidden:
             raise ValueError(f"rank={self.rank} exceeds the model width D={shape.hidden}")
+        rank = self.rank if self.rank is not None else max(1, round(self.rank_budget(model_or_config) * shape.hidden))
+        return budget.uniform_ranks(rank, caps)
+
+    def group_ranks(self, model, tokenizer, groups: list[list[int]]) -> list[int]:
         if self.ranks == "uniform":
-            rank = self.rank if self.rank is not None else max(1, round(self.rank_budget(model) * shape.hidden))
-            return budget.uniform_ranks(rank, caps)
+            return self.uniform_ranks(model, groups)
+        shape = kv_shape(model)
+        caps = [full_rank(len(g), shape.width, shape.hidden) for g in groups]
         fisher = group_fisher(model, tokenizer, self, groups)
         return budget.fisher_ranks(fisher, [len(g) for g in groups], caps, self.rank_budget(model), shape.hidden)
 
@@ -597,26 +172,31 @@ def kept_rank(kept: float, kv_width: int, stored_fraction: float, hidden: int, m
     return min(hidden, max(multiple, multiple * math.floor(ideal / multiple)))
 
 
-def group_fisher(model, tokenizer, config: CommonKV, groups: list[list[int]]) -> list[float]:
-    """Σ over each group's layers of the per-layer v_proj Fisher importance (measured once, cached on disk);
-    :func:`crosskv.core.budget.fisher_ranks` divides by the group size, i.e. ranks ∝ the per-layer mean."""
-    per_layer = cached_measurement("fisher", model, config.calibration_key(),
-                                   lambda: value_fisher(model, config.calibration_ids(tokenizer)))
-    return [sum(per_layer[i] for i in g) for g in groups]
-
-
 class CommonKVRunner(Runner):
-    """Holds the factorized weights; installs the latent projections and builds latent caches."""
+    """Holds the replacement projections (built once, in the model's dtype); installs them with the ``crosskv``
+    attention and builds latent caches.
+
+    :meth:`method_bytes` = the replacement projections (P_g per group and device, R_k/R_v and biases per layer)
+    − the original ``k_proj``/``v_proj`` they make unused while installed. The originals stay loaded here so
+    that leaving :meth:`applied` restores the plain model; a deployment that only runs CommonKV could drop
+    them (and the runner could then not restore them). Nothing else is kept for the model's lifetime: the
+    SVD's float64 factors live only while :func:`~crosskv.methods.commonkv_weights.build_projections` runs.
+    """
 
     def __init__(self, config: CommonKV, model, tokenizer, groups: list[list[int]], ranks: list[int],
                  weights: list[float]):
         super().__init__(config, model, tokenizer)
         self.groups, self.ranks, self.weights = groups, ranks, weights
         attns = attention_modules(model)
-        self.factors = [factorize_group(attns, g, r) for g, r in zip(groups, ranks)]
+        self.projections = build_projections(attns, groups, ranks)
+        self.devices = layer_devices(attns)
         self.rotary = Rotary(model)
-        self.slots: list[LatentSlot] | None = None
-        self.ups: list[tuple[nn.Linear, nn.Linear]] = []
+        rope_type = getattr(self.rotary.rotary_emb, "rope_type", "default")
+        if "dynamic" in rope_type or rope_type == "longrope":
+            raise ValueError(f"commonkv: rope_type={rope_type!r} rescales RoPE with the sequence length; the latent "
+                             "cache rotates keys from tables of fixed positions (static RoPE types only)")
+        self.slots: list[LatentSlot] | None = None  # set while installed, with the originals put aside
+        self.originals: list[tuple] = []
         self.merged_counts: list[int] = []
         self.kv_width = 2 * kv_shape(model).width
         log.info("commonkv: groups %s, ranks %s", [len(g) for g in groups], ranks)
@@ -633,47 +213,44 @@ class CommonKVRunner(Runner):
         return {"latent_ranks": list(self.ranks), "kv_width": self.kv_width,
                 "latent_wider_than_kv": self.latent_wider_than_kv}
 
-    def _modules(self) -> tuple[list[LatentSlot], list[tuple[nn.Module, nn.Module]], list[tuple[nn.Linear, nn.Linear]]]:
-        attns = attention_modules(self.model)
-        slots, replacements, ups = [None] * len(attns), [None] * len(attns), [None] * len(attns)
-        for factors in self.factors:
-            first = attns[factors.layers[0]].k_proj
-            down = _linear(factors.down, None, first)
-            for i, layer in enumerate(factors.layers):
-                attn = attns[layer]
-                up_k = _linear(factors.up_k[i], attn.k_proj.bias, attn.k_proj)
-                up_v = _linear(factors.up_v[i], attn.v_proj.bias, attn.v_proj)
-                slots[layer] = LatentSlot()
-                replacements[layer] = (LatentKeyProj(down, up_k, slots[layer]), LatentValueProj(down, up_v, slots[layer]))
-                ups[layer] = (up_k, up_v)
-        return slots, replacements, ups
+    def method_bytes(self) -> int:
+        """Bytes of the replacement projections minus the original ``k_proj``/``v_proj`` (see the class docstring);
+        negative when the factors are smaller than the weights they replace."""
+        added = module_bytes(m for p in self.projections for m in (p.down, p.up_k, p.up_v))
+        originals = [m for a in attention_modules(self.model) for m in (a.k_proj, a.v_proj)]
+        if self.slots is not None:  # installed: the originals are the ones applied() put aside
+            originals = [m for pair in self.originals for m in pair]
+        return added - module_bytes(originals)
 
     @contextlib.contextmanager
     def applied(self) -> Iterator["CommonKVRunner"]:
         attns = attention_modules(self.model)
-        originals = [(a.k_proj, a.v_proj) for a in attns]
-        self.slots, replacements, self.ups = self._modules()
+        self.originals = [(a.k_proj, a.v_proj) for a in attns]
+        self.slots = [LatentSlot() for _ in attns]
+        attention = installed(self.model) if self.config.attend == "rebuild" else contextlib.nullcontext()
         try:
-            for attn, (k, v) in zip(attns, replacements):
-                attn.k_proj, attn.v_proj = k, v
-            yield self
+            for attn, proj, slot in zip(attns, self.projections, self.slots):
+                attn.k_proj = LatentKeyProj(proj.down, proj.up_k, slot)
+                attn.v_proj = LatentValueProj(proj.down, proj.up_v, slot)
+            with attention:
+                yield self
         finally:
-            for attn, (k, v) in zip(attns, originals):
+            for attn, (k, v) in zip(attns, self.originals):
                 attn.k_proj, attn.v_proj = k, v
-            self.slots, self.ups = None, []
+            self.slots, self.originals = None, []
 
     def new_cache(self) -> CommonKVCache:
         if self.slots is None:
             raise RuntimeError("CommonKVRunner.new_cache() must be called inside runner.applied()")
         shape = kv_shape(self.model)
         attns = attention_modules(self.model)
-        device = next(self.model.parameters()).device
-        stores = [GroupStore(device) for _ in self.groups]
+        stores = [GroupStore(device) for device in store_devices(self.groups, self.devices)]
         group_of = {layer: g for g, layers in enumerate(self.groups) for layer in layers}
-        layers = [CommonKVLayer(self.slots[i], *self.ups[i], stores[group_of[i]], self.rotary, shape.kv_heads,
-                                shape.head_dim, self.config.attend, getattr(attns[i], "k_norm", None), device)
+        rope = RopeTable(self.rotary)
+        layers = [CommonKVLayer(self.slots[i], self.projections[i], stores[group_of[i]], rope, shape,
+                                self.config.attend, getattr(attns[i], "k_norm", None), self.devices[i], i)
                   for i in range(shape.layers)]
-        return CommonKVCache(layers, self.groups, stores)
+        return CommonKVCache(layers, self.groups, stores, rope)
 
     def compress(self, cache: CommonKVCache) -> None:
         if not self.config.merges:
@@ -683,48 +260,23 @@ class CommonKVRunner(Runner):
         log.info("commonkv: merged tokens per group %s", self.merged_counts)
 
 
-# ----------------------------------------------------------------------------- analysis helpers
-
-@torch.no_grad()
-def prompt_latents(runner: CommonKVRunner, ids: torch.Tensor) -> CommonKVCache:
-    """Prefill ``ids`` ``(1, T)`` through the latent projections; the returned cache holds every layer's latents."""
-    with runner.applied():
-        cache = runner.new_cache()
-        runner.model(input_ids=ids.to(runner.model.device), past_key_values=cache, use_cache=True)
-    return cache
+def layer_devices(attns: list) -> list[torch.device]:
+    """Each layer's device: that of its ``k_proj`` weight (with ``device_map="auto"`` layers differ)."""
+    return [attn.k_proj.weight.device for attn in attns]
 
 
-def token_cosines(cache: CommonKVCache) -> list[torch.Tensor | None]:
-    """Per group: cosine between its first and last layer's latents at every held position ``(T,)``
-    (averaged over the batch; ``None`` for 1-layer groups)."""
-    out = []
-    for group in cache.groups:
-        layers = [cache.layers[i] for i in group]
-        out.append(group_similarity(layers, layers[0].pos) if len(layers) > 1 else None)
-    return out
+def store_devices(groups: list[list[int]], devices: list[torch.device]) -> list[torch.device]:
+    """Where each group's store of merged latents lives: on its first layer's device (a layer on another
+    device reads the merged latents through a transient copy)."""
+    return [devices[group[0]] for group in groups]
 
 
-def group_cosines(cache: CommonKVCache) -> list[float]:
-    """Per group: mean over tokens of the cosine between its first and last layer's latents (NaN for 1-layer groups)."""
-    return [float("nan") if c is None else float(c.mean()) for c in token_cosines(cache)]
-
-
-@torch.no_grad()
-def input_cosines(model, hidden: torch.Tensor, groups: list[list[int]]) -> list[torch.Tensor | None]:
-    """Per group: cosine between the normalised inputs of its first and last layer's K/V projections per token.
-
-    ``hidden``: ``(L+1, B, T, D)`` residual stream (row ℓ enters layer ℓ, as :func:`crosskv.core.capture.capture`
-    returns it); each layer's own ``input_layernorm`` is applied, so this is what ``k_proj``/``v_proj`` see.
-    Returns ``(B·T,)`` per group (``None`` for 1-layer groups) — the baseline the latents' cosine is compared to.
-    """
-    layers = decoder_layers(model)
-    if not all(hasattr(layer, "input_layernorm") for layer in layers):
-        raise ValueError(f"{type(layers[0]).__name__} has no input_layernorm: input_cosines needs the pre-attention norm")
-    out = []
-    for group in groups:
-        if len(group) < 2:
-            out.append(None)
-            continue
-        first, last = (layers[i].input_layernorm(hidden[i].to(model.dtype)).float().flatten(0, 1) for i in (group[0], group[-1]))
-        out.append(torch.nn.functional.cosine_similarity(first, last, dim=-1))
-    return out
+def nominal_method_bytes(config: CommonKV, model_config, element_size: int = 2) -> dict[str, int]:
+    """:meth:`CommonKVRunner.method_bytes` from shapes alone (no weights: e.g. the Llama-3.1-8B shape), for
+    uniform ranks (``ranks="fisher"`` needs the model), one device: ``{added, droppable, net}`` bytes."""
+    if config.ranks != "uniform":
+        raise ValueError(f"ranks={config.ranks!r}: nominal method bytes need uniform ranks (bind the model instead)")
+    shape = kv_shape(model_config)
+    groups = budget.layer_groups(shape.layers, config.group_size)
+    ranks = config.uniform_ranks(model_config, groups)
+    return overhead_bytes(shape, ranks, [len(g) for g in groups], element_size)

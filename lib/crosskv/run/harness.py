@@ -367,7 +367,7 @@ def run_generate(runner: Runner, sample: Sample, stops: set[int], settled=None, 
 def _decode(runner: Runner, cache, first: torch.Tensor, fed: int, sample: Sample, stops: set[int], settled,
             device) -> dict[str, Any]:
     """Greedy decoding from the logits ``first`` (vocab,) with ``fed`` tokens in the cache → the prediction."""
-    model = runner.model
+    model, tokenizer = runner.model, runner.tokenizer
     token = int(first.argmax())
     generated = [token]
     sync(device)

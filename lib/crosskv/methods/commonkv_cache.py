@@ -1,0 +1,356 @@
+"""CommonKV's latent cache: one latent per layer and token (pre-RoPE), group stores of merged entries, the merge.
+
+The cache stores **one** latent per layer and token with its absolute position. After the prefill, per
+(group, token) the cosine between the group's first and last layer latents is scored; over all groups
+the ``unmerged_ratio`` least similar entries stay per-layer (the first ``sink_tokens`` and last
+``recent_tokens`` prompt tokens never merge) and every other entry is replaced by one group latent, the
+sensitivity-weighted average of the group's latents, stored once in the group's :class:`GroupStore`
+(on the device of the group's first layer).
+
+Attention reads a layer's held tokens in held order (merged entries, then own latents), keys rebuilt
+once per step with RoPE from a :class:`RopeTable` shared by the cache (counted in its bytes), values
+left latent for decode steps (:mod:`crosskv.methods.commonkv_attention`).
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import nn
+from transformers import Cache
+from transformers.cache_utils import CacheLayerMixin
+
+from crosskv.cache.attention import compressed_kv
+from crosskv.cache.quant import QTensor, QuantSpec, quantize, split_residual
+from crosskv.core import budget
+from crosskv.core.capture import KVShape, Rotary
+from crosskv.methods.commonkv_attention import LatentPrefix, latent_values_cheaper
+from crosskv.methods.commonkv_weights import LatentSlot, LayerProjections
+
+
+class GroupStore:
+    """A group's merged entries: latents ``(B, M, r)`` (float or quantized) and their positions ``(M,)`` int32."""
+
+    def __init__(self, device: torch.device | None = None):
+        self.pos = torch.zeros(0, dtype=torch.int32, device=device)
+        self.lat: torch.Tensor | None = None
+        self.qlat: QTensor | None = None
+
+    def __len__(self) -> int:
+        return self.pos.numel()
+
+    def latents(self) -> torch.Tensor | None:
+        return self.qlat.dequantize() if self.qlat is not None else self.lat
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        if not len(self):
+            return
+        yield self.pos
+        yield from (self.qlat.tensors() if self.qlat is not None else (self.lat,))
+
+
+class RopeTable:
+    """cos/sin tables ``(N, d)`` of absolute positions 0…N−1 from the model's rotary embedding, in the model's
+    dtype, shared by every layer of a cache (one pair per device and dtype) and grown ``block`` positions at a
+    time, so a decode step gathers its held positions' rows instead of recomputing RoPE's sines and cosines.
+    Held across steps, so :meth:`tensors` counts them (2·N·d values, N < tokens seen + ``block``)."""
+
+    def __init__(self, rotary: Rotary, block: int = 64):
+        self.rotary, self.block = rotary, block
+        self.tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def lookup(self, positions: torch.Tensor, upto: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin ``(n, d)`` at ``positions`` ``(n,)`` (all < ``upto``) in ``like``'s dtype and device."""
+        key = (like.device, like.dtype)
+        cos, sin = self.tables.get(key, (like.new_zeros(0, 0), like.new_zeros(0, 0)))
+        if cos.shape[0] < upto:
+            size = self.block * -(-upto // self.block)
+            new = torch.arange(cos.shape[0], size, device=like.device)
+            more_cos, more_sin = (t[0, 0] for t in self.rotary.cos_sin(new, like))  # (size − N, d) each
+            cos, sin = (more_cos, more_sin) if not cos.numel() else (torch.cat([cos, more_cos]), torch.cat([sin, more_sin]))
+            self.tables[key] = cos, sin
+        return cos.index_select(0, positions), sin.index_select(0, positions)
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        for pair in self.tables.values():
+            yield from pair
+
+
+class CommonKVLayer(CacheLayerMixin):
+    """One layer's latents ``(B, n, r)`` with absolute positions ``(n,)``; K/V rebuilt with the layer's R_k, R_v.
+
+    Own latents are ``qlat`` (quantized, oldest) followed by ``lat`` (float), in position order; the group's
+    merged entries live in ``store``. ``seen`` counts every token that arrived (absolute positions;
+    evicted/merged ones included). Attention sees the held tokens in *held order* — the group's merged
+    entries, then the own latents — with each key rotated at its own position: past tokens are all visible
+    to every new query, so their order does not matter and is never re-sorted.
+    """
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, slot: LatentSlot, proj: LayerProjections, store: GroupStore, rope: RopeTable,
+                 shape: KVShape, attend: str, k_norm: nn.Module | None = None, device: torch.device | None = None,
+                 layer_idx: int | None = None):
+        super().__init__()
+        self.slot, self.proj, self.store, self.rope, self.shape = slot, proj, store, rope, shape
+        self.attend, self.k_norm, self.layer_idx = attend, k_norm, layer_idx
+        self.lat: torch.Tensor | None = None
+        self.qlat: QTensor | None = None
+        self.pos = torch.zeros(0, dtype=torch.int32, device=device)
+        self.seen = 0
+        self.buffer: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # --- transformers protocol
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.pos = self.pos.to(self.device)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs=None):
+        """Store the new tokens' latents; return what attention reads for every held token.
+
+        ``key_states``/``value_states`` ``(B, H_kv, q, d)``: the new tokens' exact K (post-RoPE) and V. With
+        ``attend="rebuild"`` and no earlier token, they are returned as they are. Otherwise the earlier
+        tokens' keys are rebuilt once (R_k·c, RoPE at their positions) and, when cheaper (q·Hq < H_kv·d, e.g.
+        decoding), their values stay latent: a :class:`~crosskv.methods.commonkv_attention.LatentPrefix` goes
+        through :func:`crosskv.cache.attention.compressed_kv` to the ``crosskv`` attention, which applies the
+        weights to the latents and R_v once per head. Else (long chunks) V is rebuilt too: plain tensors.
+        """
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        latent = self.slot.latent
+        self.slot.x = self.slot.latent = None  # the slot must not keep this step's activations alive
+        q = key_states.shape[-2]
+        if latent is None or latent.shape[-2] != q:
+            raise RuntimeError("CommonKV cache used without its latent projections (run inside Runner.applied())")
+        prefix = self.segments()
+        self.lat = latent if self.lat is None else torch.cat([self.lat, latent], dim=-2)
+        new_pos = torch.arange(self.seen, self.seen + q, dtype=torch.int32, device=self.pos.device)
+        self.pos = torch.cat([self.pos, new_pos])
+        upto, self.seen = self.seen, self.seen + q
+        if self.attend == "buffer":
+            return self.buffered(key_states, value_states)
+        if not prefix:
+            return key_states, value_states
+        keys = self.rebuild_keys(prefix, upto)
+        if latent_values_cheaper(q, self.shape):
+            values = LatentPrefix(tuple(keys), tuple(lat for lat, _ in prefix), self.proj.up_v.weight,
+                                  self.proj.up_v.bias, self.shape.kv_heads)
+            return compressed_kv(values, key_states, value_states, self.layer_idx)
+        return (torch.cat([*keys, key_states], dim=-2),
+                torch.cat([self.rebuild_values(prefix), value_states], dim=-2))
+
+    def buffered(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``attend="buffer"``: append the exact new K/V to the rebuilt K/V kept across steps."""
+        if self.buffer is None:
+            self.buffer = (key_states, value_states)
+        else:
+            self.buffer = (torch.cat([self.buffer[0], key_states], dim=-2),
+                           torch.cat([self.buffer[1], value_states], dim=-2))
+        return self.buffer
+
+    def held(self) -> int:
+        """Tokens attended to: own latents + the group's merged entries."""
+        return self.pos.numel() + len(self.store)
+
+    def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
+        held = self.held()
+        return held + cache_position.shape[0], self.seen - held
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_cache_shape(self) -> int:
+        return -1
+
+    def crop(self, max_length: int) -> None:
+        """Drop the newest own latents down to ``max_length`` seen (float latents appended after compression)."""
+        max_length = self.seen + max_length if max_length < 0 else max_length
+        if max_length >= self.seen:
+            return
+        drop = int((self.pos >= max_length).sum())
+        lat = 0 if self.lat is None else self.lat.shape[-2]
+        merged_late = len(self.store) and bool((self.store.pos >= max_length).any())
+        if drop > lat or bool((self.pos[self.pos.numel() - drop:] < max_length).any()) or merged_late:
+            raise ValueError(f"cannot crop to {max_length} tokens: some later tokens were merged or quantized")
+        if drop:
+            self.lat, self.pos = self.lat[:, :lat - drop].clone(), self.pos[:self.pos.numel() - drop].clone()  # no pinning views
+            if self.buffer is not None:
+                rows = self.buffer[0].shape[-2] - drop
+                self.buffer = (self.buffer[0][..., :rows, :].clone(), self.buffer[1][..., :rows, :].clone())
+        self.seen = max_length
+
+    def reset(self) -> None:
+        self.lat, self.qlat, self.buffer, self.seen = None, None, None, 0
+        self.pos = torch.zeros(0, dtype=torch.int32, device=self.pos.device)
+
+    # --- latents
+    def own_latents(self) -> torch.Tensor:
+        """Own latents ``(B, n, r)`` in position order."""
+        parts = ([self.qlat.dequantize()] if self.qlat is not None else []) + ([self.lat] if self.lat is not None else [])
+        return torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]
+
+    def latents_at(self, positions: torch.Tensor) -> torch.Tensor:
+        """Own latents ``(B, m, r)`` at ``positions`` ``(m,)`` (which must be held by this layer)."""
+        index = torch.searchsorted(self.pos, positions.to(self.pos.dtype))
+        return self.own_latents().index_select(-2, index.long())
+
+    def segments(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The held tokens in held order as ``(latents (B, n, r), positions (n,) int32)`` pieces: the group's merged
+        entries (moved to this layer's device if the group spans devices), quantized own, float own."""
+        out = []
+        if len(self.store):
+            out.append((self.store.latents().to(self.device, self.dtype), self.store.pos.to(self.device)))
+        n_q = 0
+        if self.qlat is not None:
+            own_q = self.qlat.dequantize()
+            n_q = own_q.shape[-2]
+            out.append((own_q, self.pos[:n_q]))
+        if self.lat is not None and self.lat.shape[-2]:
+            out.append((self.lat, self.pos[n_q:]))
+        return out
+
+    def all_latents(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Own and merged latents ``(B, S, r)`` in position order, with positions ``(S,)`` int64 (for analysis)."""
+        latents, positions = zip(*self.segments())
+        pos = torch.cat(positions).long()
+        order = torch.argsort(pos)
+        return torch.cat(latents, dim=-2).index_select(-2, order), pos[order]
+
+    def keep(self, positions: torch.Tensor) -> None:
+        """Keep only own latents at ``positions`` (eviction or removal of merged tokens); float storage only."""
+        if self.qlat is not None:
+            raise RuntimeError("cannot drop tokens from a quantized CommonKV layer (quantize last)")
+        mask = torch.isin(self.pos, positions.to(self.pos.dtype))
+        self.lat, self.pos = self.lat[:, mask], self.pos[mask]
+
+    def rebuild_keys(self, segments: list[tuple[torch.Tensor, torch.Tensor]], upto: int) -> list[torch.Tensor]:
+        """Post-RoPE keys ``(B, H_kv, n_i, d)`` per piece of ``segments``: one R_k GEMM each, RoPE in the model's
+        dtype from the cached tables (positions < ``upto``)."""
+        out = []
+        for lat, pos in segments:
+            keys = self.proj.up_k(lat)                                       # (B, n, H_kv·d)
+            keys = keys.view(*keys.shape[:2], self.shape.kv_heads, self.shape.head_dim)
+            if self.k_norm is not None:
+                keys = self.k_norm(keys)
+            cos, sin = self.rope.lookup(pos, upto, keys)                     # (n, d) each
+            out.append(Rotary.apply(keys, cos[:, None], sin[:, None]).transpose(1, 2))
+        return out
+
+    def rebuild_values(self, segments: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """V ``(B, H_kv, S, d)`` of ``segments`` (held order)."""
+        values = [self.proj.up_v(lat) for lat, _ in segments]
+        values = torch.cat(values, dim=-2) if len(values) > 1 else values[0]
+        b, s, _ = values.shape
+        return values.view(b, s, self.shape.kv_heads, self.shape.head_dim).transpose(1, 2)
+
+    def rebuild(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """K (post-RoPE) and V ``(B, H_kv, S, d)`` of every held token, in held order."""
+        segments = self.segments()
+        return torch.cat(self.rebuild_keys(segments, self.seen), dim=-2), self.rebuild_values(segments)
+
+    def current_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K/V attention currently sees (for eviction scorers)."""
+        return self.buffer if self.attend == "buffer" and self.buffer is not None else self.rebuild()
+
+    def refresh(self) -> None:
+        """Rebuild the working buffer after the stored latents changed (merge, eviction, quantization)."""
+        if self.attend == "buffer":
+            self.buffer = self.rebuild()
+
+    def quantize_(self, spec: QuantSpec) -> None:
+        """Quantize own latents per token, all but the ``spec.residual`` most recent."""
+        if self.qlat is not None or self.lat is None:
+            return
+        n_q = split_residual(self.lat, spec.residual, axis=-2)
+        if n_q:
+            self.qlat = quantize(self.lat[:, :n_q], spec.bits, spec.group_size, axis=-1)
+            self.lat = self.lat[:, n_q:].clone()
+
+    def stored(self) -> Iterator[torch.Tensor]:
+        if self.qlat is not None:
+            yield from self.qlat.tensors()
+        if self.lat is not None and self.lat.numel():
+            yield self.lat
+        if self.pos.numel():
+            yield self.pos
+
+
+class CommonKVCache(Cache):
+    """Container of :class:`CommonKVLayer` s, one :class:`GroupStore` per layer group and their :class:`RopeTable`."""
+
+    def __init__(self, layers: list[CommonKVLayer], groups: list[list[int]], stores: list[GroupStore], rope: RopeTable):
+        super().__init__(layers=layers)
+        self.groups, self.stores, self.rope = groups, stores, rope
+
+    def stored_tensors(self) -> Iterator[torch.Tensor]:
+        for layer in self.layers:
+            yield from layer.stored()
+        for store in self.stores:
+            yield from store.tensors()
+        yield from self.rope.tensors()
+        for layer in self.layers:  # attend="buffer": the rebuilt K/V kept across steps
+            if layer.buffer is not None:
+                yield from layer.buffer
+
+    def evict_tokens(self, kept: dict[int, torch.Tensor]) -> None:
+        """Keep, per layer index, only the latents at the given absolute positions."""
+        for idx, positions in kept.items():
+            self.layers[idx].keep(positions)
+        self.refresh()
+
+    def quantize_(self, spec: QuantSpec) -> None:
+        for layer in self.layers:
+            layer.quantize_(spec)
+        for store in self.stores:
+            if len(store) and store.qlat is None:
+                store.qlat, store.lat = quantize(store.lat, spec.bits, spec.group_size, axis=-1), None
+        self.refresh()
+
+    def refresh(self) -> None:
+        for layer in self.layers:
+            layer.refresh()
+
+
+# ----------------------------------------------------------------------------- the adaptive merge
+
+def candidate_positions(layers: list[CommonKVLayer], prompt_len: int, sinks: int, recent: int) -> torch.Tensor:
+    """Positions held by every layer of a group, outside the first ``sinks`` and last ``recent`` prompt tokens."""
+    pos = layers[0].pos
+    for layer in layers[1:]:
+        pos = pos[torch.isin(pos, layer.pos)]
+    return pos[(pos >= sinks) & (pos < prompt_len - recent)]
+
+
+def group_similarity(layers: list[CommonKVLayer], positions: torch.Tensor) -> torch.Tensor:
+    """Cosine of the first and last layer's latents per position ``(m,)`` (averaged over the batch)."""
+    first = layers[0].latents_at(positions).float()
+    last = layers[-1].latents_at(positions).float()
+    return torch.nn.functional.cosine_similarity(first, last, dim=-1).mean(0)
+
+
+def merge_groups(cache: CommonKVCache, weights: list[float], unmerged_ratio: float, sinks: int, recent: int,
+                 mode: str = "global") -> list[int]:
+    """Merge the most similar (group, token) entries into one weighted group latent; returns merged counts per group."""
+    prompt_len = cache.layers[0].seen
+    groups = [[cache.layers[i] for i in g] for g in cache.groups]
+    cands = [candidate_positions(ls, prompt_len, sinks, recent) if len(ls) > 1 else ls[0].pos[:0] for ls in groups]
+    scores = [group_similarity(ls, c) if c.numel() else c.new_zeros(0, dtype=torch.float32) for ls, c in zip(groups, cands)]
+    select = budget.global_bottom_k if mode == "global" else budget.per_group_bottom_k
+    unmerged = select(scores, unmerged_ratio)
+    counts = []
+    for g, (layers, pos, keep) in enumerate(zip(groups, cands, unmerged)):
+        chosen = pos[~keep.to(pos.device)]
+        counts.append(int(chosen.numel()))
+        if not chosen.numel():
+            continue
+        w = [weights[i] for i in cache.groups[g]]
+        merged = sum(wi * layer.latents_at(chosen).float() for wi, layer in zip(w, layers))
+        store = cache.stores[g]
+        store.pos, store.lat = chosen.clone(), merged.to(layers[0].lat.dtype)
+        for layer in layers:
+            layer.keep(layer.pos[~torch.isin(layer.pos, chosen)])
+    cache.refresh()
+    return counts
+
