@@ -73,10 +73,8 @@ def held_kept(record: dict[str, Any]) -> tuple[float, str]:
 
 
 def _fingerprint(record: dict[str, Any]) -> str | None:
-    for field in ("code_fingerprint", "fingerprint", "lib_fingerprint"):
-        if record.get(field):
-            return str(record[field])
-    return None
+    """The library code fingerprint a record was computed with (the results store keeps it as ``code``)."""
+    return record.get("code")
 
 
 def tidy(records: Iterable[dict[str, Any]], configurations: Sequence[str] | None = None,
@@ -139,7 +137,7 @@ def mix_record(records: Sequence[dict[str, Any]], name: str = "mix") -> dict[str
             "higher_is_better": True, "details": details, "score": float(np.mean([d["score"] for d in details])),
             "kept": float(np.mean([k for k, _ in kept])), "kept_source": kept[0][1],
             "decode_tok_s": float(np.median(speeds)) if speeds else None, "git_commit": records[0].get("git_commit"),
-            "key": "+".join(str(r.get("key", "?"))[:12] for r in records)}
+            "code": records[0].get("code"), "key": "+".join(str(r.get("key", "?"))[:12] for r in records)}
 
 
 # ----------------------------------------------------------------------------- front and budgets

@@ -6,6 +6,16 @@ produces no diff; each file carries the git commit it came from (PNG ``Comment``
 ``Subject``). :func:`publish` saves *and* displays the figure in the notebook's output, so every
 figure a notebook writes is also visible in the rendered notebook. The backend is left to the
 environment (inline in a Jupyter kernel, Agg headless), never forced.
+
+One visual language: :data:`FAMILIES` is the one table of the palette — a fixed colour and marker per
+method family in every notebook, hue groups by kind (cross-layer families in blues and purples, eviction
+in reds and oranges, quantization in greens, compositions in browns, the full cache in black), and the
+panel a family is drawn in when a chart is split into small multiples (at most 8 series per panel).
+:func:`style_of` resolves a run label (``"xKV G=4 @0.25"``) to its family's style. :func:`frontier`
+draws quality against held kept in small multiples by panel, the full cache as a band, the papers'
+converted points as hollow markers labelled with the paper's model, and a perplexity axis clipped to the
+informative range with off-scale points marked at the edge (their values written beside them); legends sit
+outside the data.
 """
 from __future__ import annotations
 
@@ -17,6 +27,75 @@ import numpy as np
 import pandas as pd
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#17becf"]
+
+SHARING, LOW_RANK, EVICTION, QUANTIZATION = ("cross-layer: sharing and merging", "cross-layer: low rank", "eviction",
+                                             "quantization and compositions")
+PANELS = (SHARING, LOW_RANK, EVICTION, QUANTIZATION)
+# family → (hue group, panel, colour, marker): the one palette table of every notebook
+FAMILIES = pd.DataFrame([
+    ("full", "reference", None, "#000000", "o"),
+    ("KVSharer", "cross-layer", SHARING, "#08306b", "s"),
+    ("KVSharer (cosine T test)", "cross-layer", SHARING, "#2171b5", "P"),
+    ("KVSharer (KL test)", "cross-layer", SHARING, "#6baed6", "X"),
+    ("KVSharer + xKV G=4", "cross-layer", SHARING, "#54278f", "*"),
+    ("MiniCache (paper reading)", "cross-layer", SHARING, "#1c9099", "v"),
+    ("MiniCache (xkv reading)", "cross-layer", SHARING, "#67a9cf", "^"),
+    ("CommonKV", "cross-layer", SHARING, "#3f007d", "D"),
+    ("Single SVD", "cross-layer", LOW_RANK, "#9e9ac8", "o"),
+    ("xKV G=2", "cross-layer", LOW_RANK, "#807dba", "<"),
+    ("xKV G=4", "cross-layer", LOW_RANK, "#6a51a3", ">"),
+    ("xKV G=8", "cross-layer", LOW_RANK, "#4a1486", "h"),
+    ("Selective reconstruction", "cross-layer", LOW_RANK, "#016c59", "p"),
+    ("SnapKV", "eviction", EVICTION, "#d62728", "o"),
+    ("PyramidKV", "eviction", EVICTION, "#fc8d59", "s"),
+    ("StreamingLLM", "eviction", EVICTION, "#b30000", "^"),
+    ("KNorm", "eviction", EVICTION, "#fdbb84", "v"),
+    ("ExpectedAttention", "eviction", EVICTION, "#e34a33", "D"),
+    ("KIVI 8-bit", "quantization", QUANTIZATION, "#a1d99b", "o"),
+    ("KIVI 4-bit", "quantization", QUANTIZATION, "#41ab5d", "s"),
+    ("KIVI 2-bit", "quantization", QUANTIZATION, "#005a32", "D"),
+    ("composition", "composition", QUANTIZATION, "#8c510a", "*"),
+], columns=["family", "group", "panel", "color", "marker"]).set_index("family")
+# label prefixes of the notebooks' run labels that name a family differently
+_ALIASES = {"MiniCache": "MiniCache (paper reading)", "KIVI": "KIVI 2-bit"}
+
+
+def family_for(label: str) -> str:
+    """The :data:`FAMILIES` row of a run or family label: exact, a composition (``→`` or ``×`` in it), else the
+    longest family name (or alias) it starts with; ``ValueError`` for a label no family claims."""
+    if label in FAMILIES.index:
+        return label
+    if "→" in label or " × " in label:
+        return "composition"
+    names = [f for f in [*FAMILIES.index, *_ALIASES] if label.startswith(f)]
+    if not names:
+        raise ValueError(f"no family in plotting.FAMILIES for label {label!r}; add a row to the table")
+    best = max(names, key=len)
+    return _ALIASES.get(best, best)
+
+
+def style_of(label: str) -> dict[str, str]:
+    """``{"color", "marker"}`` of the family of ``label`` (:func:`family_for`)."""
+    row = FAMILIES.loc[family_for(label)]
+    return {"color": row["color"], "marker": row["marker"]}
+
+
+def series_styles(labels) -> dict[str, dict[str, str]]:
+    """A style per label: its family's colour and marker; several labels of one family get shades of its colour
+    (lightest first, in the given order) so they stay apart in one panel."""
+    import seaborn as sns
+
+    labels = list(dict.fromkeys(labels))
+    by_family: dict[str, list[str]] = {}
+    for label in labels:
+        by_family.setdefault(family_for(label), []).append(label)
+    out = {}
+    for family, members in by_family.items():
+        base = style_of(family)
+        shades = [base["color"]] if len(members) == 1 else sns.dark_palette(base["color"], len(members) + 1)[1:]
+        for label, shade in zip(members, shades):
+            out[label] = {"color": shade, "marker": base["marker"]}
+    return out
 
 
 def style() -> None:
@@ -58,9 +137,10 @@ def savefig(fig, name: str, figures_dir: str | Path, commit: str | None = None) 
     return paths
 
 
-def publish(fig, name: str, figures_dir: str | Path) -> list[Path]:
-    """:func:`savefig`, then show ``fig`` in the notebook output (an image output per written figure) and close it."""
-    paths = savefig(fig, name, figures_dir)
+def publish(fig, name: str, figures_dir: str | Path) -> None:
+    """:func:`savefig`, then show ``fig`` in the notebook output (an image output per written figure) and close it.
+    Returns nothing, so a cell ending with it stores no echo of the paths."""
+    savefig(fig, name, figures_dir)
     try:
         from IPython import get_ipython
         from IPython.display import display
@@ -69,7 +149,98 @@ def publish(fig, name: str, figures_dir: str | Path) -> list[Path]:
     if get_ipython is not None and get_ipython() is not None:
         display(fig)
     plt.close(fig)
-    return paths
+
+
+def legend_outside(ax, ncol: int = 1, below: bool = False, **kwargs):
+    """The legend of ``ax`` outside its data: to the right (default) or below the axes."""
+    handles, labels = ax.get_legend_handles_labels()
+    if not handles:
+        return None
+    if below:
+        return ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=ncol,
+                         frameon=False, **kwargs)
+    return ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), ncol=ncol, frameon=False, **kwargs)
+
+
+def clip_limits(lo, hi, reference: float, factor: float = 4.0) -> tuple[float, float]:
+    """The informative range of a lower-is-better (perplexity) axis: from the lowest interval end to the highest
+    that stays within ``factor`` × ``reference`` (the full cache's score); points above are off-scale."""
+    lo = np.asarray(lo, dtype=float)
+    hi = np.asarray(hi, dtype=float)
+    top = min(float(np.nanmax(hi)), factor * reference)
+    return float(np.nanmin(lo)) / 1.1, max(top, reference) * 1.1
+
+
+def _clipped_errorbar(ax, x, y, lo, hi, top: float | None, label: str, style: dict, hollow: bool = False):
+    """Points with intervals; points above ``top`` drawn as an up-triangle at the edge with their value."""
+    x, y, lo, hi = (np.asarray(v, dtype=float) for v in (x, y, lo, hi))
+    inside = np.ones_like(y, dtype=bool) if top is None else y <= top
+    face = "none" if hollow else style["color"]
+    ax.errorbar(x[inside], y[inside], yerr=[y[inside] - lo[inside], np.minimum(hi[inside], top or np.inf) - y[inside]],
+                marker=style["marker"], color=style["color"], mfc=face, ms=4, lw=1, capsize=2, label=label)
+    for xi, yi in zip(x[~inside], y[~inside]):
+        ax.plot([xi], [top], marker="^", color=style["color"], ms=6, ls="none", clip_on=False)
+        ax.annotate(f"{yi:.3g}", (xi, top), xytext=(0, -9), textcoords="offset points", ha="center", fontsize=6,
+                    color=style["color"])
+
+
+def frontier(df: pd.DataFrame, ylabel: str, title: str = "", papers: pd.DataFrame | None = None,
+             full: str = "full", clip: float = 4.0, panel_width: float = 3.6):
+    """Small multiples of score against held kept (log x), one panel per :data:`PANELS` entry present in ``df``.
+
+    ``df``: one row per configuration with ``family``, ``kept``, ``score``, ``score_lo``, ``score_hi``,
+    ``higher_is_better`` and ``front`` (a :func:`crosskv.evidence.frontier.summary` frame). The ``full`` family
+    is a band (its interval) with a line at its score in every panel; the Pareto front (``front``) a thin
+    black step line; ``papers`` (``family``, ``kept``, ``score`` on this axis's scale, ``model``) hollow markers
+    labelled with the paper's model. A lower-is-better axis is logarithmic and clipped (:func:`clip_limits`).
+    Returns the figure.
+    """
+    higher = bool(df["higher_is_better"].iloc[0])
+    ref = df[df["family"] == full]
+    rest = df[df["family"] != full].assign(panel=lambda d: d["family"].map(lambda f: FAMILIES.loc[family_for(f), "panel"]))
+    panels = [p for p in PANELS if p in set(rest["panel"])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(panel_width * len(panels), 3.4), sharey=True, squeeze=False)
+    top = None
+    if not higher and len(ref):
+        low, top = clip_limits(df["score_lo"], df["score_hi"], float(ref["score"].iloc[0]), clip)
+        top = top / 1.1 * 1.05
+    for ax, panel in zip(axes[0], panels):
+        part = rest[rest["panel"] == panel]
+        if part["family"].nunique() > 8:
+            raise ValueError(f"panel {panel!r} would hold {part['family'].nunique()} series (at most 8)")
+        for _, row in ref.iterrows():
+            ax.axhspan(float(row["score_lo"]), float(row["score_hi"]), color="0.88", zorder=0, lw=0,
+                       label=f"{full} (95 % interval, n = {int(row['n'])})" if "n" in row else full)
+            ax.axhline(float(row["score"]), color="k", lw=0.7, ls="--")
+        for family, group in part.groupby("family", sort=False):
+            group = group.sort_values("kept")
+            _clipped_errorbar(ax, group["kept"], group["score"], group["score_lo"], group["score_hi"], top, family,
+                              style_of(family))
+        if papers is not None and len(papers):
+            for _, row in papers[papers["family"].map(lambda f: FAMILIES.loc[family_for(f), "panel"]) == panel].iterrows():
+                st = style_of(row["family"])
+                ax.plot([row["kept"]], [row["score"]], marker=st["marker"], mfc="none", mec=st["color"], ms=6, ls="none")
+                ax.annotate(str(row["model"]).split("-Instruct")[0], (row["kept"], row["score"]), xytext=(3, 2),
+                            textcoords="offset points", fontsize=5, color=st["color"])
+        front = df[df["front"]].sort_values("kept")
+        if len(front):
+            ax.step(front["kept"], front["score"].clip(upper=top) if top else front["score"], where="post",
+                    color="k", lw=0.8, alpha=0.5, label="Pareto front (all families)")
+        ax.set_xscale("log")
+        ax.set_xlabel("held kept (log)")
+        ax.set_title(panel)
+        legend_outside(ax, below=True, fontsize=6)
+    if papers is not None and len(papers):
+        axes[0, 0].plot([], [], marker="o", mfc="none", mec="0.3", ls="none", label="paper (its model), hollow")
+        legend_outside(axes[0, 0], below=True, fontsize=6)
+    axes[0, 0].set_ylabel(ylabel)
+    if not higher:
+        axes[0, 0].set_yscale("log")
+        if top is not None:
+            axes[0, 0].set_ylim(low, top)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
 
 
 def heatmap(matrix, ax=None, title: str = "", cmap: str | None = None, vmin=None, vmax=None,
@@ -138,22 +309,31 @@ def bars(df: pd.DataFrame, x: str, y: str, ax=None, title: str = "", ylabel: str
 
 def interval_lines(df: pd.DataFrame, x: str, hue: str, ax=None, title: str = "", xlabel: str | None = None,
                    ylabel: str = "score", band: tuple[float, float, str] | None = None, logx: bool = False,
-                   logy: bool = False, line: bool = True):
+                   logy: bool = False, line: bool = True, styles: dict[str, dict[str, str]] | None = None,
+                   top: float | None = None):
     """``score`` with its 95 % interval (``score_lo``–``score_hi`` as error bars) against ``x``, one series per
-    ``hue`` value (sorted by ``x``); ``band = (lo, hi, label)`` shades a reference interval (e.g. the full cache)."""
+    ``hue`` value (sorted by ``x``); ``band = (lo, hi, label)`` shades a reference interval (e.g. the full cache).
+    ``styles`` (label → colour and marker, e.g. :func:`series_styles`) fixes each series' look; ``top`` clips the
+    axis there, marking the points above it at the edge with their values."""
     ax = _axes(ax)
-    for key, part in df.groupby(hue, sort=False):
+    for i, (key, part) in enumerate(df.groupby(hue, sort=False)):
         part = part.sort_values(x)
-        score = part["score"].to_numpy(float)
-        err = [score - part["score_lo"].to_numpy(float), part["score_hi"].to_numpy(float) - score]
-        ax.errorbar(part[x].to_numpy(), score, yerr=err, marker="o", ls="-" if line else "none", capsize=2,
-                    label=str(key))
+        style = (styles or {}).get(str(key), {"color": PALETTE[i % len(PALETTE)], "marker": "o"})
+        if top is None:
+            score = part["score"].to_numpy(float)
+            err = [score - part["score_lo"].to_numpy(float), part["score_hi"].to_numpy(float) - score]
+            ax.errorbar(part[x].to_numpy(), score, yerr=err, marker=style["marker"], color=style["color"],
+                        ls="-" if line else "none", capsize=2, ms=4, label=str(key))
+        else:
+            _clipped_errorbar(ax, part[x], part["score"], part["score_lo"], part["score_hi"], top, str(key), style)
     if band is not None:
-        ax.axhspan(band[0], band[1], color="0.85", zorder=0, label=band[2])
+        ax.axhspan(band[0], band[1], color="0.88", zorder=0, lw=0, label=band[2])
     if logx:
         ax.set_xscale("log")
     if logy:
         ax.set_yscale("log")
+    if top is not None:
+        ax.set_ylim(top=top)
     ax.set_xlabel(xlabel or x)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
