@@ -101,3 +101,17 @@ def test_frontier_small_multiples_clip_perplexity_and_mark_off_scale():
 def test_tidy_fingerprint_column_is_the_records_code_fingerprint():
     df = frontier.tidy([_record([1, 0], 0.5)])
     assert list(df["fingerprint"]) == ["f00"]
+
+
+def test_commonkv_widths_from_published_shapes():
+    from crosskv.evidence import structure
+
+    shapes = {n: structure.shape_of(n) for n in ("llama-3.1-8b", "mistral-7b", "qwen2.5-7b")}
+    df = structure.commonkv_widths(shapes, [(1.0, 1.0), (0.4, 0.0)]).set_index(["model", "rank_ratio"])
+    assert df.loc[("llama-3.1-8b", 1.0), "kv_width"] == 2 * 8 * 128 and df.loc[("llama-3.1-8b", 1.0), "latent_width"] == 4096
+    assert df.loc[("llama-3.1-8b", 1.0), "break_even_rank_ratio"] == 0.5
+    assert df.loc[("qwen2.5-7b", 1.0), "kv_width"] == 2 * 4 * 128
+    assert not df.loc[("mistral-7b", 1.0), "unmerged_entry_saves"] and df.loc[("mistral-7b", 0.4), "unmerged_entry_saves"]
+    assert df.loc[("llama-3.1-8b", 0.4), "nominal_kept"] == pytest.approx(0.4 * 4096 / 2048 / 4)
+    with pytest.raises(ValueError, match="unknown model shape"):
+        structure.shape_of("gpt-5")
