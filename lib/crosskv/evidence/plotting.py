@@ -56,6 +56,8 @@ FAMILIES = pd.DataFrame([
     ("KIVI 2-bit", "quantization", QUANTIZATION, "#005a32", "D"),
     ("composition", "composition", QUANTIZATION, "#8c510a", "*"),
 ], columns=["family", "group", "panel", "color", "marker"]).set_index("family")
+# KVSharer candidate orders (one colour each in every panel; the paper's rule in KVSharer's colour)
+ORDERS = {"dissimilar": "#08306b", "similar": "#e6550d", "random": "#969696"}
 # label prefixes of the notebooks' run labels that name a family differently
 _ALIASES = {"MiniCache": "MiniCache (paper reading)", "KIVI": "KIVI 2-bit"}
 
@@ -270,17 +272,19 @@ def heatmap(matrix, ax=None, title: str = "", cmap: str | None = None, vmin=None
 def lines(df: pd.DataFrame, x: str, y: str, hue: str | None = None, ax=None, marker: str = "o",
           title: str = "", xlabel: str | None = None, ylabel: str | None = None, logy: bool = False,
           reference: float | None = None, reference_label: str = "full", band: tuple[str, str] | None = None,
-          reference_band: tuple[float, float] | None = None):
+          reference_band: tuple[float, float] | None = None, colors: dict[str, str] | None = None):
     """``y`` against ``x``, one line per ``hue`` value (sorted by ``x``); optional horizontal reference.
 
     ``band=(lo, hi)`` shades the columns ``lo``..``hi`` around each line (an interval or a spread);
-    ``reference_band`` shades an interval around the reference line.
+    ``reference_band`` shades an interval around the reference line; ``colors`` fixes a colour per hue value
+    (e.g. :data:`ORDERS`), so a value keeps its colour in every panel.
     """
     ax = _axes(ax)
     groups = [(None, df)] if hue is None else df.groupby(hue, sort=True)
     for key, part in groups:
         part = part.sort_values(x)
-        line, = ax.plot(part[x], part[y], marker=marker, label=None if key is None else str(key))
+        color = None if colors is None or key is None else colors[str(key)]
+        line, = ax.plot(part[x], part[y], marker=marker, color=color, label=None if key is None else str(key))
         if band is not None:
             ax.fill_between(part[x], part[band[0]], part[band[1]], color=line.get_color(), alpha=0.18, lw=0)
     if reference is not None:
@@ -293,7 +297,7 @@ def lines(df: pd.DataFrame, x: str, y: str, hue: str | None = None, ax=None, mar
     ax.set_ylabel(ylabel or y)
     ax.set_title(title)
     if hue is not None or reference is not None:
-        ax.legend(frameon=False)
+        legend_outside(ax)
     return ax
 
 
