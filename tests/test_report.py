@@ -56,6 +56,9 @@ def test_equal_memory_refuses_unmatched_kept():
         report.equal_memory(a, b, "xKV", "MiniCache")
     c = report.equal_memory(a, _record([0, 1, 0, 1], 0.26, "svd"), "xKV", "Single SVD")
     assert "kept 0.243" in c.a and "kept 0.260" in c.b
+    done, refused = report.at_equal_memory([(a, b, "xKV", "MiniCache"), (a, a, "xKV", "xKV again")])
+    assert len(done) == 1 and refused == ["Not compared: xKV (kept 0.243) and MiniCache (kept 0.776) differ by more "
+                                          "than 10% relative kept."]
     assert report.matched(1.0, 0.91) and not report.matched(1.0, 0.89)
     with pytest.raises(ValueError, match="positive"):
         report.matched(0.0, 0.5)

@@ -202,3 +202,21 @@ def versus(iv: Interval, against: float, above: str, below: str, neither: str) -
     ``against``, ``below`` when below, ``neither`` otherwise; the interval and its n are appended."""
     text = above if iv.lo > against else below if iv.hi < against else neither
     return f"{text} ({iv.format()}, n = {iv.n}, 95 % bootstrap)"
+
+
+def at_equal_memory(pairs: Iterable[tuple[dict[str, Any], dict[str, Any], str, str]],
+                    tolerance: float = MATCH_TOLERANCE) -> tuple[list[Comparison], list[str]]:
+    """:func:`equal_memory` over ``(a, b, label_a, label_b)`` pairs: the comparisons of the matched pairs, and one
+    sentence per pair it refused (both kepts named), so a notebook states what it could not compare."""
+    from crosskv.evidence.frontier import held_kept
+
+    done, refused = [], []
+    for a, b, label_a, label_b in pairs:
+        kept_a, kept_b = held_kept(a)[0], held_kept(b)[0]
+        if matched(kept_a, kept_b, tolerance):
+            done.append(equal_memory(a, b, label_a, label_b, tolerance))
+        else:
+            refused.append(f"Not compared: {label_a} (kept {kept_a:.3f}) and {label_b} (kept {kept_b:.3f}) differ by more "
+                           f"than {tolerance:.0%} relative kept.")
+    return done, refused
+
