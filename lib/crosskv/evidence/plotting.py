@@ -186,8 +186,14 @@ def _clipped_errorbar(ax, x, y, lo, hi, top: float | None, label: str, style: di
                     color=style["color"])
 
 
+def panels_of(df: pd.DataFrame, full: str = "full") -> list[str]:
+    """The :data:`PANELS` the families of ``df`` (other than ``full``) are drawn in, in reading order."""
+    present = {FAMILIES.loc[family_for(f), "panel"] for f in df["family"] if f != full}
+    return [p for p in PANELS if p in present]
+
+
 def frontier(df: pd.DataFrame, ylabel: str, title: str = "", papers: pd.DataFrame | None = None,
-             full: str = "full", clip: float = 4.0, panel_width: float = 3.6):
+             full: str = "full", clip: float = 4.0, panel_width: float = 3.6, axes=None):
     """Small multiples of score against held kept (log x), one panel per :data:`PANELS` entry present in ``df``.
 
     ``df``: one row per configuration with ``family``, ``kept``, ``score``, ``score_lo``, ``score_hi``,
@@ -195,13 +201,20 @@ def frontier(df: pd.DataFrame, ylabel: str, title: str = "", papers: pd.DataFram
     is a band (its interval) with a line at its score in every panel; the Pareto front (``front``) a thin
     black step line; ``papers`` (``family``, ``kept``, ``score`` on this axis's scale, ``model``) hollow markers
     labelled with the paper's model. A lower-is-better axis is logarithmic and clipped (:func:`clip_limits`).
+    ``axes``: one row of :func:`panels_of` axes to draw into (e.g. one row per task); else a new figure.
     Returns the figure.
     """
     higher = bool(df["higher_is_better"].iloc[0])
     ref = df[df["family"] == full]
     rest = df[df["family"] != full].assign(panel=lambda d: d["family"].map(lambda f: FAMILIES.loc[family_for(f), "panel"]))
-    panels = [p for p in PANELS if p in set(rest["panel"])]
-    fig, axes = plt.subplots(1, len(panels), figsize=(panel_width * len(panels), 3.4), sharey=True, squeeze=False)
+    panels = panels_of(df, full)
+    if axes is None:
+        fig, axes = plt.subplots(1, len(panels), figsize=(panel_width * len(panels), 3.4), sharey=True, squeeze=False)
+    else:
+        axes = np.asarray(axes).reshape(1, -1)
+        if axes.shape[1] != len(panels):
+            raise ValueError(f"frontier needs {len(panels)} axes (one per panel {panels}), got {axes.shape[1]}")
+        fig = axes[0, 0].figure
     top = None
     if not higher and len(ref):
         low, top = clip_limits(df["score_lo"], df["score_hi"], float(ref["score"].iloc[0]), clip)
@@ -237,10 +250,12 @@ def frontier(df: pd.DataFrame, ylabel: str, title: str = "", papers: pd.DataFram
         legend_outside(axes[0, 0], below=True, fontsize=6)
     axes[0, 0].set_ylabel(ylabel)
     if not higher:
-        axes[0, 0].set_yscale("log")
-        if top is not None:
-            axes[0, 0].set_ylim(low, top)
-    fig.suptitle(title)
+        for ax in axes[0]:
+            ax.set_yscale("log")
+            if top is not None:
+                ax.set_ylim(low, top)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return fig
 
