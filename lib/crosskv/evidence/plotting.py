@@ -111,6 +111,25 @@ def style() -> None:
     })
 
 
+def _plain_log(axis) -> None:
+    from matplotlib.ticker import FuncFormatter
+
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}".rstrip("0").rstrip(".")[-1:] in ("2", "5") else ""))
+
+
+def kept_axis(ax) -> None:
+    """A logarithmic kept axis with plain tick labels (0.1, 0.2, 0.5 — not 10⁻¹)."""
+    ax.set_xscale("log")
+    _plain_log(ax.xaxis)
+
+
+def log_y(ax) -> None:
+    """A logarithmic score axis (perplexity) with plain tick labels."""
+    ax.set_yscale("log")
+    _plain_log(ax.yaxis)
+
+
 def _axes(ax, figsize=(4.5, 3.2)):
     if ax is None:
         _, ax = plt.subplots(figsize=figsize)
@@ -241,7 +260,7 @@ def frontier(df: pd.DataFrame, ylabel: str, title: str = "", papers: pd.DataFram
         if len(front):
             ax.step(front["kept"], front["score"].clip(upper=top) if top else front["score"], where="post",
                     color="k", lw=0.8, alpha=0.5, label="Pareto front (all families)")
-        ax.set_xscale("log")
+        kept_axis(ax)
         ax.set_xlabel("held kept (log)")
         ax.set_title(panel)
         legend_outside(ax, below=True, fontsize=6)
@@ -251,7 +270,7 @@ def frontier(df: pd.DataFrame, ylabel: str, title: str = "", papers: pd.DataFram
     axes[0, 0].set_ylabel(ylabel)
     if not higher:
         for ax in axes[0]:
-            ax.set_yscale("log")
+            log_y(ax)
             if top is not None:
                 ax.set_ylim(low, top)
     if title:
@@ -307,7 +326,7 @@ def lines(df: pd.DataFrame, x: str, y: str, hue: str | None = None, ax=None, mar
         if reference_band is not None:
             ax.axhspan(*reference_band, color="k", alpha=0.08, lw=0)
     if logy:
-        ax.set_yscale("log")
+        log_y(ax)
     ax.set_xlabel(xlabel or x)
     ax.set_ylabel(ylabel or y)
     ax.set_title(title)
@@ -348,9 +367,9 @@ def interval_lines(df: pd.DataFrame, x: str, hue: str, ax=None, title: str = "",
     if band is not None:
         ax.axhspan(band[0], band[1], color="0.88", zorder=0, lw=0, label=band[2])
     if logx:
-        ax.set_xscale("log")
+        kept_axis(ax)
     if logy:
-        ax.set_yscale("log")
+        log_y(ax)
     if top is not None:
         ax.set_ylim(top=top)
     ax.set_xlabel(xlabel or x)
