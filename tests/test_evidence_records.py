@@ -32,14 +32,16 @@ def test_score_rows_add_a_pooled_mix_row_with_interval_and_n():
 
 
 def test_pooled_records_pair_across_methods():
-    a = evidence.pool([record("a", [1, 1, 1, 1]), record("b", [1, 1, 1, 1])])
-    b = evidence.pool([record("a", [0, 0, 0, 0]), record("b", [0, 0, 0, 0])])
+    a = stats.pool([record("a", [1] * 12), record("b", [1] * 12)])
+    b = stats.pool([record("a", [0] * 12), record("b", [0] * 12)])
     assert stats.compare(a, b).verdict == "better"
 
 
 def test_values_record_pairs_units_for_compare():
-    lower = evidence.values_record([0.1, 0.2, 0.1, 0.15, 0.12], "error", higher_is_better=False)
-    higher = evidence.values_record([0.3, 0.4, 0.35, 0.3, 0.33], "error", higher_is_better=False)
+    lower = evidence.values_record([0.1, 0.2, 0.1, 0.15, 0.12] * 5, "error", higher_is_better=False)
+    higher = evidence.values_record([0.3, 0.4, 0.35, 0.3, 0.33] * 5, "error", higher_is_better=False)
     assert stats.compare(lower, higher).verdict == "better"
+    assert stats.compare(evidence.values_record([0.1] * 5, "error", False),
+                         evidence.values_record([0.3] * 5, "error", False)).verdict == "too few"
     with pytest.raises(ValueError, match="at least one value"):
         evidence.values_record([], "error")

@@ -49,16 +49,14 @@ def test_tidy_rows_carry_interval_and_held_kept():
         frontier.tidy([rec("full", "a", [1], 1.0)], configurations=["x", "y"])
 
 
-def test_mix_record_pools_tasks_and_pairs():
-    a = frontier.mix_record([rec("m", "t1", [1, 1], 0.5), rec("m", "t2", [0, 1], 0.3)])
-    assert a["score"] == 0.75 and a["kept"] == pytest.approx(0.4) and a["task"] == "mix:t1+t2"
-    b = frontier.mix_record([rec("n", "t2", [0, 0], 0.2), rec("n", "t1", [0, 0], 0.2)])
+def test_pool_of_a_configuration_pairs_tasks_in_any_order():
     from crosskv.evidence import stats
+    a = stats.pool([rec("m", "t1", [1, 1], 0.5), rec("m", "t2", [0, 1], 0.3)])
+    assert a["score"] == 0.75 and a["kept"] == pytest.approx(0.4) and a["task"].startswith("mix:t1@")
+    b = stats.pool([rec("n", "t2", [0, 0], 0.2), rec("n", "t1", [0, 0], 0.2)])
     assert stats.compare(a, b).diff.estimate == pytest.approx(0.75)
-    with pytest.raises(ValueError, match="accuracy tasks only"):
-        frontier.mix_record([ppl_rec("m", [1.0], 0.5)])
-    with pytest.raises(ValueError, match="task twice"):
-        frontier.mix_record([rec("m", "t1", [1], 0.5), rec("m", "t1", [1], 0.5)])
+    with pytest.raises(ValueError, match="twice"):
+        stats.pool([rec("m", "t1", [1], 0.5), rec("m", "t1", [1], 0.5)])
 
 
 def test_pareto_front():
@@ -67,21 +65,6 @@ def test_pareto_front():
     # lower-is-better metric (perplexity)
     assert frontier.pareto(df.assign(score=[1, 2, 3, 2, 9]), higher_is_better=False).tolist() == \
         [True, False, False, True, True]
-
-
-def test_best_at_budget():
-    df = pd.DataFrame({"family": ["A", "A", "B", "B"], "configuration": ["a1", "a2", "b1", "b2"],
-                       "kept": [0.5, 0.1, 0.25, 0.04], "score": [0.9, 0.3, 0.6, 0.5],
-                       "score_lo": [0.8, 0.2, 0.5, 0.4], "score_hi": [1, 0.4, 0.7, 0.6], "n": [4] * 4,
-                       "decode_tok_s": [1.0] * 4})
-    best = frontier.best_at_budget(df, budgets=(0.5, 0.25, 0.05, 0.02))
-    overall = best[best.scope == "overall"].set_index("budget")
-    assert overall.loc[0.5, "configuration"] == "a1"
-    assert overall.loc[0.25, "configuration"] == "b1"
-    assert overall.loc[0.05, "configuration"] == "b2"
-    assert overall.loc[0.02, "family"] == "none" and math.isnan(overall.loc[0.02, "score"])
-    fam = best[(best.scope == "family") & (best.budget == 0.25)].set_index("family")
-    assert fam.loc["A", "configuration"] == "a2" and fam.loc["B", "configuration"] == "b1"
 
 
 def test_paper_kept_conventions():
@@ -97,25 +80,75 @@ def test_paper_kept_conventions():
         frontier.paper_kept(ref.assign(compression_convention="bits"))
 
 
-def test_orderings_agree_disagree_undecided():
-    ref = frontier.paper_kept(pd.DataFrame({
-        "paper": ["P"] * 3, "table": ["T"] * 3, "model": ["M"] * 3, "benchmark": ["B"] * 3,
-        "method": ["Full", "SnapKV", "KVSharer"], "setting": [None, None, None],
-        "compression": [1.0, 8.0, 0.25], "compression_convention": ["multiplier", "multiplier",
-                                                                   "fraction_of_layers_shared"],
-        "score": [90.0, 80.0, 85.0], "metric": ["accuracy"] * 3}))
+def _reference(models=("M",), kvsharer_compression=0.25):
+    rows = []
+    for model in models:
+        rows += [dict(paper="P", table="T", model=model, benchmark="B", method=m, setting=None, compression=c,
+                      compression_convention=conv, score=score, metric="accuracy")
+                 for m, c, conv, score in (("Full", 1.0, "multiplier", 90.0), ("SnapKV", 8.0, "multiplier", 80.0),
+                                           ("KVSharer", kvsharer_compression, "fraction_of_layers_shared", 85.0))]
+    return frontier.paper_kept(pd.DataFrame(rows))
+
+
+def test_orderings_count_each_comparison_once_and_full_apart():
     n = 40
     full = rec("full", "t", [1] * n, 1.0)
-    snap = rec("s", "t", [0] * n, 0.125)
-    sharer = rec("k", "t", [1, 0] * (n // 2), 0.75)
-    ours = [frontier.Ours("full", 1.0, full), frontier.Ours("SnapKV", 0.125, snap),
+    snap = rec("s", "t", [0, 1] * (n // 2), 0.125)
+    sharer = rec("k", "t", [1] * (n - 4) + [0] * 4, 0.75)
+    ours = [frontier.Ours("full", 1.0, full), frontier.Ours("SnapKV", 0.12, snap),
             frontier.Ours("KVSharer", 0.75, sharer)]
-    out = frontier.orderings(ref, ours).set_index(["a", "b"])["agreement"]
-    assert out[("Full", "SnapKV")] == "agree"
-    assert out[("Full", "KVSharer")] == "agree"
-    assert out[("SnapKV", "KVSharer")] == "agree"  # paper: KVSharer 85 > SnapKV 80; ours 0.5 > 0
-    flipped = [frontier.Ours("full", 1.0, full), frontier.Ours("SnapKV", 0.125, rec("s", "t", [1] * n, 0.125)),
-               frontier.Ours("KVSharer", 0.75, rec("k", "t", [0] * n, 0.75))]
-    out = frontier.orderings(ref, flipped).set_index(["a", "b"])["agreement"]
-    assert out[("SnapKV", "KVSharer")] == "disagree"
-    assert out[("Full", "SnapKV")] == "undecided"  # identical scores: interval contains zero
+    out = frontier.orderings(_reference(models=("M1", "M2", "M3")), ours)
+    assert len(out) == 3 and out["papers"].tolist() == [3, 3, 3]  # three paper models, one row per comparison
+    rows = out.set_index(["a", "b"])
+    assert rows.loc[("full @ 1", "SnapKV @ 0.12"), "kind"] == "full vs X"
+    assert rows.loc[("full @ 1", "SnapKV @ 0.12"), "agreement"] == "agree"
+    assert rows.loc[("KVSharer @ 0.75", "SnapKV @ 0.12"), "kind"] == "X vs Y"
+    assert rows.loc[("KVSharer @ 0.75", "SnapKV @ 0.12"), "paper_says"] == "a better"
+    assert rows.loc[("KVSharer @ 0.75", "SnapKV @ 0.12"), "agreement"] == "agree"
+    tally = frontier.orderings_tally(out).set_index("kind")
+    assert tally.loc["full vs X", "agree"] == 2 and tally.loc["X vs Y", "agree"] == 1 and tally.loc["all", "total"] == 3
+
+
+def test_orderings_report_floors_and_unmatched_points():
+    n = 40
+    zeros = [frontier.Ours("full", 1.0, rec("full", "t", [0] * n, 1.0)),
+             frontier.Ours("SnapKV", 0.125, rec("s", "t", [0] * n, 0.125)),
+             frontier.Ours("KVSharer", 0.5, rec("k", "t", [0] * n, 0.5))]  # paper's KVSharer at 0.75: > 25 % away
+    out = frontier.orderings(_reference(), zeros)
+    assert out.set_index(["a", "b"]).loc[("full @ 1", "SnapKV @ 0.125"), "agreement"] == "floor"
+    unmatched = out[out["agreement"] == "no matching point"]
+    assert len(unmatched) == 2 and all("KVSharer @ 0.75 (paper)" in (a, b) for a, b in zip(unmatched.a, unmatched.b))
+    assert frontier.match_point(zeros, "KVSharer", 0.6) is zeros[2]  # within 25 % of 0.6
+    assert frontier.match_point(zeros, "KVSharer", 0.75) is None
+
+
+def _gold_rec(method, kept, loglik, params=None):
+    details = [{"index": i, "score": None, "gold_loglik": v, "gold_match": int(v > -1)} for i, v in enumerate(loglik)]
+    return {"method": method, "params": params or {}, "task": "mix", "context": 256, "seed": 0, "metric": "accuracy",
+            "higher_is_better": True, "kept": kept, "details": details, "key": method}
+
+
+def test_best_at_budget_names_a_winner_only_when_separated():
+    import numpy as np
+    rng = np.random.default_rng(0)
+    base = rng.normal(-1.0, 0.5, 120)
+    records = {"full": _gold_rec("full", 1.0, base + 0.5),
+               "xkv": _gold_rec("xkv", 0.24, base + 0.3, {"group_size": 4}),
+               "snap": _gold_rec("kvpress:snapkv", 0.25, base + 0.3 + rng.normal(0, 0.01, 120)),
+               "kivi": _gold_rec("compose", 0.2, base - 0.4, {"base": "full", "evict": "none", "bits": 2}),
+               "stream": _gold_rec("kvpress:streaming_llm", 0.1, base - 1.0)}
+    out = frontier.best_at_budget(records, budgets=(0.5, 0.125, 0.01), metric="gold_loglik")
+    d25 = out[(out.budget == 0.5) & (out.scope == "decision")].iloc[0]
+    assert d25["winner"] == "" and set(d25["tied"].split("; ")) == {"xkv", "snap"} and d25["verdict"] == "tie"
+    assert d25["n"] == 120 and d25["low"] <= d25["diff"] <= d25["high"]
+    classes = out[(out.budget == 0.5) & (out.scope == "class")].set_index("class")
+    assert set(classes.index) == {"cross-layer", "eviction", "quantization"}
+    assert classes.loc["quantization", "leader"] == "kivi" and classes.loc["quantization", "verdict"] == "worse"
+    d125 = out[(out.budget == 0.125) & (out.scope == "decision")].iloc[0]
+    assert d125["winner"] == "stream" and d125["verdict"] == "only candidate"
+    assert out[out.budget == 0.01].iloc[0]["verdict"] == "none under budget"
+    clear = frontier.best_at_budget({k: records[k] for k in ("full", "xkv", "kivi")}, budgets=(0.5,))
+    assert clear.iloc[0]["winner"] == "xkv" and clear.iloc[0]["verdict"] == "better"
+    assert clear["p_holm"].dropna().ge(clear["p"].dropna()).all()
+    with pytest.raises(ValueError, match="per-sample"):
+        frontier.best_at_budget(pd.DataFrame({"kept": [0.1], "score": [1.0]}))

@@ -3,7 +3,7 @@ the papers' numbers on the same kept axis.
 
 A *configuration* is one method with its parameters (a family label and a configuration label name it
 on the chart); it is run on several tasks, one record per task. Its *task-mix* score is the mean of the
-per-sample scores of its accuracy tasks pooled into one record (:func:`mix_record`), so
+per-sample scores of its accuracy tasks pooled into one record (:func:`crosskv.evidence.stats.pool`), so
 :func:`crosskv.evidence.stats.interval` and :func:`crosskv.evidence.stats.compare` apply to it unchanged (pairing is by
 task and sample). The x axis is the memory the cache holds: ``kept_held`` (the memory census) when a
 record has it, else ``kept`` — :func:`held_kept` says which one a row uses.
@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
 from crosskv.evidence import stats
 
-BUDGETS = (0.5, 0.25, 0.125, 0.05, 0.02)
+BUDGETS = (0.5, 0.25, 0.125, 0.05)
 CONVENTIONS = {"multiplier": lambda c: 1.0 / c, "fraction_of_layers_shared": lambda c: 1.0 - c,
                "fraction_of_memory_removed": lambda c: 1.0 - c}
 PRESS_FAMILIES = {"kvpress:snapkv": "SnapKV", "kvpress:pyramidkv": "PyramidKV",
@@ -108,38 +108,6 @@ def _params_label(record: dict[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in params.items() if v not in (None, "", 0) or k == "bits") or record["method"]
 
 
-# ----------------------------------------------------------------------------- the task mix
-
-def mix_record(records: Sequence[dict[str, Any]], name: str = "mix") -> dict[str, Any]:
-    """Pool the per-sample scores of several accuracy-task records of one configuration into one record.
-
-    Its score is the mean over all pooled samples (= the mean of the task means when every task has the
-    same sample count); ``kept`` is the mean of the records' held kept, ``decode_tok_s`` their median.
-    Sample indices are offset per task (``task position · 10⁶ + index``) so two mix records over the same
-    tasks pair sample by sample in :func:`crosskv.evidence.stats.compare`.
-    """
-    records = sorted(records, key=lambda r: r["task"])
-    if not records:
-        raise ValueError("mix_record needs at least one record")
-    tasks = [r["task"] for r in records]
-    if len(set(tasks)) != len(tasks):
-        raise ValueError(f"mix_record got a task twice: {tasks}")
-    for r in records:
-        if not r.get("higher_is_better", True) or not r.get("details") or "score" not in r["details"][0]:
-            raise ValueError(f"mix_record pools accuracy tasks only; {r['task']!r} is not one (perplexity "
-                             "is shown on its own axis)")
-    details = [{"index": t * 1_000_000 + d["index"], "score": d["score"]}
-               for t, r in enumerate(records) for d in r["details"]]
-    kept = [held_kept(r) for r in records]
-    speeds = [r["decode_tok_s"] for r in records if r.get("decode_tok_s")]
-    return {"method": records[0]["method"], "params": records[0].get("params", {}), "task": f"{name}:{'+'.join(tasks)}",
-            "context": records[0].get("context"), "seed": records[0].get("seed"), "metric": "accuracy",
-            "higher_is_better": True, "details": details, "score": float(np.mean([d["score"] for d in details])),
-            "kept": float(np.mean([k for k, _ in kept])), "kept_source": kept[0][1],
-            "decode_tok_s": float(np.median(speeds)) if speeds else None, "git_commit": records[0].get("git_commit"),
-            "code": records[0].get("code"), "key": "+".join(str(r.get("key", "?"))[:12] for r in records)}
-
-
 # ----------------------------------------------------------------------------- front and budgets
 
 def pareto(df: pd.DataFrame, x: str = "kept", y: str = "score", higher_is_better: bool = True) -> pd.Series:
@@ -155,31 +123,115 @@ def pareto(df: pd.DataFrame, x: str = "kept", y: str = "score", higher_is_better
     return pd.Series(mask, index=df.index)
 
 
-def best_at_budget(df: pd.DataFrame, budgets: Sequence[float] = BUDGETS, higher_is_better: bool = True) -> pd.DataFrame:
-    """For each budget: the best row of each family with ``kept ≤ budget`` and the best overall.
+def family_class(family: str) -> str:
+    """The kind of a chart family: ``full``, ``eviction`` (the presses), ``quantization`` (KIVI alone),
+    ``composition`` (eviction/quantization over another method) or ``cross-layer`` (the rest)."""
+    if family == "full":
+        return "full"
+    if family in PRESS_FAMILIES.values():
+        return "eviction"
+    if family.startswith("KIVI "):
+        return "quantization"
+    if " × " in family:
+        return "composition"
+    return "cross-layer"
 
-    ``df`` has one row per configuration (columns family, configuration, kept, score, score_lo,
-    score_hi, n, decode_tok_s). Ties on score go to the smaller kept. A family with no configuration
-    under a budget has no row there; a budget nothing reaches has only ``overall = none`` (score NaN).
+
+def sample_frame(records: Mapping[str, dict[str, Any]] | Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """Long per-sample rows ``configuration, family, class, kept, index`` + every per-sample metric
+    (``score``, ``gold_loglik``, ``gold_match``) of generation records, one record per configuration (a
+    :func:`crosskv.evidence.stats.pool` of its task mix). ``records``: label → record, or records (labelled by
+    their family and parameters)."""
+    items = records.items() if isinstance(records, Mapping) else (
+        (f"{family_of(r)} {_params_label(r)}", r) for r in records)
+    rows = []
+    for label, record in items:
+        if stats.is_perplexity(record):
+            raise ValueError(f"{label}: best_at_budget compares per-sample retrieval metrics, not perplexity runs")
+        family, kept = family_of(record), held_kept(record)[0]
+        for d in record["details"]:
+            rows.append({"configuration": label, "family": family, "class": family_class(family), "kept": kept,
+                         "index": d["index"], **{m: d.get(m) for m in stats.METRICS}})
+    return pd.DataFrame(rows)
+
+
+def _paired_on(frame: pd.DataFrame, a: str, b: str, metric: str, n_min: int) -> dict[str, Any]:
+    wide = frame[frame["configuration"].isin([a, b])].pivot(index="index", columns="configuration",
+                                                             values=metric).dropna()
+    return stats.paired(wide[a].to_numpy(float), wide[b].to_numpy(float), n_min=n_min)
+
+
+def _means(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Per configuration: family, class, kept and the mean of ``metric``, best first (ties: smaller kept)."""
+    out = frame.dropna(subset=[metric]).groupby("configuration", sort=True).agg(
+        family=("family", "first"), cls=("class", "first"), kept=("kept", "first"), mean=(metric, "mean"))
+    return out.sort_values(["mean", "kept"], ascending=[False, True])
+
+
+def best_at_budget(records_or_frame, budgets: Sequence[float] = BUDGETS, metric: str = "gold_loglik",
+                   n_min: int = stats.N_MIN) -> pd.DataFrame:
+    """Decisions, not leaders: for each budget, who is best at held kept ≤ budget on ``metric``, and whether
+    that is decided.
+
+    ``records_or_frame``: a :func:`sample_frame` (or what it takes). Per budget, rows:
+
+    - ``scope == "decision"``: the leader (highest mean; ties to the smaller kept) against the runner-up,
+      paired over the same samples (:func:`crosskv.evidence.stats.paired`). ``winner`` names the leader only
+      when the verdict is ``better`` (its interval excludes zero); ``tied`` lists every configuration not
+      separated from the leader (the leader included), ``;``-joined;
+    - ``scope == "class"``: the best configuration of each class (cross-layer, eviction, quantization,
+      composition) under the budget against ``full``, paired.
+
+    Columns: budget, metric, scope, class, winner, tied, leader, leader_mean, leader_kept, versus, versus_mean,
+    diff, low, high, n, p, p_holm (Holm over every row of this call), verdict. A budget nothing reaches has
+    one decision row with verdict ``none under budget``.
     """
-    missing = {"family", "configuration", "kept", "score"} - set(df.columns)
+    frame = records_or_frame if isinstance(records_or_frame, pd.DataFrame) else sample_frame(records_or_frame)
+    missing = {"configuration", "family", "class", "kept", "index", metric} - set(frame.columns)
     if missing:
-        raise ValueError(f"best_at_budget needs column(s) {sorted(missing)}")
-    sign = -1 if higher_is_better else 1
+        raise ValueError(f"best_at_budget needs per-sample column(s) {sorted(missing)} (see sample_frame)")
+    if metric not in stats.METRICS:
+        raise ValueError(f"metric={metric!r} is not one of {', '.join(stats.METRICS)}")
+    means = _means(frame, metric)
+    full = means[means["cls"] == "full"]
     rows = []
     for budget in budgets:
-        under = df[df["kept"] <= budget + 1e-12].assign(_rank=lambda d: sign * d["score"])
-        under = under.sort_values(["_rank", "kept"]).drop(columns="_rank")
-        for family, group in under.groupby("family", sort=True):
-            rows.append({"budget": budget, "scope": "family", **group.iloc[0].to_dict()})
+        under = means[(means["kept"] <= budget + 1e-12) & (means["cls"] != "full")]
+        base = {"budget": budget, "metric": metric}
         if under.empty:
-            rows.append({"budget": budget, "scope": "overall", "family": "none", "configuration": "none",
-                         "score": math.nan})
+            rows.append({**base, "scope": "decision", "verdict": "none under budget"})
+            continue
+        leader = under.index[0]
+        head = {"leader": leader, "leader_mean": under["mean"].iloc[0], "leader_kept": under["kept"].iloc[0]}
+        if len(under) == 1:
+            rows.append({**base, "scope": "decision", "class": under["cls"].iloc[0], "winner": leader, "tied": leader,
+                         **head, "verdict": "only candidate"})
         else:
-            rows.append({"budget": budget, "scope": "overall", **under.iloc[0].to_dict()})
+            tests = {c: _paired_on(frame, leader, c, metric, n_min) for c in under.index[1:]}
+            tied = [leader] + [c for c, t in tests.items() if t["verdict"] != "better"]
+            runner = under.index[1]
+            t = tests[runner]
+            rows.append({**base, "scope": "decision", "class": under["cls"].iloc[0],
+                         "winner": leader if t["verdict"] == "better" else "", "tied": "; ".join(tied), **head,
+                         "versus": runner, "versus_mean": under["mean"].iloc[1],
+                         **{k: t[k] for k in ("diff", "low", "high", "n", "p", "verdict")}})
+        for cls, group in under.groupby("cls", sort=True):
+            best = group.index[0]
+            row = {**base, "scope": "class", "class": cls, "leader": best, "leader_mean": group["mean"].iloc[0],
+                   "leader_kept": group["kept"].iloc[0]}
+            if not full.empty:
+                t = _paired_on(frame, best, full.index[0], metric, n_min)
+                row.update(versus=full.index[0], versus_mean=full["mean"].iloc[0],
+                           **{k: t[k] for k in ("diff", "low", "high", "n", "p", "verdict")})
+            rows.append(row)
     out = pd.DataFrame(rows)
-    lead = ["budget", "scope", "family", "configuration", "score", "score_lo", "score_hi", "n", "kept", "decode_tok_s"]
-    return out[[c for c in lead if c in out.columns] + [c for c in out.columns if c not in lead]]
+    columns = ["budget", "metric", "scope", "class", "winner", "tied", "leader", "leader_mean", "leader_kept",
+               "versus", "versus_mean", "diff", "low", "high", "n", "p", "p_holm", "verdict"]
+    out = out.reindex(columns=columns)
+    tested = out["p"].notna()
+    if tested.any():
+        out.loc[tested, "p_holm"] = stats.holm(out.loc[tested, "p"])["p_holm"].to_numpy()
+    return out
 
 
 # ----------------------------------------------------------------------------- the papers
@@ -210,24 +262,44 @@ class Ours:
     record: dict[str, Any]
 
 
-def _nearest(ours: Sequence[Ours], family: str, kept: float) -> Ours | None:
-    candidates = [o for o in ours if o.family == family]
-    if not candidates:
-        return None
-    return min(candidates, key=lambda o: (abs(math.log(o.kept) - math.log(max(kept, 1e-6))), o.kept))
+KEPT_TOLERANCE = 0.25  # a paper point matches one of ours only within ±25 % relative kept
 
 
-def orderings(reference: pd.DataFrame, ours_accuracy: Sequence[Ours], ours_perplexity: Sequence[Ours] = ()) -> pd.DataFrame:
-    """Every pair of rows of one paper table (paper, table, model, benchmark) with both families run by us:
-    the paper's ordering, ours at the nearest held kept (a paired :func:`crosskv.evidence.stats.compare`), agreement.
+def match_point(ours: Sequence[Ours], family: str, kept: float, tolerance: float = KEPT_TOLERANCE) -> Ours | None:
+    """Our run of ``family`` closest to the paper's ``kept`` within ``tolerance`` relative, else ``None``."""
+    candidates = [o for o in ours if o.family == family and abs(o.kept - kept) <= tolerance * kept]
+    return min(candidates, key=lambda o: (abs(o.kept - kept), o.kept)) if candidates else None
 
-    ``reference`` comes from :func:`paper_kept`. Accuracy/score tables compare ``ours_accuracy``,
-    perplexity tables ``ours_perplexity``; other metrics (memory, speed, claims) are skipped.
-    ``agreement``: ``agree`` (same direction, our interval excludes zero), ``disagree`` (opposite
-    direction, excluding zero) or ``undecided`` (our paired interval contains zero).
+
+def _floor(a: dict[str, Any], b: dict[str, Any], metric: str) -> bool:
+    """Both runs at the same floor or ceiling on every sample (all 0 or all 1): nothing to order."""
+    if stats.is_perplexity(a):
+        return False
+    va, vb = stats.unit_values(a, metric)[1], stats.unit_values(b, metric)[1]
+    return any(bool(np.all(va == edge) and np.all(vb == edge)) for edge in (0.0, 1.0))
+
+
+def _label(o: Ours) -> str:
+    return f"{o.family} @ {o.kept:.3g}"
+
+
+def orderings(reference: pd.DataFrame, ours_accuracy: Sequence[Ours], ours_perplexity: Sequence[Ours] = (),
+              metric: str = "score", tolerance: float = KEPT_TOLERANCE) -> pd.DataFrame:
+    """The papers' pairwise orderings checked on our runs, **one row per distinct comparison** on our side.
+
+    Every pair of rows of one paper table (paper, table, model, benchmark) whose families we run is matched to
+    our runs within ``tolerance`` relative kept (:func:`match_point`). Paper pairs that land on the same two
+    runs of ours are one comparison: ``papers`` counts them, ``paper_says`` is ``a better``, ``b better`` or
+    ``mixed`` (papers disagree). ``kind``: ``full vs X`` (full against a compressed cache, counted apart) or
+    ``X vs Y``. ``agreement``: ``agree``/``disagree`` (our paired interval excludes zero, same/opposite
+    direction), ``undecided`` (it contains zero, or fewer than the minimum n), ``floor`` (both runs at 0 on
+    every sample, or both at 1) or ``no matching point`` (one per distinct paper pair without a run of ours
+    within tolerance). ``reference`` comes from :func:`paper_kept`; accuracy tables use ``ours_accuracy``
+    (compared on ``metric``), perplexity tables ``ours_perplexity``; other metrics are skipped.
     """
     pools = {"accuracy": ours_accuracy, "score": ours_accuracy, "perplexity": ours_perplexity}
-    rows = []
+    found: dict[tuple, dict[str, Any]] = {}
+    unmatched: dict[tuple, dict[str, Any]] = {}
     table = reference.dropna(subset=["score", "family"])
     for (paper, name, model, bench), group in table.groupby(["paper", "table", "model", "benchmark"], sort=False):
         group = group.reset_index(drop=True)
@@ -237,27 +309,67 @@ def orderings(reference: pd.DataFrame, ours_accuracy: Sequence[Ours], ours_perpl
                 pool = pools.get(a["metric"])
                 if pool is None or a["score"] == b["score"]:
                     continue
-                oa, ob = _nearest(pool, a["family"], a["kept"]), _nearest(pool, b["family"], b["kept"])
-                if oa is None or ob is None or oa.record is ob.record:
-                    continue
+                if not any(o.family == a["family"] for o in pool) or not any(o.family == b["family"] for o in pool):
+                    continue  # a family we do not run: not a comparison we could make
                 higher = a["metric"] != "perplexity"
-                paper_a_better = (a["score"] > b["score"]) == higher
-                c = stats.compare(oa.record, ob.record, f"{a['family']} @ {oa.kept:.3g}", f"{b['family']} @ {ob.kept:.3g}")
-                agreement = "undecided" if c.verdict == "tie" else (
-                    "agree" if (c.verdict == "better") == paper_a_better else "disagree")
-                rows.append({"paper": paper, "table": name, "model": model, "benchmark": bench,
-                             "a": f"{a['method']} {a['setting'] if isinstance(a['setting'], str) else ''}".strip(),
-                             "b": f"{b['method']} {b['setting'] if isinstance(b['setting'], str) else ''}".strip(),
-                             "paper_kept_a": a["kept"], "paper_kept_b": b["kept"],
-                             "paper_a": a["score"], "paper_b": b["score"],
-                             "paper_says": "a better" if paper_a_better else "b better",
-                             "ours_kept_a": oa.kept, "ours_kept_b": ob.kept,
-                             "ours_diff": c.diff.estimate, "ours_diff_lo": c.diff.lo, "ours_diff_hi": c.diff.hi,
-                             "n": c.diff.n, "ours_says": c.verdict, "agreement": agreement})
-    return pd.DataFrame(rows)
+                a_better = (a["score"] > b["score"]) == higher
+                oa, ob = match_point(pool, a["family"], a["kept"], tolerance), match_point(pool, b["family"], b["kept"], tolerance)
+                source = f"{paper} · {model}"
+                if oa is None or ob is None:
+                    key = tuple(sorted([(a["family"], round(float(a["kept"]), 4)), (b["family"], round(float(b["kept"]), 4))]))
+                    row = unmatched.setdefault(key, {"a": f"{key[0][0]} @ {key[0][1]:.3g} (paper)",
+                                                     "b": f"{key[1][0]} @ {key[1][1]:.3g} (paper)", "papers": 0,
+                                                     "sources": set(), "agreement": "no matching point"})
+                    row["papers"] += 1
+                    row["sources"].add(source)
+                    continue
+                if oa.record is ob.record:
+                    continue
+                if b["family"] == "full" or (a["family"] != "full" and _label(ob) < _label(oa)):
+                    oa, ob, a_better = ob, oa, not a_better  # full first, else alphabetical: one orientation
+                key = (_label(oa), _label(ob), a["metric"] == "perplexity")
+                row = found.get(key)
+                if row is None:
+                    row = found[key] = {"a": _label(oa), "b": _label(ob), "oa": oa, "ob": ob, "papers": 0,
+                                        "a_better": 0, "b_better": 0, "sources": set()}
+                row["papers"] += 1
+                row["a_better" if a_better else "b_better"] += 1
+                row["sources"].add(source)
+    rows = []
+    for row in found.values():
+        oa, ob = row.pop("oa"), row.pop("ob")
+        says = "mixed" if row["a_better"] and row["b_better"] else ("a better" if row["a_better"] else "b better")
+        use = metric if not stats.is_perplexity(oa.record) else "score"
+        c = stats.compare(oa.record, ob.record, row["a"], row["b"], metric=use)
+        if _floor(oa.record, ob.record, use):
+            agreement = "floor"
+        elif c.verdict in ("tie", "too few") or says == "mixed":
+            agreement = "undecided"
+        else:
+            agreement = "agree" if (c.verdict == "better") == (says == "a better") else "disagree"
+        rows.append({"kind": "full vs X" if oa.family == "full" else "X vs Y", "a": row["a"], "b": row["b"],
+                     "papers": row["papers"], "sources": "; ".join(sorted(row["sources"])), "paper_says": says,
+                     "ours_kept_a": oa.kept, "ours_kept_b": ob.kept, "metric": c.metric, "ours_diff": c.diff.estimate,
+                     "ours_diff_lo": c.diff.lo, "ours_diff_hi": c.diff.hi, "n": c.diff.n, "p": c.p,
+                     "ours_says": c.verdict, "agreement": agreement})
+    for row in unmatched.values():
+        rows.append({"kind": "full vs X" if row["a"].startswith("full @") or row["b"].startswith("full @") else "X vs Y",
+                     "a": row["a"], "b": row["b"], "papers": row["papers"], "sources": "; ".join(sorted(row["sources"])),
+                     "agreement": row["agreement"]})
+    columns = ["kind", "a", "b", "papers", "sources", "paper_says", "ours_kept_a", "ours_kept_b", "metric", "ours_diff",
+               "ours_diff_lo", "ours_diff_hi", "n", "p", "ours_says", "agreement"]
+    return pd.DataFrame(rows, columns=columns)
 
 
-# ----------------------------------------------------------------------------- configurations and the chart
+AGREEMENTS = ("agree", "disagree", "undecided", "floor", "no matching point")
+
+
+def orderings_tally(order: pd.DataFrame) -> pd.DataFrame:
+    """Counts of :func:`orderings` rows by ``kind`` (rows) and ``agreement`` (columns), with totals."""
+    counts = pd.crosstab(order["kind"], order["agreement"]).reindex(columns=list(AGREEMENTS), fill_value=0)
+    counts.loc["all"] = counts.sum()
+    return counts.assign(total=counts.sum(axis=1)).rename_axis(index="kind", columns=None).reset_index()
+
 
 @dataclass(frozen=True)
 class Run:
@@ -268,11 +380,11 @@ class Run:
     records: dict[str, dict[str, Any]]
 
     def combined(self, tasks: Sequence[str]) -> dict[str, Any]:
-        """The record of one task, or the task-mix record (:func:`mix_record`) of several accuracy tasks."""
+        """The record of one task, or the task-mix record (:func:`crosskv.evidence.stats.pool`) of several."""
         missing = [t for t in tasks if t not in self.records]
         if missing:
             raise ValueError(f"{self.family} {self.configuration}: no record for task(s) {missing}")
-        return self.records[tasks[0]] if len(tasks) == 1 else mix_record([self.records[t] for t in tasks])
+        return self.records[tasks[0]] if len(tasks) == 1 else stats.pool([self.records[t] for t in tasks])
 
 
 def summary(runs: Sequence[Run], tasks: Sequence[str]) -> pd.DataFrame:

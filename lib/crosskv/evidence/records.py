@@ -29,20 +29,6 @@ def kept_source(records: Sequence[dict[str, Any]]) -> str:
     return "held" if all(r.get("kept_held") is not None for r in records) else "reported"
 
 
-def pool(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """One record over every sample of ``records`` (a method's runs over a task mix, same tasks and samples
-    for every method so pools pair in :func:`crosskv.evidence.stats.compare`); ``kept_held``/``kept`` are carried over as
-    sample-weighted means."""
-    pooled = {**stats.pool(records), "task": "+".join(str(r.get("task")) for r in records),
-              "context": records[0].get("context")}
-    weights = [len(r["details"]) for r in records]
-    for field in ("kept_held", "kept"):
-        values = [r.get(field) for r in records]
-        if all(v is not None for v in values):
-            pooled[field] = sum(v * w for v, w in zip(values, weights)) / sum(weights)
-    return pooled
-
-
 def _row(label: str, task: str, record: dict[str, Any]) -> dict[str, Any]:
     iv = stats.interval(record)
     return {"label": label, "task": task, "kept": held_kept(record), "score": iv.estimate, "score_lo": iv.lo,
@@ -52,13 +38,14 @@ def _row(label: str, task: str, record: dict[str, Any]) -> dict[str, Any]:
 def score_rows(runs: Mapping[str, Sequence[dict[str, Any]]], mix: str = "mix") -> pd.DataFrame:
     """Rows ``label, task, kept (held), score, score_lo, score_hi, n`` for every record of
     ``runs`` (label → records of one method, one per task), plus a ``task == mix`` row per label pooling
-    its generation tasks' samples (the mix average when every task has the same sample count)."""
+    its generation tasks' samples (:func:`crosskv.evidence.stats.pool`; the mix average when every task has
+    the same sample count)."""
     rows = []
     for label, records in runs.items():
         rows += [_row(label, r["task"], r) for r in records]
         generation = [r for r in records if not stats.is_perplexity(r)]
         if len(generation) > 1:
-            rows.append(_row(label, mix, pool(generation)))
+            rows.append(_row(label, mix, stats.pool(generation, mix)))
     return pd.DataFrame(rows)
 
 

@@ -1,39 +1,60 @@
-"""Uncertainty for every score: bootstrap 95 % intervals over samples and paired comparisons between methods.
+"""Uncertainty over independent units: BCa intervals, paired permutation tests, Holm correction, detectable effects.
 
-A run's record (:func:`crosskv.evaluate`) keeps its per-sample ``details``. Generation tasks score each
-sample in [0, 1] (the run's score is their mean); perplexity tasks keep each window's summed NLL and token
-count (the run's score is ``exp(Σ nll / Σ tokens)``). Both are resampled *over samples* (contexts / windows):
+A run's record (:func:`crosskv.evaluate`) keeps per-sample ``details``. The unit of every interval and test
+is an *independent* sample (a prompt of a retrieval task, a perplexity window or sequence) — never a layer,
+group, head, rank or token of one sequence: aggregate those per sequence first (:func:`per_sequence`).
+Generation runs carry three per-sample metrics: ``score`` (exact match by generation, on the decoded subset),
+``gold_loglik`` and ``gold_match`` (the gold answer teacher-forced through the compressed cache); perplexity
+runs keep each window's summed NLL and token count (score ``exp(Σ nll / Σ tokens)``).
 
-- :func:`interval` — the run's score with a percentile-bootstrap interval;
-- :func:`compare` — the paired difference ``a − b`` on the same samples (same task, context, seed and
-  sample indices), resampling sample indices jointly, with a verdict that is only called when the interval
-  excludes zero. :attr:`Comparison.sentence` is the text notebooks render, so prose flips when data do;
-- :func:`table` — tidy rows with ``score``, ``score_lo``, ``score_hi`` and ``n`` for a list of records.
+- :func:`interval` / :func:`mean_ci` / :func:`perplexity_ci` — a score with its BCa bootstrap interval
+  (``scipy.stats.bootstrap(method="BCa")``);
+- :func:`paired` — the paired difference of per-unit values with its BCa interval, a two-sided paired
+  permutation (sign-flip) p-value (``scipy.stats.permutation_test``) and a verdict;
+- :func:`compare` — the same on two records (same task, context, seed and sample indices);
+- :func:`holm` — Holm's correction of a family of p-values (``statsmodels``);
+- :func:`min_detectable_effect` — the smallest paired mean difference a two-sided test at ``n`` detects
+  with 80 % power (``statsmodels`` t-test power);
+- :func:`pool` — one record over several records' samples (a method's task mix), the only pooling.
 
-Resampling is seeded (``seed``) so a re-run on the same records prints the same interval.
+**Nothing is called below** :data:`N_MIN` paired units: with fewer, a sign-flip test has too few sign
+patterns and a BCa interval's coverage is unreliable, so the verdict is ``"too few"``. Above it a verdict is
+``"better"``/``"worse"`` only when the 95 % interval excludes zero, else ``"tie"``. Resampling is seeded
+(``seed``), so a re-run on the same records prints the same numbers.
 """
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
+from scipy import stats as sps
+
+log = logging.getLogger(__name__)
 
 LEVEL = 0.95
-RESAMPLES = 2000
+RESAMPLES = 4999   # bootstrap resamples (BCa)
+PERMUTATIONS = 4999  # random sign flips when 2**n exceeds it (else the exact test)
+N_MIN = 20         # paired units below which no comparison is called
+METRICS = ("score", "gold_loglik", "gold_match")
+POOL_STRIDE = 1_000_000  # pooled index = position of the (task, context) · stride + sample index
 
 
 @dataclass(frozen=True)
 class Interval:
-    """A point estimate with its bootstrap interval over ``n`` samples."""
+    """A point estimate with its interval over ``n`` independent units (``method``: ``BCa``, ``percentile``
+    when BCa is undefined on the data, or ``point`` when every resample is the same)."""
 
     estimate: float
     lo: float
     hi: float
     n: int
     level: float = LEVEL
+    method: str = "BCa"
 
     def excludes(self, value: float = 0.0) -> bool:
         return self.lo > value or self.hi < value
@@ -53,40 +74,146 @@ def _check_level(level: float, resamples: int) -> None:
         raise ValueError(f"resamples={resamples} must be >= 100")
 
 
-def _bootstrap(statistic: Callable[[np.ndarray], np.ndarray], n: int, level: float, resamples: int,
-               seed: int) -> tuple[float, float]:
-    """Percentile interval of ``statistic(indices)`` where ``indices`` is ``(resamples, n)``."""
+def bootstrap_interval(data: tuple[np.ndarray, ...], statistic: Callable[..., np.ndarray], level: float = LEVEL,
+                       resamples: int = RESAMPLES, seed: int = 0) -> Interval:
+    """``statistic(*data, axis=-1)`` on paired arrays (one entry per independent unit) with its BCa interval.
+
+    Data on which BCa is undefined (a constant statistic over resamples) give the point itself
+    (``method="point"``); data where BCa's acceleration is undefined fall back to the percentile interval,
+    logged and named in ``method``."""
     _check_level(level, resamples)
-    rng = np.random.default_rng(seed)
-    draws = statistic(rng.integers(0, n, size=(resamples, n)))  # (resamples,)
-    tail = (1 - level) / 2
-    lo, hi = np.quantile(draws, [tail, 1 - tail])
-    return float(lo), float(hi)
+    data = tuple(np.asarray(x, dtype=float) for x in data)
+    n = data[0].size
+    if n == 0 or any(x.size != n for x in data):
+        raise ValueError(f"bootstrap needs non-empty arrays of one length, got {[x.size for x in data]}")
+    estimate = float(statistic(*data, axis=-1))
+    if n == 1 or all(np.ptp(x) == 0 for x in data):
+        return Interval(estimate, estimate, estimate, n, level, "point")
+    for method in ("BCa", "percentile"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", sps.DegenerateDataWarning)
+            warnings.simplefilter("ignore", RuntimeWarning)  # BCa's acceleration on near-constant data
+            res = sps.bootstrap(data, statistic, paired=True, vectorized=True, confidence_level=level,
+                                n_resamples=resamples, method=method, random_state=np.random.default_rng(seed))
+        lo, hi = (float(v) for v in res.confidence_interval)
+        if math.isfinite(lo) and math.isfinite(hi):
+            if method != "BCa":
+                log.warning("BCa undefined on these %d units; percentile interval used", n)
+            return Interval(estimate, lo, hi, n, level, method)
+    return Interval(estimate, estimate, estimate, n, level, "point")
+
+
+def _mean(x, axis=-1):
+    return np.mean(x, axis=axis)
+
+
+def _ppl(nll, tokens, axis=-1):
+    return np.exp(np.sum(nll, axis=axis) / np.sum(tokens, axis=axis))
 
 
 def mean_ci(values: Sequence[float], level: float = LEVEL, resamples: int = RESAMPLES, seed: int = 0) -> Interval:
-    """Mean of ``values`` (one per sample) with a percentile-bootstrap interval."""
-    x = np.asarray(values, dtype=float)
-    if x.size == 0:
+    """Mean of ``values`` (one per independent unit) with its BCa interval."""
+    if len(values) == 0:
         raise ValueError("mean_ci needs at least one value")
-    if x.size == 1:
-        return Interval(float(x[0]), float(x[0]), float(x[0]), 1, level)
-    lo, hi = _bootstrap(lambda idx: x[idx].mean(axis=1), x.size, level, resamples, seed)
-    return Interval(float(x.mean()), lo, hi, int(x.size), level)
+    return bootstrap_interval((np.asarray(values, float),), _mean, level, resamples, seed)
 
 
 def perplexity_ci(nll: Sequence[float], tokens: Sequence[int], level: float = LEVEL, resamples: int = RESAMPLES,
                   seed: int = 0) -> Interval:
-    """``exp(Σ nll / Σ tokens)`` over windows with a bootstrap interval resampling whole windows."""
-    a, t = np.asarray(nll, dtype=float), np.asarray(tokens, dtype=float)
-    if a.size == 0 or a.size != t.size:
-        raise ValueError(f"perplexity_ci needs matching non-empty nll ({a.size}) and tokens ({t.size})")
-    estimate = math.exp(a.sum() / t.sum())
-    if a.size == 1:
-        return Interval(estimate, estimate, estimate, 1, level)
-    lo, hi = _bootstrap(lambda idx: np.exp(a[idx].sum(1) / t[idx].sum(1)), a.size, level, resamples, seed)
-    return Interval(estimate, lo, hi, int(a.size), level)
+    """``exp(Σ nll / Σ tokens)`` over windows with a BCa interval resampling whole windows."""
+    if len(nll) == 0 or len(nll) != len(tokens):
+        raise ValueError(f"perplexity_ci needs matching non-empty nll ({len(nll)}) and tokens ({len(tokens)})")
+    return bootstrap_interval((np.asarray(nll, float), np.asarray(tokens, float)), _ppl, level, resamples, seed)
 
+
+def permutation_p(a: Sequence[float], b: Sequence[float], resamples: int = PERMUTATIONS, seed: int = 0) -> float:
+    """Two-sided paired permutation p-value of ``mean(a − b)``: the pair labels are swapped (signs of the
+    differences flipped) at random, exactly when ``2**n`` is at most ``resamples``."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if np.all(a == b):
+        return 1.0
+    res = sps.permutation_test((a, b), lambda x, y, axis=-1: np.mean(x - y, axis=axis), permutation_type="samples",
+                               vectorized=True, n_resamples=resamples, alternative="two-sided",
+                               random_state=np.random.default_rng(seed))
+    return float(res.pvalue)
+
+
+def verdict(diff: Interval, higher_is_better: bool = True, n_min: int = N_MIN) -> str:
+    """``"too few"`` below ``n_min`` units; else ``"better"``/``"worse"`` (a relative to b) when the interval
+    excludes zero, ``"tie"`` when it contains it."""
+    if diff.n < n_min:
+        return "too few"
+    if not diff.excludes(0.0):
+        return "tie"
+    return "better" if (diff.estimate > 0) == higher_is_better else "worse"
+
+
+def paired(a: Sequence[float], b: Sequence[float], higher_is_better: bool = True, n_min: int = N_MIN,
+           level: float = LEVEL, resamples: int = RESAMPLES, seed: int = 0) -> dict[str, Any]:
+    """Paired comparison of per-unit values ``a`` and ``b`` (unit ``i`` is the same sample or sequence in both)
+    → ``dict(diff, low, high, n, p, verdict)``: the mean difference ``a − b`` with its BCa interval, the paired
+    permutation p-value and the :func:`verdict` (``n_min``: the minimum n for calling anything)."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+        raise ValueError(f"paired needs two non-empty 1-d arrays of one length, got {a.shape} and {b.shape}")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("paired got non-finite values")
+    if n_min < 2:
+        raise ValueError(f"n_min={n_min} must be at least 2")
+    diff = bootstrap_interval((a - b,), _mean, level, resamples, seed)
+    return {"diff": diff.estimate, "low": diff.lo, "high": diff.hi, "n": diff.n,
+            "p": permutation_p(a, b, seed=seed), "verdict": verdict(diff, higher_is_better, n_min)}
+
+
+def holm(pvalues: Sequence[float] | pd.Series, alpha: float = 1 - LEVEL) -> pd.DataFrame:
+    """Holm's step-down correction of a family of p-values (``statsmodels.stats.multitest.multipletests``)
+    → frame (index kept from a Series) with ``p``, ``p_holm`` and ``reject`` (at ``alpha``)."""
+    from statsmodels.stats.multitest import multipletests
+
+    p = pd.Series(pvalues, dtype=float)
+    if p.empty:
+        return pd.DataFrame({"p": [], "p_holm": [], "reject": []})
+    if p.isna().any() or ((p < 0) | (p > 1)).any():
+        raise ValueError(f"holm needs p-values in [0, 1], got {list(p)}")
+    reject, adjusted, _, _ = multipletests(p.to_numpy(), alpha=alpha, method="holm")
+    return pd.DataFrame({"p": p, "p_holm": adjusted, "reject": reject}, index=p.index)
+
+
+def min_detectable_effect(values_or_sd: Sequence[float] | float, n: int, level: float = LEVEL,
+                          power: float = 0.8) -> float:
+    """Smallest true mean paired difference a two-sided paired t-test at ``n`` units detects with ``power``:
+    ``d·sd`` with ``d`` from ``statsmodels``' ``TTestPower``. ``values_or_sd``: per-unit paired differences
+    (their sd, ddof 1) or the sd itself."""
+    from statsmodels.stats.power import TTestPower
+
+    if n < 2:
+        raise ValueError(f"n={n} must be at least 2")
+    if not 0 < power < 1:
+        raise ValueError(f"power={power} must be in (0, 1)")
+    _check_level(level, RESAMPLES)
+    if np.ndim(values_or_sd) == 0:
+        sd = float(values_or_sd)
+    else:
+        values = np.asarray(values_or_sd, float)
+        if values.size < 2:
+            raise ValueError("min_detectable_effect needs at least two values to estimate their sd")
+        sd = float(values.std(ddof=1))
+    if not (math.isfinite(sd) and sd >= 0):
+        raise ValueError(f"sd={sd} must be a finite number >= 0")
+    d = TTestPower().solve_power(effect_size=None, nobs=n, alpha=1 - level, power=power, alternative="two-sided")
+    return float(d) * sd
+
+
+def per_sequence(frame: pd.DataFrame, value: str, unit: str = "sequence", by: Sequence[str] = ()) -> pd.DataFrame:
+    """One row per (``by``…, ``unit``) with the mean of ``value`` over that unit's rows (layers, groups, ranks,
+    tokens of one sequence): the independent units to resample."""
+    missing = {value, unit, *by} - set(frame.columns)
+    if missing:
+        raise ValueError(f"per_sequence: frame lacks column(s) {sorted(missing)}")
+    return frame.groupby([*by, unit], sort=True)[value].mean().reset_index()
+
+
+# ----------------------------------------------------------------------------- records
 
 def is_perplexity(record: dict[str, Any]) -> bool:
     """True for a perplexity run (per-window ``nll`` details), False for a scored generation run."""
@@ -97,57 +224,76 @@ def is_perplexity(record: dict[str, Any]) -> bool:
 def _details(record: dict[str, Any]) -> list[dict[str, Any]]:
     details = record.get("details")
     if not details:
-        raise ValueError(f"record {record.get('key', '?')[:12]} ({record.get('method')} on {record.get('task')}) "
+        raise ValueError(f"record {str(record.get('key', '?'))[:12]} ({record.get('method')} on {record.get('task')}) "
                          "has no per-sample details; intervals need them")
     return sorted(details, key=lambda d: d["index"])
 
 
-def interval(record: dict[str, Any], level: float = LEVEL, resamples: int = RESAMPLES, seed: int = 0) -> Interval:
-    """The run's score with its bootstrap interval over samples (score mean or window perplexity)."""
-    details = _details(record)
+def _check_metric(record: dict[str, Any], metric: str) -> None:
+    if metric not in METRICS:
+        raise ValueError(f"metric={metric!r} is not one of {', '.join(METRICS)}")
+    if is_perplexity(record) and metric != "score":
+        raise ValueError(f"{record.get('task')} is a perplexity run: it has no {metric!r}")
+
+
+def unit_values(record: dict[str, Any], metric: str = "score") -> tuple[list[int], np.ndarray]:
+    """(sample indices, values) of a generation record's ``metric``, samples without it (not decoded) left out."""
+    _check_metric(record, metric)
+    rows = [(d["index"], d.get(metric)) for d in _details(record)]
+    rows = [(i, v) for i, v in rows if v is not None]
+    if not rows:
+        raise ValueError(f"record {str(record.get('key', '?'))[:12]} ({record.get('method')} on {record.get('task')}) "
+                         f"has no {metric!r} values")
+    return [i for i, _ in rows], np.array([v for _, v in rows], float)
+
+
+def interval(record: dict[str, Any], level: float = LEVEL, resamples: int = RESAMPLES, seed: int = 0,
+             metric: str = "score") -> Interval:
+    """The run's ``metric`` with its BCa interval over samples (sample mean, or window perplexity)."""
+    _check_metric(record, metric)
     if is_perplexity(record):
+        details = _details(record)
         return perplexity_ci([d["nll"] for d in details], [d["scored_tokens"] for d in details], level, resamples, seed)
-    return mean_ci([d["score"] for d in details], level, resamples, seed)
+    return mean_ci(unit_values(record, metric)[1], level, resamples, seed)
 
 
-def _paired_arrays(a: dict[str, Any], b: dict[str, Any]) -> tuple[list[dict], list[dict]]:
+def _paired_units(a: dict[str, Any], b: dict[str, Any]) -> None:
     for field in ("task", "context", "seed"):
         if a.get(field) != b.get(field):
             raise ValueError(f"cannot pair runs with different {field}: {a.get(field)!r} vs {b.get(field)!r}")
-    da, db = _details(a), _details(b)
-    ia, ib = [d["index"] for d in da], [d["index"] for d in db]
-    if ia != ib:
-        raise ValueError(f"cannot pair runs on different samples: indices {ia[:5]}… vs {ib[:5]}…")
-    return da, db
 
 
 def paired_diff(a: dict[str, Any], b: dict[str, Any], level: float = LEVEL, resamples: int = RESAMPLES,
-                seed: int = 0) -> Interval:
-    """Score of run ``a`` minus run ``b`` on the same samples, resampling sample indices jointly."""
-    da, db = _paired_arrays(a, b)
-    n = len(da)
+                seed: int = 0, metric: str = "score") -> tuple[Interval, float]:
+    """(``metric`` of run ``a`` minus run ``b`` on the same samples with its BCa interval, permutation p).
+
+    Perplexity runs: the interval is on the perplexity difference (windows resampled jointly); the p-value
+    tests the per-window mean NLL per token."""
+    _paired_units(a, b)
+    if is_perplexity(a) != is_perplexity(b):
+        raise ValueError("cannot pair a perplexity run with a generation run")
     if is_perplexity(a):
-        na, nb = np.array([d["nll"] for d in da]), np.array([d["nll"] for d in db])
-        ta, tb = np.array([d["scored_tokens"] for d in da], float), np.array([d["scored_tokens"] for d in db], float)
+        da, db = _details(a), _details(b)
+        if [d["index"] for d in da] != [d["index"] for d in db]:
+            raise ValueError(f"cannot pair runs on different samples: {len(da)} vs {len(db)} windows")
+        na, ta = np.array([d["nll"] for d in da]), np.array([d["scored_tokens"] for d in da], float)
+        nb, tb = np.array([d["nll"] for d in db]), np.array([d["scored_tokens"] for d in db], float)
 
-        def stat(idx):
-            return np.exp(na[idx].sum(-1) / ta[idx].sum(-1)) - np.exp(nb[idx].sum(-1) / tb[idx].sum(-1))
-    else:
-        sa, sb = np.array([d["score"] for d in da], float), np.array([d["score"] for d in db], float)
-
-        def stat(idx):
-            return sa[idx].mean(-1) - sb[idx].mean(-1)
-    estimate = float(stat(np.arange(n)[None])[0])
-    if n == 1:
-        return Interval(estimate, estimate, estimate, 1, level)
-    lo, hi = _bootstrap(stat, n, level, resamples, seed)
-    return Interval(estimate, lo, hi, n, level)
+        def stat(x, y, u, v, axis=-1):
+            return _ppl(x, y, axis) - _ppl(u, v, axis)
+        diff = bootstrap_interval((na, ta, nb, tb), stat, level, resamples, seed)
+        return diff, permutation_p(na / ta, nb / tb, seed=seed)
+    ia, va = unit_values(a, metric)
+    ib, vb = unit_values(b, metric)
+    if ia != ib:
+        raise ValueError(f"cannot pair runs on different samples: indices {ia[:5]}… vs {ib[:5]}…")
+    return bootstrap_interval((va - vb,), _mean, level, resamples, seed), permutation_p(va, vb, seed=seed)
 
 
 @dataclass(frozen=True)
 class Comparison:
-    """Run ``a`` against run ``b`` on the same samples. ``verdict``: ``"better"``, ``"worse"`` or ``"tie"``
-    (no detectable difference: the paired interval contains zero)."""
+    """Run ``a`` against run ``b`` on the same samples. ``verdict``: ``"better"``, ``"worse"``, ``"tie"``
+    (the paired interval contains zero) or ``"too few"`` (fewer than ``n_min`` paired units)."""
 
     a: str
     b: str
@@ -156,60 +302,88 @@ class Comparison:
     diff: Interval
     higher_is_better: bool
     metric: str
+    p: float = math.nan
+    n_min: int = N_MIN
 
     @property
     def verdict(self) -> str:
-        if not self.diff.excludes(0.0):
-            return "tie"
-        return "better" if (self.diff.estimate > 0) == self.higher_is_better else "worse"
+        return verdict(self.diff, self.higher_is_better, self.n_min)
 
     @property
     def sentence(self) -> str:
         """One sentence stating the verdict with both scores, the paired difference and the sample count."""
         scores = f"{self.a} {self.score_a} vs {self.b} {self.score_b} {self.metric}"
-        diff = f"paired difference {self.diff.format(signed=True)}, n = {self.diff.n}, 95 % bootstrap"
+        diff = (f"paired difference {self.diff.format(signed=True)}, p = {self.p:.2g}, n = {self.diff.n}, "
+                f"95 % {self.diff.method} bootstrap")
+        if self.verdict == "too few":
+            return f"Not called: {self.a} vs {self.b} rests on n = {self.diff.n} < {self.n_min} ({scores}; {diff})."
         if self.verdict == "tie":
             return f"No detectable difference between {self.a} and {self.b} ({scores}; {diff})."
         return f"{self.a} is {self.verdict} than {self.b} ({scores}; {diff})."
 
 
 def compare(a: dict[str, Any], b: dict[str, Any], label_a: str | None = None, label_b: str | None = None,
-            level: float = LEVEL, resamples: int = RESAMPLES, seed: int = 0) -> Comparison:
-    """Paired comparison of two runs' records (same task, context, seed and samples)."""
+            level: float = LEVEL, resamples: int = RESAMPLES, seed: int = 0, metric: str = "score",
+            n_min: int = N_MIN) -> Comparison:
+    """Paired comparison of two runs' records (same task, context, seed and samples) on ``metric``."""
+    diff, p = paired_diff(a, b, level, resamples, seed, metric)
+    higher = True if metric in ("gold_loglik", "gold_match") else bool(a.get("higher_is_better", True))
+    name = str(a.get("metric", "score")) if metric == "score" else metric
     return Comparison(label_a or a.get("method", "a"), label_b or b.get("method", "b"),
-                      interval(a, level, resamples, seed), interval(b, level, resamples, seed),
-                      paired_diff(a, b, level, resamples, seed), bool(a.get("higher_is_better", True)),
-                      str(a.get("metric", "score")))
+                      interval(a, level, resamples, seed, metric), interval(b, level, resamples, seed, metric),
+                      diff, higher, name, p, n_min)
 
 
-def pool(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """One record whose samples are all of ``records``' samples (a method's runs over a task mix).
+def pool(records: Sequence[dict[str, Any]], name: str = "mix") -> dict[str, Any]:
+    """One record over every sample of ``records`` (one configuration's runs over a task mix): the only pooling.
 
-    Its score is the mean over every sample — the mix average when every task has the same sample
-    count — so :func:`interval` and :func:`compare` work on it unchanged. Two pools pair when they were
-    built from the same (task, context) list in the same order. Perplexity and generation runs cannot mix.
+    Records are ordered by (task, context) — each pair at most once — and sample ``i`` of the ``k``-th gets
+    index ``k·10⁶ + i``, so two pools over the same (task, context) list pair sample by sample in
+    :func:`compare` whatever order they were given in. Every per-sample field is kept (``score``,
+    ``gold_loglik``, ``gold_match``, ``nll``…); the pooled score is the mean over samples (perplexity:
+    ``exp(Σ nll / Σ tokens)``); ``kept_held``/``kept`` are sample-weighted means, ``decode_tok_s`` the median.
+    Perplexity and generation runs cannot mix.
     """
-    records = list(records)
+    records = sorted(records, key=lambda r: (str(r.get("task")), r.get("context") or 0))
     if not records:
         raise ValueError("pool needs at least one record")
     if len({is_perplexity(r) for r in records}) > 1:
         raise ValueError("pool cannot mix perplexity and generation runs")
-    details, offset = [], 0
-    for record in records:
-        part = _details(record)
-        details += [{**d, "index": offset + d["index"]} for d in part]
-        offset += max(d["index"] for d in part) + 1
+    parts = [(r.get("task"), r.get("context")) for r in records]
+    if len(set(parts)) != len(parts):
+        raise ValueError(f"pool got a (task, context) twice: {parts}")
+    details = [{**d, "index": k * POOL_STRIDE + d["index"]} for k, r in enumerate(records) for d in _details(r)]
     first = records[0]
-    return {"method": first.get("method"), "params": first.get("params", {}),
-            "task": "+".join(f"{r.get('task')}@{r.get('context')}" for r in records), "context": None,
-            "seed": first.get("seed"), "metric": first.get("metric", "score"),
-            "higher_is_better": first.get("higher_is_better", True), "details": details}
+    contexts = {r.get("context") for r in records}
+    out = {"method": first.get("method"), "params": first.get("params", {}),
+           "task": f"{name}:" + "+".join(f"{t}@{c}" for t, c in parts), "context": contexts.pop() if len(contexts) == 1 else None,
+           "seed": first.get("seed"), "metric": first.get("metric", "score"),
+           "higher_is_better": first.get("higher_is_better", True), "details": details,
+           "git_commit": first.get("git_commit"), "code": first.get("code"),
+           "key": "+".join(str(r.get("key", "?"))[:12] for r in records)}
+    if is_perplexity(first):
+        out["score"] = _ppl(np.array([d["nll"] for d in details]), np.array([d["scored_tokens"] for d in details]))
+    else:
+        scores = [d["score"] for d in details if d.get("score") is not None]
+        out["score"] = float(np.mean(scores)) if scores else None
+        for metric in ("gold_loglik", "gold_match"):
+            values = [d[metric] for d in details if d.get(metric) is not None]
+            out[metric] = float(np.mean(values)) if values else None
+    weights = [len(r["details"]) for r in records]
+    for field in ("kept_held", "kept"):
+        values = [r.get(field) for r in records]
+        if all(v is not None for v in values):
+            out[field] = sum(v * w for v, w in zip(values, weights)) / sum(weights)
+    speeds = [r["decode_tok_s"] for r in records if r.get("decode_tok_s")]
+    out["decode_tok_s"] = float(np.median(speeds)) if speeds else None
+    return out
 
 
 def table(records: Iterable[dict[str, Any]], columns: Sequence[str] = ("method", "task", "context", "kept"),
-          labels: Sequence[str] | None = None, level: float = LEVEL, seed: int = 0) -> pd.DataFrame:
+          labels: Sequence[str] | None = None, level: float = LEVEL, seed: int = 0,
+          metric: str = "score") -> pd.DataFrame:
     """Tidy rows: ``columns`` of each record (``param.<name>`` reads a method parameter), an optional
-    ``label``, then ``score``, ``score_lo``, ``score_hi`` and ``n`` (samples)."""
+    ``label``, then ``score``, ``score_lo``, ``score_hi`` and ``n`` (samples) of ``metric``."""
     rows = []
     records = list(records)
     for i, record in enumerate(records):
@@ -218,7 +392,7 @@ def table(records: Iterable[dict[str, Any]], columns: Sequence[str] = ("method",
             row["label"] = labels[i]
         for column in columns:
             row[column] = record.get("params", {}).get(column[6:]) if column.startswith("param.") else record.get(column)
-        iv = interval(record, level, seed=seed)
+        iv = interval(record, level, seed=seed, metric=metric)
         row.update(score=iv.estimate, score_lo=iv.lo, score_hi=iv.hi, n=iv.n)
         rows.append(row)
     return pd.DataFrame(rows)

@@ -34,6 +34,9 @@ class MethodConfig:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     note: ClassVar[str] = ""  # a caveat `crosskv list` prints under the method
+    # True when the method compresses a plain prefill: no hooks, module replacement or work inside the context
+    # forward, so the prefill equals the unmodified model's and crosskv.run.harness.evaluate_grid may share it
+    plain_prefill: ClassVar[bool] = False
 
     def bind(self, model, tokenizer) -> "Runner":
         raise NotImplementedError

@@ -197,6 +197,11 @@ class Compose(MethodConfig):
         if self.bits:
             QuantSpec(self.bits, self.group_size, self.residual)
 
+    @property
+    def plain_prefill(self) -> bool:
+        """Eviction scores the prefill with hooks; without it the base method decides."""
+        return self.evict == "none" and self.base_config().plain_prefill
+
     def base_config(self) -> MethodConfig:
         return make_method(self.base, **parse_params(self.base_params))
 

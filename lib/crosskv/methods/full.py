@@ -13,6 +13,7 @@ class Full(MethodConfig):
 
     name = "full"
     description = "plain DynamicCache (the reference every kept fraction is measured against)"
+    plain_prefill = True
 
     def bind(self, model, tokenizer=None) -> Runner:
         return Runner(self, model, tokenizer)

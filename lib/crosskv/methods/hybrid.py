@@ -56,6 +56,7 @@ class SharedXKV(XKV):
 
     name = "kvsharer_xkv"
     description = "hybrid: KVSharer consumers reuse a producer; xKV groups of G over the producer layers"
+    plain_prefill = False  # consumers read their producer's K/V during the prefill
 
     shared_layers: int | None = 8
     strategy: str | None = None

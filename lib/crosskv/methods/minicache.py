@@ -46,6 +46,7 @@ class MiniCache(MethodConfig):
 
     name = "minicache"
     description = "MiniCache: SLERP-merged directions of adjacent layer pairs + per-layer magnitudes + retained rows"
+    plain_prefill = True  # merges after the prefill
 
     start_layer: int | None = None  # default L // 2
     end_layer: int | None = None    # exclusive; default L

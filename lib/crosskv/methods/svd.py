@@ -109,6 +109,11 @@ class XKV(MethodConfig):
         if self.attention not in ("factored", "reconstruct"):
             raise ValueError(f"attention={self.attention!r} must be 'factored' or 'reconstruct'")
 
+    @property
+    def plain_prefill(self) -> bool:
+        """Non-strict runs compress after a plain prefill; strict ones inside it."""
+        return not self.strict
+
     def layer_range(self, shape: KVShape) -> tuple[int, int]:
         """``(start, end)`` checked against the model's layer count."""
         end = shape.layers if self.end_layer is None else self.end_layer

@@ -43,9 +43,11 @@ import resource
 import time
 import weakref
 from datetime import datetime, timezone
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
+from transformers import DynamicCache
 
 from crosskv.core import capture
 from crosskv.core import fingerprint
@@ -54,7 +56,7 @@ from crosskv.cache.census import RunCensus
 from crosskv.cache.storage import kv_bytes
 from crosskv.methods import MethodConfig, Runner, make_method
 from crosskv.core.models import is_random, model_name
-from crosskv.tasks import Sample, TaskConfig, make_task
+from crosskv.tasks import Sample, TaskConfig, encode, make_task
 from crosskv.tasks.mix import MIX_CONTEXTS, TASK_MIX
 from crosskv.core.progress import bar as progress_bar
 
@@ -170,8 +172,9 @@ def uneven(cache) -> bool:
     return len({layer.get_mask_sizes(one)[0] for layer in cache.layers if not getattr(layer, "is_sliding", False)}) > 1
 
 
-def feed(model, cache, ids: list[int], start: int, device, hidden: bool = False):
-    """Append ``ids`` at absolute positions ``start…`` → last logits ``(vocab,)`` or all hidden states ``(T, D)``."""
+def feed(model, cache, ids: list[int], start: int, device, hidden: bool = False, every: bool = False):
+    """Append ``ids`` at absolute positions ``start…`` → last logits ``(vocab,)``, every position's logits
+    ``(T, vocab)`` (``every``) or all hidden states ``(T, D)`` (``hidden``)."""
     chunks = [ids[i:i + 1] for i in range(len(ids))] if uneven(cache) else [ids]
     outs, pos = [], start
     for chunk in chunks:
@@ -180,69 +183,167 @@ def feed(model, cache, ids: list[int], start: int, device, hidden: bool = False)
         if hidden:
             outs.append(capture.decoder(model)(**kwargs).last_hidden_state[0])
         else:
-            outs.append(model(**kwargs, logits_to_keep=1).logits[0, -1])
+            outs.append(model(**kwargs, logits_to_keep=0 if every else 1).logits[0])  # (chunk | 1, vocab)
         pos += len(chunk)
-    return torch.cat(outs) if hidden else outs[-1]
+    if hidden or every:
+        return torch.cat(outs)
+    return outs[-1][-1]
 
 
-def _prefill(runner: Runner, cache, ids: list[int], device, hidden: bool):
-    """Context forward under ``runner.prefill`` then ``runner.compress`` → (output, prefill s, compress s)."""
+@dataclass
+class Prefill:
+    """A plain prefill of one sample's context (no method installed), captured once and replayed into the cache
+    of every configuration that compresses a plain prefill (:attr:`crosskv.methods.MethodConfig.plain_prefill`).
+
+    ``keys``/``values``: per layer ``(1, H_kv, T, d)`` (post-RoPE keys, as the cache stores them);
+    ``logits``: the last position's ``(vocab,)`` (generation tasks) or ``None``; ``hidden``: every position's
+    final hidden state ``(T, D)`` (perplexity tasks) or ``None``; ``seconds``: the context forward's time."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    logits: torch.Tensor | None
+    hidden: torch.Tensor | None
+    seconds: float
+
+
+@torch.no_grad()
+def plain_prefill(model, ids: list[int], hidden: bool = False) -> Prefill:
+    """Run the context ``ids`` through the unmodified model into a ``DynamicCache`` → :class:`Prefill`."""
+    device = next(model.parameters()).device
+    cache = DynamicCache(config=model.config)
+    kwargs = dict(input_ids=_ids(ids, device), past_key_values=cache, use_cache=True,
+                  position_ids=_positions(0, len(ids), device))
+    t0 = time.perf_counter()
+    if hidden:
+        out, logits = capture.decoder(model)(**kwargs).last_hidden_state[0], None
+    else:
+        out, logits = None, model(**kwargs, logits_to_keep=1).logits[0, -1]
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    if any(getattr(layer, "is_sliding", False) for layer in cache.layers):
+        raise ValueError(f"{model_name(model)} has sliding-window layers: a shared prefill would replay truncated "
+                         "layers; run these methods with evaluate, one at a time")
+    return Prefill([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers], logits, out,
+                   seconds)
+
+
+def _replay(cache, shared: Prefill) -> None:
+    """Append a copy of every layer's prefill K/V to ``cache``, as the model's attention layers would."""
+    for index, (keys, values) in enumerate(zip(shared.keys, shared.values)):
+        cache.update(keys.clone(), values.clone(), index)
+
+
+def _prefill(runner: Runner, cache, ids: list[int], device, hidden: bool, shared: Prefill | None = None):
+    """Context forward under ``runner.prefill`` then ``runner.compress`` → (last logits ``(vocab,)`` or hidden
+    states ``(T, D)``, prefill s, compress s). With ``shared`` the forward is replaced by a copy of a plain
+    prefill (its seconds plus the copy's count as prefill time)."""
     model = runner.model
     t0 = time.perf_counter()
     with runner.prefill(cache):
-        if hidden:
+        if shared is not None:
+            _replay(cache, shared)
+            out = shared.hidden if hidden else shared.logits
+        elif hidden:
             out = capture.decoder(model)(input_ids=_ids(ids, device), past_key_values=cache, use_cache=True,
-                                         position_ids=_positions(0, len(ids), device))
+                                         position_ids=_positions(0, len(ids), device)).last_hidden_state[0]
         else:
             out = model(input_ids=_ids(ids, device), past_key_values=cache, use_cache=True,
-                        position_ids=_positions(0, len(ids), device), logits_to_keep=1)
+                        position_ids=_positions(0, len(ids), device), logits_to_keep=1).logits[0, -1]
     _sync(device)
     t1 = time.perf_counter()
     runner.compress(cache)
     _sync(device)
-    return out, t1 - t0, time.perf_counter() - t1
+    return out, t1 - t0 + (shared.seconds if shared is not None else 0.0), time.perf_counter() - t1
+
+
+def gold_ids(tokenizer, sample: Sample) -> list[int]:
+    """Token ids of the gold answer as the model should continue the question: the sample's ``answers`` in
+    their listed order joined by ``", "``, after a space unless the question part already ends in whitespace
+    (RULER's answer prefixes end in ``are``/``:`` or in ``: ``). Empty when the sample has no answers."""
+    if not sample.answers:
+        return []
+    text = ", ".join(sample.answers)
+    tail = tokenizer.decode(sample.question_ids[-1:]) if sample.question_ids else ""
+    return encode(tokenizer, text if tail[-1:].isspace() else " " + text)
+
+
+def gold_scores(logits: torch.Tensor, gold: list[int]) -> dict[str, Any]:
+    """Teacher-forced scores of ``gold`` (M,) from the logits that predict each gold token ``(M, vocab)``:
+    ``gold_loglik`` (mean log-probability per gold token), ``gold_match`` (1 when the argmax at every position
+    is the gold token, i.e. greedy decoding reproduces the gold answer; else 0), ``gold_tokens`` (M)."""
+    target = torch.tensor(gold, device=logits.device)
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (M, vocab)
+    return {"gold_loglik": float(logp[torch.arange(len(gold), device=logits.device), target].mean()),
+            "gold_match": int(bool((logits.argmax(-1) == target).all())), "gold_tokens": len(gold)}
 
 
 @torch.no_grad()
-def run_generate(runner: Runner, sample: Sample, stops: set[int], settled=None) -> dict[str, Any]:
-    """Prefill the context, compress, append the question exactly, decode greedily → the sample's details.
+def run_generate(runner: Runner, sample: Sample, stops: set[int], settled=None, gold: list[int] | None = None,
+                 generate: bool = True, shared: Prefill | None = None) -> dict[str, Any]:
+    """Prefill the context (or replay ``shared``), compress, then score the sample through the compressed cache.
 
-    Decoding ends at a stop token, at ``sample.max_new_tokens``, or as soon as ``settled(prediction, sample)``
-    says more tokens cannot change the score (``details["settled"]``; see :class:`~crosskv.tasks.TaskSpec`).
+    ``gold`` (token ids, :func:`gold_ids`): the question and the gold answer are appended teacher-forced in
+    one pass → :func:`gold_scores`. ``generate``: greedy decoding after the question (the cache is cropped back
+    to the question's end first); decoding ends at a stop token, at ``sample.max_new_tokens``, or as soon as
+    ``settled(prediction, sample)`` says more tokens cannot change the score (``details["settled"]``; see
+    :class:`~crosskv.tasks.TaskSpec`). ``*_end`` bytes are measured after the last token appended.
     """
     model, tokenizer = runner.model, runner.tokenizer
     device = next(model.parameters()).device
+    question = list(sample.question_ids)
+    detail: dict[str, Any] = {"generated": generate}
     with runner.applied():
         census = RunCensus(runner)
         cache = runner.new_cache()
-        out, prefill_s, compress_s = _prefill(runner, cache, sample.context_ids, device, hidden=False)
+        last, prefill_s, compress_s = _prefill(runner, cache, sample.context_ids, device, False, shared)
         after = _bytes(model, cache, len(sample.context_ids), census)
+        asked = len(sample.context_ids) + len(question)  # tokens seen once the question is in
         fed = len(sample.context_ids)
-        logits = out.logits[0, -1]
-        if sample.question_ids:
-            logits = feed(model, cache, sample.question_ids, fed, device)
-            fed += len(sample.question_ids)
-        token = int(logits.argmax())
-        generated = [token]
-        _sync(device)
         t0 = time.perf_counter()
-        done = False
-        while token not in stops and len(generated) < sample.max_new_tokens:
-            if settled is not None and settled(tokenizer.decode(generated, skip_special_tokens=True), sample):
-                done = True
-                break
-            out = model(input_ids=_ids([token], device), past_key_values=cache, use_cache=True,
-                        position_ids=_positions(fed, 1, device), logits_to_keep=1)
-            fed += 1
-            token = int(out.logits[0, -1].argmax())
-            generated.append(token)
+        if gold:
+            forced = question + gold[:-1]
+            logits = feed(model, cache, forced, fed, device, every=True) if forced else last[None, :0]
+            predictors = logits[len(question) - 1:] if question else torch.cat([last[None], logits])  # (M, vocab)
+            first, fed = predictors[0], fed + len(forced)
+            detail.update(gold_scores(predictors, gold))
+        elif question:
+            first, fed = feed(model, cache, question, fed, device), asked
+        else:
+            first = last
         _sync(device)
-        decode_s = time.perf_counter() - t0
+        detail["gold_s"] = time.perf_counter() - t0 if gold else None
+        if generate:
+            if fed > asked:
+                cache.crop(asked)
+                fed = asked
+            detail.update(_decode(runner, cache, first, fed, sample, stops, settled, device))
+            fed += detail["decode_steps"]
         end = _bytes(model, cache, fed, census)
-    prediction = tokenizer.decode(generated, skip_special_tokens=True)
-    return {"prediction": prediction, "generated_tokens": len(generated), "decode_steps": len(generated) - 1, "settled": done,
-            "decode_s": decode_s, "prefill_s": prefill_s, "compress_s": compress_s, **after,
+    return {**detail, "prefill_s": prefill_s, "compress_s": compress_s, **after,
             **{f"{k}_end": v for k, v in end.items()}}
+
+
+def _decode(runner: Runner, cache, first: torch.Tensor, fed: int, sample: Sample, stops: set[int], settled,
+            device) -> dict[str, Any]:
+    """Greedy decoding from the logits ``first`` (vocab,) with ``fed`` tokens in the cache → the prediction."""
+    model, tokenizer = runner.model, runner.tokenizer
+    token = int(first.argmax())
+    generated = [token]
+    _sync(device)
+    t0 = time.perf_counter()
+    done = False
+    while token not in stops and len(generated) < sample.max_new_tokens:
+        if settled is not None and settled(tokenizer.decode(generated, skip_special_tokens=True), sample):
+            done = True
+            break
+        out = model(input_ids=_ids([token], device), past_key_values=cache, use_cache=True,
+                    position_ids=_positions(fed, 1, device), logits_to_keep=1)
+        fed += 1
+        token = int(out.logits[0, -1].argmax())
+        generated.append(token)
+    _sync(device)
+    return {"prediction": tokenizer.decode(generated, skip_special_tokens=True), "generated_tokens": len(generated),
+            "decode_steps": len(generated) - 1, "settled": done, "decode_s": time.perf_counter() - t0}
 
 
 def _nll(model, hidden: torch.Tensor, targets: torch.Tensor) -> float:
@@ -256,18 +357,17 @@ def _nll(model, hidden: torch.Tensor, targets: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def run_perplexity(runner: Runner, sample: Sample) -> dict[str, Any]:
+def run_perplexity(runner: Runner, sample: Sample, shared: Prefill | None = None) -> dict[str, Any]:
     """``ppl``: NLL of the window under the method's prefill; ``ppl_cont`` (question_ids = continuation): NLL
-    of the continuation fed teacher-forced through the compressed cache."""
+    of the continuation fed teacher-forced through the compressed cache. ``shared``: a plain prefill to replay."""
     model = runner.model
     device = next(model.parameters()).device
     ids = torch.tensor(sample.context_ids, device=device)
     with runner.applied():
         census = RunCensus(runner)
         cache = runner.new_cache()
-        out, prefill_s, compress_s = _prefill(runner, cache, sample.context_ids, device, hidden=True)
+        hidden, prefill_s, compress_s = _prefill(runner, cache, sample.context_ids, device, True, shared)  # (T, D)
         after = _bytes(model, cache, len(sample.context_ids), census)
-        hidden = out.last_hidden_state[0]  # (T, D)
         t0 = time.perf_counter()
         if not sample.question_ids:
             nll, scored = _nll(model, hidden[:-1], ids[1:]), len(ids) - 1
@@ -307,13 +407,19 @@ def _ratio(num: float | None, den: float | None) -> float | None:
 
 
 def summarize(task: TaskConfig, details: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-run numbers from per-sample details (score, mean bytes and their ratios, timings)."""
+    """Per-run numbers from per-sample details (score, mean bytes and their ratios, timings). Generation runs:
+    ``score`` is the mean over the ``scored_samples`` decoded samples; ``gold_loglik`` / ``gold_match`` the
+    means of the teacher-forced gold-answer scores over every sample."""
     spec = task.spec
     if spec.kind == "generate":
-        score = _mean([d["score"] for d in details])
+        score = _mean([d.get("score") for d in details])
     else:
         score = math.exp(sum(d["nll"] for d in details) / sum(d["scored_tokens"] for d in details))
     out: dict[str, Any] = {"score": score, "metric": spec.metric, "higher_is_better": spec.higher_is_better}
+    if spec.kind == "generate":
+        out["scored_samples"] = sum(d.get("score") is not None for d in details)
+        out["gold_loglik"] = _mean([d.get("gold_loglik") for d in details])
+        out["gold_match"] = _mean([d.get("gold_match") for d in details])
     for name in ("kv_bytes", "kv_bytes_held", "kv_bytes_full", "kv_bytes_16bit", "kv_bytes_full_16bit",
                  "kv_bytes_end", "kv_bytes_held_end", "kv_bytes_full_end", "kv_bytes_16bit_end",
                  "kv_bytes_full_16bit_end"):
@@ -352,66 +458,149 @@ def _existing(key: str, results_dir, force: bool, world: int) -> dict | None:
     return found
 
 
+def _task_config(task: TaskConfig | str, context: int, samples: int, seed: int, options: dict) -> TaskConfig:
+    return task if isinstance(task, TaskConfig) else make_task(task, context, samples, seed, **options)
+
+
+def _identity(model, config: MethodConfig, task: TaskConfig, generate_samples: int | None) -> dict[str, Any]:
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    task_params = task.params()
+    if generate_samples is not None and task.spec.kind == "generate":
+        task_params["generate_samples"] = generate_samples
+    return results.identity(model_name(model), dtype, config.name, config.params(), task_params,
+                            model_fingerprint=fingerprint.model_fingerprint(model))
+
+
+def _check_generate_samples(generate_samples: int | None) -> None:
+    if generate_samples is not None and (isinstance(generate_samples, bool) or not isinstance(generate_samples, int)
+                                         or generate_samples < 0):
+        raise ValueError(f"generate_samples={generate_samples!r} must be None (every sample) or an int >= 0")
+
+
+def _run_sample(runner: Runner, task: TaskConfig, sample: Sample, stops: set[int], generate_samples: int | None,
+                shared: Prefill | None) -> dict[str, Any]:
+    """One sample's details: generation tasks get the gold-answer scores and, for the first ``generate_samples``
+    sample indices (all when ``None``), exact match by greedy generation (``score``)."""
+    spec = task.spec
+    if spec.kind == "generate":
+        generate = generate_samples is None or sample.index < generate_samples
+        detail = run_generate(runner, sample, stops, spec.settled, gold_ids(runner.tokenizer, sample), generate, shared)
+        detail["score"] = spec.score(detail["prediction"], sample, task) if generate else None
+        detail["answers"] = sample.answers
+    else:
+        detail = run_perplexity(runner, sample, shared)
+    detail.update(index=sample.index, prompt_tokens=sample.prompt_tokens, context_tokens=len(sample.context_ids),
+                  info=sample.info)
+    return detail
+
+
 def evaluate(model, tokenizer, method: MethodConfig | str, task: TaskConfig | str, context: int = 2048,
              samples: int = 10, seed: int = 0, force: bool = False, store: bool = True, results_dir=None,
-             progress: bool = True, **task_options: Any) -> dict[str, Any]:
+             progress: bool = True, generate_samples: int | None = None, **task_options: Any) -> dict[str, Any]:
     """Score ``method`` on ``task`` with ``model`` and return the run's record (see :mod:`crosskv.run.results`).
 
     ``method``: a :class:`~crosskv.methods.MethodConfig` or a registered name (default parameters).
     ``task``: a :class:`~crosskv.tasks.TaskConfig` or a task name, built with ``context`` (prompt tokens),
-    ``samples``, ``seed`` and ``task_options``. A stored record with the same key is returned without
-    running unless ``force``; ``store=False`` neither reads nor writes the store.
+    ``samples``, ``seed`` and ``task_options``. Generation tasks score every sample's gold answer teacher-forced
+    (``gold_loglik``, ``gold_match``) and the first ``generate_samples`` samples (all when ``None``) by greedy
+    generation (``score``, exact match). A stored record with the same key is returned without running unless
+    ``force``; ``store=False`` neither reads nor writes the store.
     """
     config = method if isinstance(method, MethodConfig) else make_method(method)
-    task_config = task if isinstance(task, TaskConfig) else make_task(task, context, samples, seed, **task_options)
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    name = model_name(model)
-    ident = results.identity(name, dtype, config.name, config.params(), task_config.params(),
-                             model_fingerprint=fingerprint.model_fingerprint(model))
-    key = results.run_key(ident)
+    return evaluate_grid(model, tokenizer, {config.name: config}, task, context, samples, seed, force, store,
+                         results_dir, progress, generate_samples, **task_options)[config.name]
+
+
+def evaluate_grid(model, tokenizer, methods: dict[str, MethodConfig], task: TaskConfig | str, context: int = 2048,
+                  samples: int = 10, seed: int = 0, force: bool = False, store: bool = True, results_dir=None,
+                  progress: bool = True, generate_samples: int | None = None,
+                  **task_options: Any) -> dict[str, dict[str, Any]]:
+    """:func:`evaluate` of every configuration of ``methods`` (label → config) on one task → label → record.
+
+    Configurations whose :attr:`~crosskv.methods.MethodConfig.plain_prefill` is true (they compress a plain
+    prefill: eviction-free compositions, Single SVD / xKV non-strict, MiniCache, quantization) share one
+    prefill per sample: the context runs once through the unmodified model and each configuration compresses
+    its own copy (:class:`Prefill`). The others run their own prefill. Every record is stored under its own
+    key, with the same details, scores and bytes as a separate :func:`evaluate` call; its ``prefill_shared``
+    says how many configurations shared each prefill (1: its own), ``seconds`` counts its own work plus its
+    share of the shared prefills, and ``peak_mem_scope`` is ``"grid"`` when several configurations ran
+    together (the peak then covers all of them).
+    """
+    _check_generate_samples(generate_samples)
+    if not methods:
+        raise ValueError("evaluate_grid needs at least one method configuration")
+    for label, config in methods.items():
+        if not isinstance(config, MethodConfig):
+            raise ValueError(f"evaluate_grid: {label!r} is a {type(config).__name__}, not a MethodConfig")
+    task_config = _task_config(task, context, samples, seed, task_options)
     rank, world = distributed()
-    if store:
-        found = _existing(key, results_dir, force, world)
+    records: dict[str, dict[str, Any]] = {}
+    todo: dict[str, tuple[MethodConfig, dict[str, Any], str]] = {}
+    for label, config in methods.items():
+        ident = _identity(model, config, task_config, generate_samples)
+        key = results.run_key(ident)
+        found = _existing(key, results_dir, force, world) if store else None
         if found is not None:
             log.info("skipping %s on %s: stored as %s", config.name, task_config.name, key[:12])
-            return found
+            records[label] = found
+        else:
+            todo[label] = (config, ident, key)
+    if todo:
+        records.update(_run_grid(model, tokenizer, todo, task_config, generate_samples, store, results_dir, progress,
+                                 rank, world))
+    return {label: records[label] for label in methods}
+
+
+def _run_grid(model, tokenizer, todo: dict[str, tuple[MethodConfig, dict[str, Any], str]], task: TaskConfig,
+              generate_samples: int | None, store: bool, results_dir, progress: bool, rank: int,
+              world: int) -> dict[str, dict[str, Any]]:
+    name = model_name(model)
     if is_random(model):
-        log.warning("%s has random weights: %s scores are meaningless (speed and memory are not)", name,
-                    task_config.name)
-    started = time.perf_counter()
-    spec = task_config.spec
-    samples_ = spec.build(task_config, tokenizer, range(rank, task_config.samples, world))
-    _check_length(model, task_config, samples_)
-    runner = bind(model, tokenizer, config)
+        log.warning("%s has random weights: %s scores are meaningless (speed and memory are not)", name, task.name)
+    spec = task.spec
+    samples_ = spec.build(task, tokenizer, range(rank, task.samples, world))
+    _check_length(model, task, samples_)
+    runners = {label: bind(model, tokenizer, config) for label, (config, _, _) in todo.items()}
+    plain = [label for label, (config, _, _) in todo.items() if config.plain_prefill]
+    shared_by = len(plain) if len(plain) > 1 else 1
     device = next(model.parameters()).device
     peak = PeakMemory(device)
     peak.reset()
     stops = _stop_ids(model, tokenizer)
-    details = []
-    label = f"{config.name} · {task_config.name} · {task_config.context}"
-    for sample in progress_bar(samples_, enabled=progress and rank == 0, desc=label, leave=False):
-        if spec.kind == "generate":
-            detail = run_generate(runner, sample, stops, spec.settled)
-            detail["score"] = spec.score(detail["prediction"], sample, task_config)
-            detail["answers"] = sample.answers
-        else:
-            detail = run_perplexity(runner, sample)
-        detail.update(index=sample.index, prompt_tokens=sample.prompt_tokens,
-                      context_tokens=len(sample.context_ids), info=sample.info)
-        details.append(detail)
-    details, peak_bytes = _gather(details, peak.read(), world)
-    record = {"key": key, **{k: v for k, v in ident.items() if k != "task"}, "task": task_config.name,
-              "context": task_config.context, "samples": len(details), "seed": task_config.seed,
-              "options": dict(task_config.options), **runner.record_fields(), **summarize(task_config, details),
-              "quant_storage": getattr(runner, "quant_storage", None),
-              "peak_mem_bytes": peak_bytes, "peak_mem_kind": peak.kind, "seconds": time.perf_counter() - started,
-              "device": str(device), "world_size": world,
-              "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              **results.environment(), "details": details}
-    if store and rank == 0:
-        results.save_record(record, results_dir)
-    log.info("%s on %s: score %.4g, kept %.3f", config.name, task_config.name, record["score"], record["kept"] or 0)
-    return record
+    details: dict[str, list[dict]] = {label: [] for label in todo}
+    seconds = dict.fromkeys(todo, 0.0)
+    names = ", ".join(config.name for config, _, _ in todo.values())
+    label_ = f"{names if len(todo) == 1 else f'{len(todo)} methods'} · {task.name} · {task.context}"
+    for sample in progress_bar(samples_, enabled=progress and rank == 0, desc=label_, leave=False):
+        shared = None
+        if shared_by > 1:
+            shared = plain_prefill(model, sample.context_ids, hidden=spec.kind != "generate")
+            for label in plain:
+                seconds[label] += shared.seconds / shared_by
+        for label, runner in runners.items():
+            t0 = time.perf_counter()
+            share = shared if label in plain else None
+            details[label].append(_run_sample(runner, task, sample, stops, generate_samples, share))
+            seconds[label] += time.perf_counter() - t0 - (share.seconds if share is not None else 0.0)
+    peak_bytes, scope = peak.read(), "grid" if len(todo) > 1 else "run"
+    out = {}
+    for label, (config, ident, key) in todo.items():
+        merged, peak_all = _gather(details[label], peak_bytes, world)
+        runner = runners[label]
+        record = {"key": key, **{k: v for k, v in ident.items() if k != "task"}, "task": task.name,
+                  "context": task.context, "samples": len(merged), "seed": task.seed,
+                  "options": dict(task.options), **runner.record_fields(), **summarize(task, merged),
+                  "generate_samples": generate_samples, "quant_storage": getattr(runner, "quant_storage", None),
+                  "prefill_shared": shared_by if label in plain else 1,
+                  "peak_mem_bytes": peak_all, "peak_mem_kind": peak.kind, "peak_mem_scope": scope,
+                  "seconds": seconds[label], "device": str(device), "world_size": world,
+                  "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  **results.environment(), "details": merged}
+        if store and rank == 0:
+            results.save_record(record, results_dir)
+        log.info("%s on %s: score %s, kept %.3f", config.name, task.name, record["score"], record["kept"] or 0)
+        out[label] = record
+    return out
 
 
 def evaluate_many(model, tokenizer, grid, **common: Any) -> list[dict[str, Any]]:

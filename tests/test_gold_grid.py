@@ -1,0 +1,150 @@
+"""The teacher-forced gold-answer metric and the shared prefill of evaluate_grid.
+
+Gold scores are checked against a plain transformers ``DynamicCache`` forward; grid records against separate
+``evaluate`` runs (same details, scores and bytes; timings differ by construction).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from crosskv.methods import make_method
+from crosskv.run import harness
+from crosskv.tasks import make_task
+
+TIMING = {"prefill_s", "compress_s", "decode_s", "gold_s", "continuation_s"}
+
+
+def _reference_gold(model, tokenizer, sample):
+    """gold_loglik / gold_match from a plain DynamicCache: prefill the context, then question + gold in one pass."""
+    gold = harness.gold_ids(tokenizer, sample)
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        model(torch.tensor([sample.context_ids]), past_key_values=cache, use_cache=True)
+        forced = sample.question_ids + gold[:-1]
+        logits = model(torch.tensor([forced]), past_key_values=cache, use_cache=True).logits[0]
+    predictors = logits[len(sample.question_ids) - 1:].float()
+    logp = torch.log_softmax(predictors, -1)[torch.arange(len(gold)), torch.tensor(gold)]
+    return float(logp.mean()), int(bool((predictors.argmax(-1) == torch.tensor(gold)).all()))
+
+
+def _strip(details):
+    return [{k: v for k, v in d.items() if k not in TIMING} for d in details]
+
+
+def _same_record(a, b):
+    assert _strip(a["details"]) == _strip(b["details"])
+    for field in ("score", "gold_loglik", "gold_match", "kv_bytes", "kv_bytes_held", "kept", "kept_held",
+                  "kv_bytes_end", "key"):
+        assert a.get(field) == b.get(field), field
+
+
+def test_gold_ids_follow_the_answer_prefix(tiny_model):
+    _, tok = tiny_model
+    task = make_task("niah_single_2", context=128, samples=1)
+    sample = task.spec.build(task, tok)[0]
+    gold = harness.gold_ids(tok, sample)
+    assert tok.decode(gold) == " " + ", ".join(sample.answers)
+    sample.answers = []
+    assert harness.gold_ids(tok, sample) == []
+
+
+def test_gold_scores_definition():
+    logits = torch.tensor([[0.0, 2.0, 0.0], [3.0, 0.0, 0.0]])
+    out = harness.gold_scores(logits, [1, 0])
+    expected = float(torch.log_softmax(logits, -1)[[0, 1], [1, 0]].mean())
+    assert out == {"gold_loglik": pytest.approx(expected), "gold_match": 1, "gold_tokens": 2}
+    assert harness.gold_scores(logits, [1, 2])["gold_match"] == 0
+
+
+def test_full_gold_scores_equal_a_plain_dynamic_cache(tiny_model):
+    model, tok = tiny_model
+    rec = harness.evaluate(model, tok, "full", "niah_multivalue", context=192, samples=3, store=False,
+                           progress=False)
+    task = make_task("niah_multivalue", context=192, samples=3)
+    for sample, detail in zip(task.spec.build(task, tok), rec["details"]):
+        loglik, match = _reference_gold(model, tok, sample)
+        assert detail["gold_loglik"] == pytest.approx(loglik, abs=1e-5)
+        assert detail["gold_match"] == match
+    assert rec["gold_loglik"] == pytest.approx(sum(d["gold_loglik"] for d in rec["details"]) / 3)
+
+
+def test_generation_after_gold_equals_generation_alone(tiny_model, monkeypatch):
+    """The gold pass is cropped away before decoding: predictions equal a run without gold scoring."""
+    model, tok = tiny_model
+    with_gold = harness.evaluate(model, tok, "full", "niah_single_2", context=160, samples=2, store=False,
+                                 progress=False)
+    monkeypatch.setattr(harness, "gold_ids", lambda tokenizer, sample: [])
+    alone = harness.evaluate(model, tok, "full", "niah_single_2", context=160, samples=2, store=False,
+                             progress=False)
+    assert [d["prediction"] for d in with_gold["details"]] == [d["prediction"] for d in alone["details"]]
+    assert [d["kv_bytes_end"] for d in with_gold["details"]] == [d["kv_bytes_end"] for d in alone["details"]]
+    assert alone["gold_loglik"] is None
+
+
+def test_generate_samples_scores_a_subset_and_is_keyed(tiny_model):
+    model, tok = tiny_model
+    rec = harness.evaluate(model, tok, "full", "niah_single_2", context=128, samples=3, store=False,
+                           progress=False, generate_samples=1)
+    assert [d["generated"] for d in rec["details"]] == [True, False, False]
+    assert rec["scored_samples"] == 1 and rec["score"] == rec["details"][0]["score"]
+    assert all(d["gold_loglik"] is not None for d in rec["details"])
+    full = harness.evaluate(model, tok, "full", "niah_single_2", context=128, samples=3, store=False, progress=False)
+    assert full["key"] != rec["key"] and full["scored_samples"] == 3
+    with pytest.raises(ValueError, match="generate_samples=-1"):
+        harness.evaluate(model, tok, "full", "niah_single_2", context=128, samples=1, store=False,
+                         progress=False, generate_samples=-1)
+
+
+def test_grid_records_equal_separate_runs_tiny(tiny_model, tmp_path):
+    model, tok = tiny_model
+    methods = {"full": make_method("full"), "svd": make_method("svd", kept=0.5),
+               "int4": make_method("compose", base="full", bits=4, group_size=16, residual=8),
+               "snapkv": make_method("kvpress:snapkv", compression_ratio=0.5)}
+    common = dict(context=160, samples=2, progress=False, generate_samples=1)
+    grid = harness.evaluate_grid(model, tok, methods, "niah_single_2", results_dir=tmp_path / "grid", **common)
+    assert [grid[k]["prefill_shared"] for k in methods] == [3, 3, 3, 1]
+    for label, config in methods.items():
+        alone = harness.evaluate(model, tok, config, "niah_single_2", results_dir=tmp_path / "alone", **common)
+        _same_record(grid[label], alone)
+    again = harness.evaluate_grid(model, tok, methods, "niah_single_2", results_dir=tmp_path / "grid", **common)
+    assert all(again[k]["created"] == grid[k]["created"] and again[k]["key"] == grid[k]["key"] for k in methods)
+
+
+def test_grid_shares_perplexity_prefills_too(tiny_model):
+    model, tok = tiny_model
+    methods = {"full": make_method("full"), "minicache": make_method("minicache", start_layer=0)}
+    common = dict(context=96, samples=2, progress=False, store=False, continuation=8)
+    grid = harness.evaluate_grid(model, tok, methods, "ppl_cont", **common)
+    for label, config in methods.items():
+        _same_record(grid[label], harness.evaluate(model, tok, config, "ppl_cont", **common))
+
+
+def test_grid_refuses_what_is_not_a_method(tiny_model):
+    model, tok = tiny_model
+    with pytest.raises(ValueError, match="'x' is a str"):
+        harness.evaluate_grid(model, tok, {"x": "full"}, "niah_single_2", context=64, samples=1, store=False)
+    with pytest.raises(ValueError, match="at least one"):
+        harness.evaluate_grid(model, tok, {}, "niah_single_2", context=64, samples=1, store=False)
+
+
+@pytest.mark.slow
+def test_gold_and_grid_on_the_embedded_model(model16, tmp_path):
+    """bfloat16 SmolLM2: full's gold scores equal a plain DynamicCache forward; a grid of five configurations
+    (four sharing the prefill) gives the records of separate runs."""
+    model, tok = model16
+    task = make_task("niah_multikey_2", context=512, samples=2)
+    rec = harness.evaluate(model, tok, "full", task, store=False, progress=False)
+    for sample, detail in zip(task.spec.build(task, tok), rec["details"]):
+        loglik, match = _reference_gold(model, tok, sample)
+        assert detail["gold_loglik"] == pytest.approx(loglik, abs=1e-4)
+        assert detail["gold_match"] == match
+    methods = {"full": make_method("full"), "xkv": make_method("xkv", kept=0.25),
+               "minicache": make_method("minicache", start_layer=20),
+               "kivi2": make_method("compose", base="full", bits=2, residual=32),
+               "streaming": make_method("kvpress:streaming_llm", compression_ratio=0.75)}
+    grid = harness.evaluate_grid(model, tok, methods, task, results_dir=tmp_path, progress=False)
+    assert [grid[k]["prefill_shared"] for k in methods] == [4, 4, 4, 4, 1]
+    for label, config in methods.items():
+        _same_record(grid[label], harness.evaluate(model, tok, config, task, store=False, progress=False))
