@@ -118,3 +118,19 @@ def test_commonkv_widths_from_published_shapes():
     assert df.loc[("llama-3.1-8b", 0.4), "nominal_kept"] == pytest.approx(0.4 * 4096 / 2048 / 4)
     with pytest.raises(ValueError, match="unknown model shape"):
         structure.shape_of("gpt-5")
+
+
+def test_detectable_effect_on_the_gold_metric_and_on_windows():
+    a = _record([1, 0, 1, 1, 0, 1], 0.5)
+    for i, d in enumerate(a["details"]):
+        d["gold_loglik"] = -0.1 * i
+    b = {**a, "details": [{"index": i, "score": 1, "gold_loglik": -0.5} for i in range(6)]}
+    assert report.retrieval_metric(a) == "gold_loglik" and report.retrieval_metric(_record([1], 0.5)) == "score"
+    line = report.detectable(a, b, "a vs b")
+    assert "gold_loglik at n = 6 samples" in line
+    window = {"task": "ppl_cont", "metric": "perplexity", "higher_is_better": False,
+              "details": [{"index": i, "nll": 10.0 + i, "scored_tokens": 8} for i in range(4)]}
+    other = {**window, "details": [{"index": i, "nll": 11.0 + 1.3 * i, "scored_tokens": 8} for i in range(4)]}
+    assert "n = 4 windows" in report.detectable(window, other, "ppl")
+    with pytest.raises(ValueError, match="not on the same"):
+        report.detectable(window, {**other, "details": other["details"][:3]}, "ppl")

@@ -23,6 +23,7 @@ from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
+from crosskv.evidence import stats
 from crosskv.evidence.stats import Comparison, Interval, compare
 
 PROFILE_ENV = "CROSSKV_PROFILE"  # set by crosskv.evidence.figures for the kernel it starts
@@ -163,7 +164,7 @@ def matched(kept_a: float, kept_b: float, tolerance: float = MATCH_TOLERANCE) ->
 
 
 def equal_memory(a: dict[str, Any], b: dict[str, Any], label_a: str, label_b: str,
-                 tolerance: float = MATCH_TOLERANCE) -> Comparison:
+                 tolerance: float = MATCH_TOLERANCE, metric: str = "score") -> Comparison:
     """The paired comparison of two runs at equal memory, both held kepts in the labels; refused (``ValueError``
     naming both kepts) when they differ by more than ``tolerance`` relative: a better score bought with more
     memory is not a better method."""
@@ -173,7 +174,7 @@ def equal_memory(a: dict[str, Any], b: dict[str, Any], label_a: str, label_b: st
     if not matched(kept_a, kept_b, tolerance):
         raise ValueError(f"{label_a} (kept {kept_a:.3f}) and {label_b} (kept {kept_b:.3f}) differ by more than "
                          f"{tolerance:.0%} relative kept: not an equal-memory comparison")
-    return compare(a, b, f"{label_a} (kept {kept_a:.3f})", f"{label_b} (kept {kept_b:.3f})")
+    return compare(a, b, f"{label_a} (kept {kept_a:.3f})", f"{label_b} (kept {kept_b:.3f})", metric=metric)
 
 
 def verdicts(comparisons: Sequence[Comparison]) -> pd.DataFrame:
@@ -205,7 +206,7 @@ def versus(iv: Interval, against: float, above: str, below: str, neither: str) -
 
 
 def at_equal_memory(pairs: Iterable[tuple[dict[str, Any], dict[str, Any], str, str]],
-                    tolerance: float = MATCH_TOLERANCE) -> tuple[list[Comparison], list[str]]:
+                    tolerance: float = MATCH_TOLERANCE, metric: str = "score") -> tuple[list[Comparison], list[str]]:
     """:func:`equal_memory` over ``(a, b, label_a, label_b)`` pairs: the comparisons of the matched pairs, and one
     sentence per pair it refused (both kepts named), so a notebook states what it could not compare."""
     from crosskv.evidence.frontier import held_kept
@@ -214,9 +215,43 @@ def at_equal_memory(pairs: Iterable[tuple[dict[str, Any], dict[str, Any], str, s
     for a, b, label_a, label_b in pairs:
         kept_a, kept_b = held_kept(a)[0], held_kept(b)[0]
         if matched(kept_a, kept_b, tolerance):
-            done.append(equal_memory(a, b, label_a, label_b, tolerance))
+            done.append(equal_memory(a, b, label_a, label_b, tolerance, metric))
         else:
             refused.append(f"Not compared: {label_a} (kept {kept_a:.3f}) and {label_b} (kept {kept_b:.3f}) differ by more "
                            f"than {tolerance:.0%} relative kept.")
     return done, refused
+
+
+def retrieval_metric(record: dict[str, Any]) -> str:
+    """``gold_loglik`` (the paired teacher-forced gold-answer metric) when a generation record carries it on every
+    sample, else ``score`` (exact match from generation); perplexity records: ``score``."""
+    if stats.is_perplexity(record):
+        return "score"
+    details = record.get("details") or []
+    return "gold_loglik" if details and all(d.get("gold_loglik") is not None for d in details) else "score"
+
+
+def detectable(a: dict[str, Any], b: dict[str, Any], label: str, metric: str | None = None) -> str:
+    """A sentence with the minimum detectable effect of the paired comparison ``a`` vs ``b`` at its n
+    (:func:`crosskv.evidence.stats.min_detectable_effect`: paired t, 80 % power, 5 % two-sided). Perplexity
+    runs: on the per-window mean NLL per token (nats), since perplexity differences do not add up per window."""
+    if stats.is_perplexity(a):
+        def per_window(record):
+            details = sorted(record["details"], key=lambda d: d["index"])
+            return [d["index"] for d in details], [d["nll"] / d["scored_tokens"] for d in details]
+        (ia, va), (ib, vb) = per_window(a), per_window(b)
+        unit, name = "windows", "mean NLL per token (nats)"
+    else:
+        metric = metric or retrieval_metric(a)
+        (ia, va), (ib, vb) = stats.unit_values(a, metric), stats.unit_values(b, metric)
+        unit, name = "samples", metric
+    if list(ia) != list(ib):
+        raise ValueError(f"{label}: the two runs are not on the same {unit}")
+    diffs = [x - y for x, y in zip(va, vb)]
+    n = len(diffs)
+    if n < 2:
+        return f"{label}: n = {n} {unit}, too few for a minimum detectable effect."
+    mde = stats.min_detectable_effect(diffs, n)
+    return (f"Minimum detectable effect, {label}: {mde:.3g} in {name} at n = {n} {unit} (paired t-test, 80 % power, "
+            f"5 % two-sided; smaller true differences are likely reported as ties).")
 
