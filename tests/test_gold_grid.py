@@ -101,10 +101,15 @@ def test_grid_records_equal_separate_runs_tiny(tiny_model, tmp_path):
     model, tok = tiny_model
     methods = {"full": make_method("full"), "svd": make_method("svd", kept=0.5),
                "int4": make_method("compose", base="full", bits=4, group_size=16, residual=8),
-               "snapkv": make_method("kvpress:snapkv", compression_ratio=0.5)}
+               "snapkv": make_method("kvpress:snapkv", compression_ratio=0.5, window_size=16),
+               "pyramid": make_method("kvpress:pyramidkv", compression_ratio=0.5, window_size=16),
+               "expected": make_method("kvpress:expected_attention", compression_ratio=0.5, n_future_positions=16),
+               "knorm": make_method("kvpress:knorm", compression_ratio=0.5),
+               "snap+int4": make_method("compose", base="full", evict="snapkv", evict_ratio=0.5, window_size=16,
+                                        bits=4, group_size=16, residual=8)}
     common = dict(context=160, samples=2, progress=False, generate_samples=1)
     grid = harness.evaluate_grid(model, tok, methods, "niah_single_2", results_dir=tmp_path / "grid", **common)
-    assert [grid[k]["prefill_shared"] for k in methods] == [3, 3, 3, 1]
+    assert [grid[k]["prefill_shared"] for k in methods] == [7] * 7 + [1]  # compose with eviction: its own
     for label, config in methods.items():
         alone = harness.evaluate(model, tok, config, "niah_single_2", results_dir=tmp_path / "alone", **common)
         _same_record(grid[label], alone)
@@ -145,6 +150,6 @@ def test_gold_and_grid_on_the_embedded_model(model16, tmp_path):
                "kivi2": make_method("compose", base="full", bits=2, residual=32),
                "streaming": make_method("kvpress:streaming_llm", compression_ratio=0.75)}
     grid = harness.evaluate_grid(model, tok, methods, task, results_dir=tmp_path, progress=False)
-    assert [grid[k]["prefill_shared"] for k in methods] == [4, 4, 4, 4, 1]
+    assert [grid[k]["prefill_shared"] for k in methods] == [5, 5, 5, 5, 5]
     for label, config in methods.items():
         _same_record(grid[label], harness.evaluate(model, tok, config, task, store=False, progress=False))

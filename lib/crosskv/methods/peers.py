@@ -15,7 +15,9 @@ import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Iterator
+from typing import ClassVar, Iterator, Sequence
+
+from crosskv.core import capture
 
 from crosskv.methods.base import MethodConfig, Runner, register
 
@@ -26,6 +28,7 @@ class PressConfig(MethodConfig):
 
     compression_ratio: float = 0.5
     press_class: ClassVar[str] = ""
+    plain_prefill = True  # the hooks act after each layer's exact attention: replayable on a plain prefill
     MINIMUMS: ClassVar[dict[str, float]] = {"window_size": 1, "kernel_size": 1, "beta": 1, "n_sink": 0,
                                             "n_future_positions": 1, "epsilon": 0.0}
 
@@ -54,6 +57,18 @@ class PressRunner(Runner):
         press = self.config.make_press()
         with press(self.model):
             yield
+
+    def replay(self, cache, attention: Sequence[dict]) -> None:
+        """Compress ``cache`` holding a plain prefill as the press's hooks would have during it: layer by layer,
+        with each attention layer's captured forward keyword arguments and attention weights
+        (``attention[i] = {"kwargs": …, "weights": …}``; see :func:`crosskv.run.harness.plain_prefill`)."""
+        press = self.config.make_press()
+        press.post_init_from_model(self.model)
+        decoder = capture.decoder(self.model)
+        for layer, seen in zip(decoder.layers, attention, strict=True):
+            layer.self_attn.rotary_emb = decoder.rotary_emb  # what kvpress's press(model) sets up
+            press.forward_hook(layer.self_attn, [], {**seen["kwargs"], "past_key_values": cache},
+                               (None, seen["weights"]))
 
 
 @register

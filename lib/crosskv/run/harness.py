@@ -204,27 +204,40 @@ class Prefill:
     logits: torch.Tensor | None
     hidden: torch.Tensor | None
     seconds: float
+    attention: list[dict[str, Any]] | None = None  # per layer: the attention module's forward kwargs and weights
 
 
 @torch.no_grad()
-def plain_prefill(model, ids: list[int], hidden: bool = False) -> Prefill:
-    """Run the context ``ids`` through the unmodified model into a ``DynamicCache`` → :class:`Prefill`."""
+def plain_prefill(model, ids: list[int], hidden: bool = False, attention: bool = False) -> Prefill:
+    """Run the context ``ids`` through the unmodified model into a ``DynamicCache`` → :class:`Prefill`;
+    ``attention``: also keep what each attention layer's forward hooks see (for runners that ``replay``)."""
     device = next(model.parameters()).device
     cache = DynamicCache(config=model.config)
     kwargs = dict(input_ids=_ids(ids, device), past_key_values=cache, use_cache=True,
                   position_ids=_positions(0, len(ids), device))
+    seen: list[dict[str, Any]] = []
+
+    def keep(module, args, module_kwargs, output):
+        seen.append({"kwargs": {k: v for k, v in module_kwargs.items() if k != "past_key_values"},
+                     "weights": output[1]})
+
+    hooks = [m.register_forward_hook(keep, with_kwargs=True) for m in capture.attention_modules(model)] if attention else []
     t0 = time.perf_counter()
-    if hidden:
-        out, logits = capture.decoder(model)(**kwargs).last_hidden_state[0], None
-    else:
-        out, logits = None, model(**kwargs, logits_to_keep=1).logits[0, -1]
-    _sync(device)
+    try:
+        if hidden:
+            out, logits = capture.decoder(model)(**kwargs).last_hidden_state[0], None
+        else:
+            out, logits = None, model(**kwargs, logits_to_keep=1).logits[0, -1]
+        _sync(device)
+    finally:
+        for hook in hooks:
+            hook.remove()
     seconds = time.perf_counter() - t0
     if any(getattr(layer, "is_sliding", False) for layer in cache.layers):
         raise ValueError(f"{model_name(model)} has sliding-window layers: a shared prefill would replay truncated "
                          "layers; run these methods with evaluate, one at a time")
     return Prefill([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers], logits, out,
-                   seconds)
+                   seconds, seen if attention else None)
 
 
 def _replay(cache, shared: Prefill) -> None:
@@ -233,22 +246,32 @@ def _replay(cache, shared: Prefill) -> None:
         cache.update(keys.clone(), values.clone(), index)
 
 
-def _prefill(runner: Runner, cache, ids: list[int], device, hidden: bool, shared: Prefill | None = None):
-    """Context forward under ``runner.prefill`` then ``runner.compress`` → (last logits ``(vocab,)`` or hidden
-    states ``(T, D)``, prefill s, compress s). With ``shared`` the forward is replaced by a copy of a plain
-    prefill (its seconds plus the copy's count as prefill time)."""
+def _context(runner: Runner, cache, ids: list[int], device, hidden: bool, shared: Prefill | None):
+    """The context into ``cache`` under the method's prefill → last logits ``(vocab,)`` or hidden states ``(T, D)``.
+    With ``shared``, a copy of that plain prefill stands in for the forward; a runner with a ``replay`` (the
+    kvpress presses) then applies its prefill hooks to the copy, layer by layer, with what they would have seen."""
     model = runner.model
-    t0 = time.perf_counter()
-    with runner.prefill(cache):
-        if shared is not None:
+    if shared is not None:
+        if hasattr(runner, "replay"):
             _replay(cache, shared)
-            out = shared.hidden if hidden else shared.logits
-        elif hidden:
-            out = capture.decoder(model)(input_ids=_ids(ids, device), past_key_values=cache, use_cache=True,
-                                         position_ids=_positions(0, len(ids), device)).last_hidden_state[0]
+            runner.replay(cache, shared.attention)
         else:
-            out = model(input_ids=_ids(ids, device), past_key_values=cache, use_cache=True,
-                        position_ids=_positions(0, len(ids), device), logits_to_keep=1).logits[0, -1]
+            with runner.prefill(cache):
+                _replay(cache, shared)
+        return shared.hidden if hidden else shared.logits
+    kwargs = dict(input_ids=_ids(ids, device), past_key_values=cache, use_cache=True,
+                  position_ids=_positions(0, len(ids), device))
+    with runner.prefill(cache):
+        if hidden:
+            return capture.decoder(model)(**kwargs).last_hidden_state[0]
+        return model(**kwargs, logits_to_keep=1).logits[0, -1]
+
+
+def _prefill(runner: Runner, cache, ids: list[int], device, hidden: bool, shared: Prefill | None = None):
+    """:func:`_context` then ``runner.compress`` → (its output, prefill s, compress s). With ``shared`` the
+    prefill time is the shared forward's seconds plus the copy's."""
+    t0 = time.perf_counter()
+    out = _context(runner, cache, ids, device, hidden, shared)
     _sync(device)
     t1 = time.perf_counter()
     runner.compress(cache)
@@ -563,6 +586,7 @@ def _run_grid(model, tokenizer, todo: dict[str, tuple[MethodConfig, dict[str, An
     runners = {label: bind(model, tokenizer, config) for label, (config, _, _) in todo.items()}
     plain = [label for label, (config, _, _) in todo.items() if config.plain_prefill]
     shared_by = len(plain) if len(plain) > 1 else 1
+    replays = any(hasattr(runners[label], "replay") for label in plain)
     device = next(model.parameters()).device
     peak = PeakMemory(device)
     peak.reset()
@@ -574,7 +598,7 @@ def _run_grid(model, tokenizer, todo: dict[str, tuple[MethodConfig, dict[str, An
     for sample in progress_bar(samples_, enabled=progress and rank == 0, desc=label_, leave=False):
         shared = None
         if shared_by > 1:
-            shared = plain_prefill(model, sample.context_ids, hidden=spec.kind != "generate")
+            shared = plain_prefill(model, sample.context_ids, hidden=spec.kind != "generate", attention=replays)
             for label in plain:
                 seconds[label] += shared.seconds / shared_by
         for label, runner in runners.items():
