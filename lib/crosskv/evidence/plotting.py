@@ -184,11 +184,13 @@ def legend_outside(ax, ncol: int = 1, below: bool = False, **kwargs):
 
 
 def clip_limits(lo, hi, reference: float, factor: float = 4.0) -> tuple[float, float]:
-    """The informative range of a lower-is-better (perplexity) axis: from the lowest interval end to the highest
-    that stays within ``factor`` × ``reference`` (the full cache's score); points above are off-scale."""
+    """The informative range of a lower-is-better (perplexity) axis: from the lowest interval end up to
+    ``factor`` × ``reference`` (the full cache's score) or twice the median interval top, whichever is higher,
+    and never above the highest interval end; points above are off-scale (a few outliers do not stretch the
+    axis, and a chart where most points are far above the reference still shows them)."""
     lo = np.asarray(lo, dtype=float)
     hi = np.asarray(hi, dtype=float)
-    top = min(float(np.nanmax(hi)), factor * reference)
+    top = min(float(np.nanmax(hi)), max(factor * reference, 2 * float(np.nanmedian(hi))))
     return float(np.nanmin(lo)) / 1.1, max(top, reference) * 1.1
 
 
