@@ -178,7 +178,7 @@ def legend_outside(ax, ncol: int = 1, below: bool = False, **kwargs):
     if not handles:
         return None
     if below:
-        return ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=ncol,
+        return ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.42), ncol=ncol,
                          frameon=False, **kwargs)
     return ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), ncol=ncol, frameon=False, **kwargs)
 
@@ -230,7 +230,8 @@ def frontier(df: pd.DataFrame, ylabel: str, title: str = "", papers: pd.DataFram
     rest = df[df["family"] != full].assign(panel=lambda d: d["family"].map(lambda f: FAMILIES.loc[family_for(f), "panel"]))
     panels = panels_of(df, full)
     if axes is None:
-        fig, axes = plt.subplots(1, len(panels), figsize=(panel_width * len(panels), 3.4), sharey=True, squeeze=False)
+        fig, axes = plt.subplots(1, len(panels), figsize=(panel_width * len(panels), 4.4), sharex=True, sharey=True,
+                                 squeeze=False)
     else:
         axes = np.asarray(axes).reshape(1, -1)
         if axes.shape[1] != len(panels):
