@@ -83,8 +83,8 @@ def style_of(label: str) -> dict[str, str]:
 
 
 def series_styles(labels) -> dict[str, dict[str, str]]:
-    """A style per label: its family's colour and marker; several labels of one family get shades of its colour
-    (lightest first, in the given order) so they stay apart in one panel."""
+    """A style per label: its family's colour and marker; several labels of one family get shades from its colour
+    towards light grey (in the given order) so they stay apart in one panel."""
     import seaborn as sns
 
     labels = list(dict.fromkeys(labels))
@@ -94,7 +94,7 @@ def series_styles(labels) -> dict[str, dict[str, str]]:
     out = {}
     for family, members in by_family.items():
         base = style_of(family)
-        shades = [base["color"]] if len(members) == 1 else sns.dark_palette(base["color"], len(members) + 1)[1:]
+        shades = [base["color"]] if len(members) == 1 else sns.blend_palette([base["color"], "#d0d0d0"], len(members) + 1)[:-1]
         for label, shade in zip(members, shades):
             out[label] = {"color": shade, "marker": base["marker"]}
     return out
