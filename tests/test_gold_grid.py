@@ -13,6 +13,16 @@ from crosskv.methods import make_method
 from crosskv.run import harness
 from crosskv.tasks import make_task
 
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model):
+    """A copy of the session's tiny model: binds and kvpress's press(model) here never touch the shared one
+    (whose cached fingerprint other modules compare)."""
+    import copy
+
+    model, tok = tiny_model
+    return copy.deepcopy(model), tok
+
+
 TIMING = {"prefill_s", "compress_s", "decode_s", "gold_s", "continuation_s"}
 
 
@@ -70,17 +80,20 @@ def test_full_gold_scores_equal_a_plain_dynamic_cache(tiny_model):
     assert rec["gold_loglik"] == pytest.approx(sum(d["gold_loglik"] for d in rec["details"]) / 3)
 
 
-def test_generation_after_gold_equals_generation_alone(tiny_model, monkeypatch):
-    """The gold pass is cropped away before decoding: predictions equal a run without gold scoring."""
+@pytest.mark.parametrize("method", [make_method("full"), make_method("kvpress:pyramidkv", compression_ratio=0.5,
+                                                                       window_size=16),
+                                    make_method("compose", base="full", bits=4, group_size=16, residual=8)])
+def test_generation_after_gold_equals_generation_alone(tiny_model, monkeypatch, method):
+    """The gold pass is cropped away before decoding (also from evicted, uneven and quantized caches):
+    predictions and end bytes equal a run without gold scoring."""
     model, tok = tiny_model
-    with_gold = harness.evaluate(model, tok, "full", "niah_single_2", context=160, samples=2, store=False,
-                                 progress=False)
+    common = dict(context=160, samples=2, store=False, progress=False, max_new_tokens=6)
+    with_gold = harness.evaluate(model, tok, method, "niah_single_2", **common)
     monkeypatch.setattr(harness, "gold_ids", lambda tokenizer, sample: [])
-    alone = harness.evaluate(model, tok, "full", "niah_single_2", context=160, samples=2, store=False,
-                             progress=False)
+    alone = harness.evaluate(model, tok, method, "niah_single_2", **common)
     assert [d["prediction"] for d in with_gold["details"]] == [d["prediction"] for d in alone["details"]]
     assert [d["kv_bytes_end"] for d in with_gold["details"]] == [d["kv_bytes_end"] for d in alone["details"]]
-    assert alone["gold_loglik"] is None
+    assert alone["gold_loglik"] is None and with_gold["gold_loglik"] is not None
 
 
 def test_generate_samples_scores_a_subset_and_is_keyed(tiny_model):

@@ -65,10 +65,15 @@ class PressRunner(Runner):
         press = self.config.make_press()
         press.post_init_from_model(self.model)
         decoder = capture.decoder(self.model)
-        for layer, seen in zip(decoder.layers, attention, strict=True):
-            layer.self_attn.rotary_emb = decoder.rotary_emb  # what kvpress's press(model) sets up
-            press.forward_hook(layer.self_attn, [], {**seen["kwargs"], "past_key_values": cache},
-                               (None, seen["weights"]))
+        added = [layer.self_attn for layer in decoder.layers if not hasattr(layer.self_attn, "rotary_emb")]
+        try:
+            for layer, seen in zip(decoder.layers, attention, strict=True):
+                layer.self_attn.rotary_emb = decoder.rotary_emb  # what kvpress's press(model) sets up
+                press.forward_hook(layer.self_attn, [], {**seen["kwargs"], "past_key_values": cache},
+                                   (None, seen["weights"]))
+        finally:
+            for module in added:  # leave the model as it was (its fingerprint reads its modules)
+                del module.rotary_emb
 
 
 @register

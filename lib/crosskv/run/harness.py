@@ -8,8 +8,18 @@ Every method — crosskv's and the kvpress peers — is driven the same way (see
         cache = runner.new_cache()
         with runner.prefill(cache): model(context)     # chat prefix + instruction + haystack
         runner.compress(cache)                         # → kv_bytes (after prefill)
-        model(question)                                # question + generation prompt, appended exactly
-        greedy decoding, one token per step            # → kv_bytes_end
+        model(question + gold[:-1])                    # teacher-forced gold answer → gold_loglik, gold_match
+        cache.crop(question end); greedy decoding      # exact match, on the first generate_samples samples
+                                                       # → kv_bytes_end (after the last token appended)
+
+**Gold-answer metric:** every generation sample scores its gold answer (:func:`gold_ids`: the answers in
+order, joined by ", ") teacher-forced through the compressed cache in one forward: ``gold_loglik`` (mean
+log-probability per gold token) and ``gold_match`` (1 when the argmax reproduces every gold token, i.e. greedy
+decoding would). Paired across configurations on the same samples; cheap (one pass, no decode loop).
+
+**One prefill, many caches:** :func:`evaluate_grid` runs several configurations on one task; those whose
+``MethodConfig.plain_prefill`` holds share one plain prefill per sample (:class:`Prefill`), each compressing its
+own copy (kvpress presses replay their hooks on it). Records equal separate :func:`evaluate` runs.
 
 **Like for like:** only the context part is compressed. kvpress presses compress during the
 context prefill and never see the question (kvpress's own default); crosskv's methods compress
@@ -336,8 +346,8 @@ def run_generate(runner: Runner, sample: Sample, stops: set[int], settled=None, 
         _sync(device)
         detail["gold_s"] = time.perf_counter() - t0 if gold else None
         if generate:
-            if fed > asked:
-                cache.crop(asked)
+            if fed > asked:  # drop the gold tokens: a negative crop counts from each layer's own end (evicted
+                cache.crop(asked - fed)  # caches hold fewer tokens than they have seen, layers may differ)
                 fed = asked
             detail.update(_decode(runner, cache, first, fed, sample, stops, settled, device))
             fed += detail["decode_steps"]
