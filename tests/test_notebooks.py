@@ -7,6 +7,7 @@ import math
 import pandas as pd
 import pytest
 
+from crosskv.core.fingerprint import code_fingerprint
 from crosskv.evidence import figures
 from test_evidence import check_executed
 
@@ -31,6 +32,73 @@ def test_unknown_parameter_is_rejected(tmp_path):
         figures.execute(NOTEBOOKS[0], "smoke", build_root=tmp_path, extra={"no_such_knob": 1})
 
 
+def _outputs(nb):
+    return [(i, o) for i, c in enumerate(nb["cells"]) for o in c.get("outputs", [])]
+
+
+def _text(output, kind="text/plain"):
+    return "".join(output.get("data", {}).get(kind, ""))
+
+
+def provenance_of(nb) -> dict:
+    """The provenance ``report.page`` recorded in an executed notebook (the output metadata under ``crosskv``)."""
+    found = [o["metadata"]["crosskv"] for _, o in _outputs(nb) if "code_fingerprint" in o.get("metadata", {}).get("crosskv", {})]
+    assert len(found) == 1, f"expected one provenance output, found {len(found)}"
+    return found[0]
+
+
+def hygiene_problems(nb, name: str) -> list[str]:
+    """What makes an executed notebook unfit to read: stderr output, echoed strings or paths, a missing
+    title/question/answer/provenance opening, Findings shown other than once."""
+    problems = []
+    cells = nb["cells"]
+    first = "".join(cells[0]["source"]) if cells else ""
+    if not cells or cells[0]["cell_type"] != "markdown" or not first.startswith("# ") or "Question" not in first:
+        problems.append(f"{name}: the first cell is not a Markdown title with the question")
+    opening = next((c for c in cells if c["cell_type"] == "code"), None)
+    if opening is None or "report.page(" not in "".join(opening["source"]):
+        problems.append(f"{name}: the first code cell does not open the page (report.page: provenance and answer)")
+    else:
+        answers = [_text(o, "text/markdown") for o in opening.get("outputs", []) if "**Answer:**" in _text(o, "text/markdown")]
+        if len(answers) != 1 or "rendered from this run's results when" in answers[0]:
+            problems.append(f"{name}: the opening cell holds no rendered answer")
+    for i, output in _outputs(nb):
+        if output.get("output_type") == "stream" and output.get("name") == "stderr":
+            problems.append(f"{name} cell {i}: stderr output {''.join(output['text'])[:120]!r}")
+        if output.get("output_type") == "execute_result":
+            plain = _text(output).lstrip()
+            if plain[:1] in "'\"" or plain.startswith("[PosixPath(") or plain.startswith("None"):
+                problems.append(f"{name} cell {i}: echoed value {plain[:80]!r}")
+    findings = sum(_text(o, "text/markdown").startswith("### Findings") for _, o in _outputs(nb))
+    if findings != 1:
+        problems.append(f"{name}: Findings shown {findings} times (expected once)")
+    return problems
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[nb.stem for nb in NOTEBOOKS])
+def test_committed_notebook_is_clean_and_opens_with_its_answer(notebook):
+    nb = json.loads(notebook.read_text())
+    assert not hygiene_problems(nb, notebook.name)
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[nb.stem for nb in NOTEBOOKS])
+def test_committed_notebook_was_executed_with_this_library(notebook):
+    recorded = provenance_of(json.loads(notebook.read_text()))
+    assert recorded["code_fingerprint"] == code_fingerprint(), (
+        f"{notebook.name} was executed with library {recorded['code_fingerprint']}, the library is now "
+        f"{code_fingerprint()}: re-run `make figures`")
+    assert recorded["profile"] == "cpu"
+
+
+def test_hygiene_check_catches_problems():
+    bad = {"cells": [{"cell_type": "code", "source": ["x"], "outputs": [
+        {"output_type": "stream", "name": "stderr", "text": ["warn"]},
+        {"output_type": "execute_result", "data": {"text/plain": ["'### Answer'"]}}]}]}
+    problems = " ".join(hygiene_problems(bad, "nb"))
+    for expected in ("title", "open the page", "stderr", "echoed", "Findings shown 0"):
+        assert expected in problems
+
+
 def _finite_numbers(csv_path):
     df = pd.read_csv(csv_path)
     numbers = df.select_dtypes("number").to_numpy().ravel()
@@ -53,6 +121,8 @@ def test_smoke_run_writes_figures_and_finite_results(notebook, tmp_path):
     errors = [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
     check_executed(executed, where.figures)  # every written figure shown; score tables carry intervals
+    assert not hygiene_problems(nb, notebook.name)
+    assert provenance_of(nb)["code_fingerprint"] == code_fingerprint()
     assert all(c.get("execution_count") is None for c in nb["cells"] if c["cell_type"] == "code")
     # committed figures are never touched by a smoke run
     assert str(where.figures).startswith(str(tmp_path))

@@ -176,6 +176,7 @@ def execute(notebook: Path, profile: str = "cpu", force: bool = False, build_roo
     where.figures.mkdir(parents=True, exist_ok=True)
     before = _listing(where.figures)
     env_seed = os.environ.setdefault("SOURCE_DATE_EPOCH", "1700000000")
+    os.environ["CROSSKV_PROFILE"] = profile  # the kernel inherits it: the notebook's provenance line names it
     log.info("executing %s (profile %s, SOURCE_DATE_EPOCH=%s)", notebook.name, profile, env_seed)
     papermill.execute_notebook(str(notebook), str(target), parameters=parameters, kernel_name="python3",
                                cwd=str(NOTEBOOKS_DIR), progress_bar=False, log_output=False)

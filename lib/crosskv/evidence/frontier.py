@@ -72,10 +72,8 @@ def held_kept(record: dict[str, Any]) -> tuple[float, str]:
 
 
 def _fingerprint(record: dict[str, Any]) -> str | None:
-    for field in ("code_fingerprint", "fingerprint", "lib_fingerprint"):
-        if record.get(field):
-            return str(record[field])
-    return None
+    """The library code fingerprint a record was computed with (the results store keeps it as ``code``)."""
+    return record.get("code")
 
 
 def tidy(records: Iterable[dict[str, Any]], configurations: Sequence[str] | None = None,
@@ -402,28 +400,3 @@ def summary(runs: Sequence[Run], tasks: Sequence[str]) -> pd.DataFrame:
                      "higher_is_better": bool(record.get("higher_is_better", True))})
     df = pd.DataFrame(rows)
     return df.assign(front=pareto(df, higher_is_better=bool(df["higher_is_better"].iloc[0])) if len(df) else [])
-
-
-def plot(df: pd.DataFrame, ax, full: str = "full", ylabel: str = "score", title: str = "", legend: bool = True):
-    """Score (with its interval) against held kept (log x) per family, the Pareto front as a step line and
-    the ``full`` family's interval as a horizontal band. ``df`` is a :func:`summary` frame."""
-    reference = df[df["family"] == full]
-    for _, row in reference.iterrows():
-        ax.axhspan(row["score_lo"], row["score_hi"], color="0.85", zorder=0, label=f"{full} (95 % interval)")
-    markers = "osD^v<>ph*X"
-    for i, (family, group) in enumerate(df[df["family"] != full].groupby("family", sort=True)):
-        group = group.sort_values("kept")
-        ax.errorbar(group["kept"], group["score"], yerr=[group["score"] - group["score_lo"],
-                                                        group["score_hi"] - group["score"]],
-                    marker=markers[i % len(markers)], ms=4, lw=1, capsize=2, label=family)
-    front = df[df["front"]].sort_values("kept")
-    ax.step(front["kept"], front["score"], where="post", color="k", lw=1.5, alpha=0.6, label="Pareto front")
-    ax.set_xscale("log")
-    ax.set_xlabel("held kept (bytes / plain 16-bit cache, log)")
-    ax.set_ylabel(ylabel)
-    if not bool(df["higher_is_better"].iloc[0]):
-        ax.set_yscale("log")
-    ax.set_title(title)
-    if legend:
-        ax.legend(fontsize=6, ncol=2, loc="best")
-    return ax

@@ -6,6 +6,16 @@ produces no diff; each file carries the git commit it came from (PNG ``Comment``
 ``Subject``). :func:`publish` saves *and* displays the figure in the notebook's output, so every
 figure a notebook writes is also visible in the rendered notebook. The backend is left to the
 environment (inline in a Jupyter kernel, Agg headless), never forced.
+
+One visual language: :data:`FAMILIES` is the one table of the palette — a fixed colour and marker per
+method family in every notebook, hue groups by kind (cross-layer families in blues and purples, eviction
+in reds and oranges, quantization in greens, compositions in browns, the full cache in black), and the
+panel a family is drawn in when a chart is split into small multiples (at most 8 series per panel).
+:func:`style_of` resolves a run label (``"xKV G=4 @0.25"``) to its family's style. :func:`frontier`
+draws quality against held kept in small multiples by panel, the full cache as a band, the papers'
+converted points as hollow markers labelled with the paper's model, and a perplexity axis clipped to the
+informative range with off-scale points marked at the edge (their values written beside them); legends sit
+outside the data.
 """
 from __future__ import annotations
 
@@ -18,6 +28,77 @@ import pandas as pd
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#17becf"]
 
+SHARING, LOW_RANK, EVICTION, QUANTIZATION = ("cross-layer: sharing and merging", "cross-layer: low rank", "eviction",
+                                             "quantization and compositions")
+PANELS = (SHARING, LOW_RANK, EVICTION, QUANTIZATION)
+# family → (hue group, panel, colour, marker): the one palette table of every notebook
+FAMILIES = pd.DataFrame([
+    ("full", "reference", None, "#000000", "o"),
+    ("KVSharer", "cross-layer", SHARING, "#08306b", "s"),
+    ("KVSharer (cosine T test)", "cross-layer", SHARING, "#2171b5", "P"),
+    ("KVSharer (KL test)", "cross-layer", SHARING, "#6baed6", "X"),
+    ("KVSharer + xKV G=4", "cross-layer", SHARING, "#54278f", "*"),
+    ("MiniCache (paper reading)", "cross-layer", SHARING, "#1c9099", "v"),
+    ("MiniCache (xkv reading)", "cross-layer", SHARING, "#67a9cf", "^"),
+    ("CommonKV", "cross-layer", SHARING, "#3f007d", "D"),
+    ("Single SVD", "cross-layer", LOW_RANK, "#9e9ac8", "o"),
+    ("xKV G=2", "cross-layer", LOW_RANK, "#807dba", "<"),
+    ("xKV G=4", "cross-layer", LOW_RANK, "#6a51a3", ">"),
+    ("xKV G=8", "cross-layer", LOW_RANK, "#4a1486", "h"),
+    ("Selective reconstruction", "cross-layer", LOW_RANK, "#016c59", "p"),
+    ("SnapKV", "eviction", EVICTION, "#d62728", "o"),
+    ("PyramidKV", "eviction", EVICTION, "#fc8d59", "s"),
+    ("StreamingLLM", "eviction", EVICTION, "#b30000", "^"),
+    ("KNorm", "eviction", EVICTION, "#fdbb84", "v"),
+    ("ExpectedAttention", "eviction", EVICTION, "#e34a33", "D"),
+    ("KIVI 8-bit", "quantization", QUANTIZATION, "#a1d99b", "o"),
+    ("KIVI 4-bit", "quantization", QUANTIZATION, "#41ab5d", "s"),
+    ("KIVI 2-bit", "quantization", QUANTIZATION, "#005a32", "D"),
+    ("composition", "composition", QUANTIZATION, "#8c510a", "*"),
+], columns=["family", "group", "panel", "color", "marker"]).set_index("family")
+# KVSharer candidate orders (one colour each in every panel; the paper's rule in KVSharer's colour)
+ORDERS = {"dissimilar": "#08306b", "similar": "#e6550d", "random": "#969696"}
+# label prefixes of the notebooks' run labels that name a family differently
+_ALIASES = {"MiniCache": "MiniCache (paper reading)", "KIVI": "KIVI 2-bit"}
+
+
+def family_for(label: str) -> str:
+    """The :data:`FAMILIES` row of a run or family label: exact, a composition (``→`` or ``×`` in it), else the
+    longest family name (or alias) it starts with; ``ValueError`` for a label no family claims."""
+    if label in FAMILIES.index:
+        return label
+    if "→" in label or " × " in label:
+        return "composition"
+    names = [f for f in [*FAMILIES.index, *_ALIASES] if label.startswith(f)]
+    if not names:
+        raise ValueError(f"no family in plotting.FAMILIES for label {label!r}; add a row to the table")
+    best = max(names, key=len)
+    return _ALIASES.get(best, best)
+
+
+def style_of(label: str) -> dict[str, str]:
+    """``{"color", "marker"}`` of the family of ``label`` (:func:`family_for`)."""
+    row = FAMILIES.loc[family_for(label)]
+    return {"color": row["color"], "marker": row["marker"]}
+
+
+def series_styles(labels) -> dict[str, dict[str, str]]:
+    """A style per label: its family's colour and marker; several labels of one family get shades from its colour
+    towards light grey (in the given order) so they stay apart in one panel."""
+    import seaborn as sns
+
+    labels = list(dict.fromkeys(labels))
+    by_family: dict[str, list[str]] = {}
+    for label in labels:
+        by_family.setdefault(family_for(label), []).append(label)
+    out = {}
+    for family, members in by_family.items():
+        base = style_of(family)
+        shades = [base["color"]] if len(members) == 1 else sns.blend_palette([base["color"], "#d0d0d0"], len(members) + 1)[:-1]
+        for label, shade in zip(members, shades):
+            out[label] = {"color": shade, "marker": base["marker"]}
+    return out
+
 
 def style() -> None:
     """Apply the project style (call once per notebook)."""
@@ -28,6 +109,25 @@ def style() -> None:
         "axes.prop_cycle": matplotlib.cycler(color=PALETTE),
         "pdf.fonttype": 42, "ps.fonttype": 42, "svg.hashsalt": "crosskv",
     })
+
+
+def _plain_log(axis) -> None:
+    from matplotlib.ticker import FuncFormatter
+
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}".rstrip("0").rstrip(".")[-1:] in ("2", "5") else ""))
+
+
+def kept_axis(ax) -> None:
+    """A logarithmic kept axis with plain tick labels (0.1, 0.2, 0.5 — not 10⁻¹)."""
+    ax.set_xscale("log")
+    _plain_log(ax.xaxis)
+
+
+def log_y(ax) -> None:
+    """A logarithmic score axis (perplexity) with plain tick labels."""
+    ax.set_yscale("log")
+    _plain_log(ax.yaxis)
 
 
 def _axes(ax, figsize=(4.5, 3.2)):
@@ -58,9 +158,10 @@ def savefig(fig, name: str, figures_dir: str | Path, commit: str | None = None) 
     return paths
 
 
-def publish(fig, name: str, figures_dir: str | Path) -> list[Path]:
-    """:func:`savefig`, then show ``fig`` in the notebook output (an image output per written figure) and close it."""
-    paths = savefig(fig, name, figures_dir)
+def publish(fig, name: str, figures_dir: str | Path) -> None:
+    """:func:`savefig`, then show ``fig`` in the notebook output (an image output per written figure) and close it.
+    Returns nothing, so a cell ending with it stores no echo of the paths."""
+    savefig(fig, name, figures_dir)
     try:
         from IPython import get_ipython
         from IPython.display import display
@@ -69,7 +170,116 @@ def publish(fig, name: str, figures_dir: str | Path) -> list[Path]:
     if get_ipython is not None and get_ipython() is not None:
         display(fig)
     plt.close(fig)
-    return paths
+
+
+def legend_outside(ax, ncol: int = 1, below: bool = False, **kwargs):
+    """The legend of ``ax`` outside its data: to the right (default) or below the axes."""
+    handles, labels = ax.get_legend_handles_labels()
+    if not handles:
+        return None
+    if below:
+        return ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.42), ncol=ncol,
+                         frameon=False, **kwargs)
+    return ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), ncol=ncol, frameon=False, **kwargs)
+
+
+def clip_limits(lo, hi, reference: float, factor: float = 4.0) -> tuple[float, float]:
+    """The informative range of a lower-is-better (perplexity) axis: from the lowest interval end up to
+    ``factor`` × ``reference`` (the full cache's score) or twice the median interval top, whichever is higher,
+    and never above the highest interval end; points above are off-scale (a few outliers do not stretch the
+    axis, and a chart where most points are far above the reference still shows them)."""
+    lo = np.asarray(lo, dtype=float)
+    hi = np.asarray(hi, dtype=float)
+    top = min(float(np.nanmax(hi)), max(factor * reference, 2 * float(np.nanmedian(hi))))
+    return float(np.nanmin(lo)) / 1.1, max(top, reference) * 1.1
+
+
+def _clipped_errorbar(ax, x, y, lo, hi, top: float | None, label: str, style: dict, hollow: bool = False):
+    """Points with intervals; points above ``top`` drawn as an up-triangle at the edge with their value."""
+    x, y, lo, hi = (np.asarray(v, dtype=float) for v in (x, y, lo, hi))
+    inside = np.ones_like(y, dtype=bool) if top is None else y <= top
+    face = "none" if hollow else style["color"]
+    ax.errorbar(x[inside], y[inside], yerr=[y[inside] - lo[inside], np.minimum(hi[inside], top or np.inf) - y[inside]],
+                marker=style["marker"], color=style["color"], mfc=face, ms=4, lw=1, capsize=2, label=label)
+    for xi, yi in zip(x[~inside], y[~inside]):
+        ax.plot([xi], [top], marker="^", color=style["color"], ms=6, ls="none", clip_on=False)
+        ax.annotate(f"{yi:.3g}", (xi, top), xytext=(0, -9), textcoords="offset points", ha="center", fontsize=6,
+                    color=style["color"])
+
+
+def panels_of(df: pd.DataFrame, full: str = "full") -> list[str]:
+    """The :data:`PANELS` the families of ``df`` (other than ``full``) are drawn in, in reading order."""
+    present = {FAMILIES.loc[family_for(f), "panel"] for f in df["family"] if f != full}
+    return [p for p in PANELS if p in present]
+
+
+def frontier(df: pd.DataFrame, ylabel: str, title: str = "", papers: pd.DataFrame | None = None,
+             full: str = "full", clip: float = 4.0, panel_width: float = 3.6, axes=None):
+    """Small multiples of score against held kept (log x), one panel per :data:`PANELS` entry present in ``df``.
+
+    ``df``: one row per configuration with ``family``, ``kept``, ``score``, ``score_lo``, ``score_hi``,
+    ``higher_is_better`` and ``front`` (a :func:`crosskv.evidence.frontier.summary` frame). The ``full`` family
+    is a band (its interval) with a line at its score in every panel; the Pareto front (``front``) a thin
+    black step line; ``papers`` (``family``, ``kept``, ``score`` on this axis's scale, ``model``) hollow markers
+    labelled with the paper's model. A lower-is-better axis is logarithmic and clipped (:func:`clip_limits`).
+    ``axes``: one row of :func:`panels_of` axes to draw into (e.g. one row per task); else a new figure.
+    Returns the figure.
+    """
+    higher = bool(df["higher_is_better"].iloc[0])
+    ref = df[df["family"] == full]
+    rest = df[df["family"] != full].assign(panel=lambda d: d["family"].map(lambda f: FAMILIES.loc[family_for(f), "panel"]))
+    panels = panels_of(df, full)
+    if axes is None:
+        fig, axes = plt.subplots(1, len(panels), figsize=(panel_width * len(panels), 4.4), sharex=True, sharey=True,
+                                 squeeze=False)
+    else:
+        axes = np.asarray(axes).reshape(1, -1)
+        if axes.shape[1] != len(panels):
+            raise ValueError(f"frontier needs {len(panels)} axes (one per panel {panels}), got {axes.shape[1]}")
+        fig = axes[0, 0].figure
+    top = None
+    if not higher and len(ref):
+        low, top = clip_limits(df["score_lo"], df["score_hi"], float(ref["score"].iloc[0]), clip)
+        top = top / 1.1 * 1.05
+    for ax, panel in zip(axes[0], panels):
+        part = rest[rest["panel"] == panel]
+        if part["family"].nunique() > 8:
+            raise ValueError(f"panel {panel!r} would hold {part['family'].nunique()} series (at most 8)")
+        for _, row in ref.iterrows():
+            ax.axhspan(float(row["score_lo"]), float(row["score_hi"]), color="0.88", zorder=0, lw=0,
+                       label=f"{full} (95 % interval, n = {int(row['n'])})" if "n" in row else full)
+            ax.axhline(float(row["score"]), color="k", lw=0.7, ls="--")
+        for family, group in part.groupby("family", sort=False):
+            group = group.sort_values("kept")
+            _clipped_errorbar(ax, group["kept"], group["score"], group["score_lo"], group["score_hi"], top, family,
+                              style_of(family))
+        if papers is not None and len(papers):
+            for _, row in papers[papers["family"].map(lambda f: FAMILIES.loc[family_for(f), "panel"]) == panel].iterrows():
+                st = style_of(row["family"])
+                ax.plot([row["kept"]], [row["score"]], marker=st["marker"], mfc="none", mec=st["color"], ms=6, ls="none")
+                ax.annotate(str(row["model"]).split("-Instruct")[0], (row["kept"], row["score"]), xytext=(3, 2),
+                            textcoords="offset points", fontsize=5, color=st["color"])
+        front = df[df["front"]].sort_values("kept")
+        if len(front):
+            ax.step(front["kept"], front["score"].clip(upper=top) if top else front["score"], where="post",
+                    color="k", lw=0.8, alpha=0.5, label="Pareto front (all families)")
+        kept_axis(ax)
+        ax.set_xlabel("held kept (log)")
+        ax.set_title(panel)
+        legend_outside(ax, below=True, fontsize=6)
+    if papers is not None and len(papers):
+        axes[0, 0].plot([], [], marker="o", mfc="none", mec="0.3", ls="none", label="paper (its model), hollow")
+        legend_outside(axes[0, 0], below=True, fontsize=6)
+    axes[0, 0].set_ylabel(ylabel)
+    if not higher:
+        for ax in axes[0]:
+            log_y(ax)
+            if top is not None:
+                ax.set_ylim(low, top)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
 
 
 def heatmap(matrix, ax=None, title: str = "", cmap: str | None = None, vmin=None, vmax=None,
@@ -99,17 +309,19 @@ def heatmap(matrix, ax=None, title: str = "", cmap: str | None = None, vmin=None
 def lines(df: pd.DataFrame, x: str, y: str, hue: str | None = None, ax=None, marker: str = "o",
           title: str = "", xlabel: str | None = None, ylabel: str | None = None, logy: bool = False,
           reference: float | None = None, reference_label: str = "full", band: tuple[str, str] | None = None,
-          reference_band: tuple[float, float] | None = None):
+          reference_band: tuple[float, float] | None = None, colors: dict[str, str] | None = None):
     """``y`` against ``x``, one line per ``hue`` value (sorted by ``x``); optional horizontal reference.
 
     ``band=(lo, hi)`` shades the columns ``lo``..``hi`` around each line (an interval or a spread);
-    ``reference_band`` shades an interval around the reference line.
+    ``reference_band`` shades an interval around the reference line; ``colors`` fixes a colour per hue value
+    (e.g. :data:`ORDERS`), so a value keeps its colour in every panel.
     """
     ax = _axes(ax)
     groups = [(None, df)] if hue is None else df.groupby(hue, sort=True)
     for key, part in groups:
         part = part.sort_values(x)
-        line, = ax.plot(part[x], part[y], marker=marker, label=None if key is None else str(key))
+        color = None if colors is None or key is None else colors[str(key)]
+        line, = ax.plot(part[x], part[y], marker=marker, color=color, label=None if key is None else str(key))
         if band is not None:
             ax.fill_between(part[x], part[band[0]], part[band[1]], color=line.get_color(), alpha=0.18, lw=0)
     if reference is not None:
@@ -117,12 +329,12 @@ def lines(df: pd.DataFrame, x: str, y: str, hue: str | None = None, ax=None, mar
         if reference_band is not None:
             ax.axhspan(*reference_band, color="k", alpha=0.08, lw=0)
     if logy:
-        ax.set_yscale("log")
+        log_y(ax)
     ax.set_xlabel(xlabel or x)
     ax.set_ylabel(ylabel or y)
     ax.set_title(title)
     if hue is not None or reference is not None:
-        ax.legend(frameon=False)
+        legend_outside(ax)
     return ax
 
 
@@ -138,22 +350,31 @@ def bars(df: pd.DataFrame, x: str, y: str, ax=None, title: str = "", ylabel: str
 
 def interval_lines(df: pd.DataFrame, x: str, hue: str, ax=None, title: str = "", xlabel: str | None = None,
                    ylabel: str = "score", band: tuple[float, float, str] | None = None, logx: bool = False,
-                   logy: bool = False, line: bool = True):
+                   logy: bool = False, line: bool = True, styles: dict[str, dict[str, str]] | None = None,
+                   top: float | None = None):
     """``score`` with its 95 % interval (``score_lo``–``score_hi`` as error bars) against ``x``, one series per
-    ``hue`` value (sorted by ``x``); ``band = (lo, hi, label)`` shades a reference interval (e.g. the full cache)."""
+    ``hue`` value (sorted by ``x``); ``band = (lo, hi, label)`` shades a reference interval (e.g. the full cache).
+    ``styles`` (label → colour and marker, e.g. :func:`series_styles`) fixes each series' look; ``top`` clips the
+    axis there, marking the points above it at the edge with their values."""
     ax = _axes(ax)
-    for key, part in df.groupby(hue, sort=False):
+    for i, (key, part) in enumerate(df.groupby(hue, sort=False)):
         part = part.sort_values(x)
-        score = part["score"].to_numpy(float)
-        err = [score - part["score_lo"].to_numpy(float), part["score_hi"].to_numpy(float) - score]
-        ax.errorbar(part[x].to_numpy(), score, yerr=err, marker="o", ls="-" if line else "none", capsize=2,
-                    label=str(key))
+        style = (styles or {}).get(str(key), {"color": PALETTE[i % len(PALETTE)], "marker": "o"})
+        if top is None:
+            score = part["score"].to_numpy(float)
+            err = [score - part["score_lo"].to_numpy(float), part["score_hi"].to_numpy(float) - score]
+            ax.errorbar(part[x].to_numpy(), score, yerr=err, marker=style["marker"], color=style["color"],
+                        ls="-" if line else "none", capsize=2, ms=4, label=str(key))
+        else:
+            _clipped_errorbar(ax, part[x], part["score"], part["score_lo"], part["score_hi"], top, str(key), style)
     if band is not None:
-        ax.axhspan(band[0], band[1], color="0.85", zorder=0, label=band[2])
+        ax.axhspan(band[0], band[1], color="0.88", zorder=0, lw=0, label=band[2])
     if logx:
-        ax.set_xscale("log")
+        kept_axis(ax)
     if logy:
-        ax.set_yscale("log")
+        log_y(ax)
+    if top is not None:
+        ax.set_ylim(top=top)
     ax.set_xlabel(xlabel or x)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

@@ -140,13 +140,17 @@ def _version(package: str) -> str | None:
         return None
 
 
+DIRTY_PATHS = ("lib", "pyproject.toml")  # what produces a result: the library and its pinned dependencies
+
+
 def git_state() -> tuple[str | None, bool | None]:
-    """(HEAD commit, dirty flag: tracked files changed), or ``(None, None)`` outside a git checkout."""
+    """(HEAD commit, dirty flag: tracked files under :data:`DIRTY_PATHS` changed), or ``(None, None)`` outside a
+    git checkout. Edited notebooks, figures or docs do not make a result dirty: they do not produce it."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
                                 timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *DIRTY_PATHS],
+                               cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None, None
     return commit, bool(dirty)
