@@ -67,10 +67,10 @@ def provenance(profile: str | None = None) -> dict[str, Any]:
     ``interactive`` otherwise) and the machine (CPU or device, cores, torch threads)."""
     from crosskv.core.fingerprint import code_fingerprint
     from crosskv.run.results import git_commit
-    from crosskv.run.timing import machine
+    from crosskv.run.results import machine
 
     m = machine()
-    device = m["cpu"] if m["device"] == "cpu" else m["device"]
+    device = m["gpu"] or m["cpu"]
     return {"commit": git_commit() or "unknown", "code_fingerprint": code_fingerprint(),
             "profile": profile or os.environ.get(PROFILE_ENV, "interactive"),
             "machine": f"{device}, {m['cores']} cores, {m['threads']} torch thread(s)"}

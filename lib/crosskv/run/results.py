@@ -63,12 +63,11 @@ def identity(model: str, dtype: str, method: str, params: dict[str, Any], task: 
 
 
 def machine_name(device_type: str) -> str:
-    """The machine a run's timings describe: host name and processor with its core count, or the GPU's name."""
-    import torch
-
-    if device_type == "cuda":
-        return f"{platform.node()} · cuda: {torch.cuda.get_device_name()}"
-    return f"{platform.node()} · cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    """The machine a run's timings describe (from :func:`machine`): host and processor with its core count,
+    or host and GPU name."""
+    m = machine()
+    where = f"cuda: {m['gpu']}" if device_type == "cuda" else f"cpu: {m['cpu']}, {m['cores']} cores"
+    return f"{m['host']} · {where}"
 
 
 def served(record: dict[str, Any], machine: str) -> dict[str, Any]:
