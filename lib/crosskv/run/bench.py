@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 DEFAULT_METHODS = ("full", "kvsharer:rate=0.25", "minicache", "xkv:kept=0.25,group_size=2", "svd:kept=0.25",
                    "commonkv")
 MODES = ("eager", "compiled")
+DEFAULT_MODES = ("eager",)
 QUESTION = "\n\nIn one sentence, what is the text above about?"
 COLUMNS = ("method", "mode", "context", "batch", "prefill_s", "compress_s", "decode_tok_s", "decode_vs_full",
            "rebuild_gmac", "attention_gmac", "floor_tok_s", "vs_floor", "held_bytes", "kept", "peak_mem_mb",
@@ -273,7 +274,7 @@ def _rows(model, tokenizer, configs, runners, forwards, refused, jobs, modes, re
 
 
 def bench(model, tokenizer, methods=DEFAULT_METHODS, contexts=(2048, 4096), batch_sizes=(1,), repeats: int = 3,
-          warmup: int = 1, decode_tokens: int = 32, seed: int = 0, modes=MODES, progress: bool = True):
+          warmup: int = 1, decode_tokens: int = 32, seed: int = 0, modes=DEFAULT_MODES, progress: bool = True):
     """Benchmark ``methods`` (names, ``name:key=value,…`` specs or configs) → ``pandas.DataFrame``.
 
     One row per (method, mode, context, batch), medians over ``repeats`` timed runs after ``warmup``
