@@ -189,6 +189,25 @@ def selective_decode(query: torch.Tensor, query_pre: torch.Tensor, prefix: Facto
     return probs[..., :k] @ values.to(query.dtype) + probs[..., k:] @ tail_v.to(query.dtype)
 
 
+def scorer_recall(query: torch.Tensor, query_pre: torch.Tensor, prefix: FactoredPrefix, spec: "Selection",
+                  scale: float) -> tuple[float, float]:
+    """How well the latent scorer picks, against an oracle that scores with the exact keys.
+
+    Both rank tokens by the group-summed softmax mass (:func:`head_mass`) over the prefix, the oracle on
+    ``q·RoPE(K)`` (every key rebuilt). ``query``/``query_pre`` ``(B, H_kv, g, d)`` → ``(recall, mass)``:
+    the fraction of the oracle's ``top_k`` (outside sinks and window) the scorer also chose, and the exact
+    prefix attention mass on the scorer's tokens over that on the oracle's (1.0 = as good as exact).
+    """
+    exact = head_mass(prefix.key_scores(query), scale)                                       # (B, H_kv, T_c)
+    approx = head_mass(latent_scores(query_pre, prefix.basis_k, prefix.factor_k, spec.score_rank), scale)
+    chosen = select_tokens(approx, spec.top_k, spec.sinks, spec.window)
+    oracle = select_tokens(exact, spec.top_k, spec.sinks, spec.window)
+    fixed = oracle.shape[-1] - spec.top_k
+    hits = (chosen[..., :, None] == oracle[..., None, :]).any(-2).sum(-1) - fixed            # (B, H_kv)
+    mass = exact.gather(-1, chosen).sum(-1) / exact.gather(-1, oracle).sum(-1)
+    return float(hits.float().mean() / spec.top_k), float(mass.mean())
+
+
 # ----------------------------------------------------------------------------- cache and attention
 
 @dataclass(frozen=True)
