@@ -11,7 +11,8 @@ from crosskv.core.lowrank import (energy_captured, factored_elements, gram_facto
                              rank_error, split_group_matrix, truncated_svd)
 from crosskv.cache.storage import kv_bytes
 from crosskv.methods import make_method
-from crosskv.methods.svd import XKV, FactoredPrefix, PrefixRope, lowrank_attention, ranks_for_kept, scale_rank
+from crosskv.cache.attention import compressed_kv, crosskv_attention
+from crosskv.methods.svd import XKV, FactoredPrefix, PrefixRope, ranks_for_kept, scale_rank
 
 SMOL = KVShape(layers=30, kv_heads=3, head_dim=64, hidden=576, heads=9)
 
@@ -125,11 +126,10 @@ def test_factored_attention_equals_sdpa_on_the_rebuilt_prefix(dtype, atol):
     causal = torch.ones(1, 1, 2, prefix + tail, dtype=torch.bool).tril(prefix + tail - 2)
     for q_len, mask in ((1, None), (2, causal)):  # decode, and a multi-token append (bottom-right causal)
         query = torch.randn(b, h_kv * g, q_len, d)
-        want, _ = lowrank_attention(_Module(), query, keys, values, mask, scaling=0.3)  # plain sdpa
-        tail_k, marked = keys[..., prefix:, :].to(dtype), tail_v.to(dtype)
-        marked.crosskv_prefix = factored
+        want, _ = crosskv_attention(_Module(), query, keys, values, mask, scaling=0.3)  # plain sdpa
+        kv, _ = compressed_kv(factored, keys[..., prefix:, :].to(dtype), tail_v.to(dtype))
         for given in (mask, None):  # without a mask the factored path applies the causal rule itself
-            got, _ = lowrank_attention(_Module(), query.to(dtype), tail_k, marked, given, scaling=0.3)
+            got, _ = crosskv_attention(_Module(), query.to(dtype), kv, kv, given, scaling=0.3)
             assert torch.allclose(got.float(), want, atol=atol), (got.float() - want).abs().max()
 
 

@@ -114,6 +114,8 @@ class PrefixCache(Cache):
 
     def __init__(self, layers: list[CacheLayerMixin]):
         super().__init__(layers=layers)
+        for index, layer in enumerate(layers):
+            layer.layer_idx = index  # named in errors of the attention channel
         self.shared: list = []
         self.in_prefill = False
 

@@ -17,9 +17,10 @@ With no ranks and no ``kept``, ``rank_k = ⌈G·H_kv·d/8⌉`` (the xKV README's
 Llama-3.1-8B G=4, and Single SVD's 128 of 1024) and ``rank_v = round(1.5·rank_k)``.
 
 Attention paths (``attention``): ``reconstruct`` rebuilds K and V of the prefix and hands them to
-the model's own attention; ``factored`` (the default, the decode fast path) goes through the
-``crosskv_lowrank`` attention function, which never concatenates prefix and tail: it scores the
-prefix and the exact tail separately and softmaxes their concatenated *scores*; it rebuilds the
+the model's own attention; ``factored`` (the default, the decode fast path) hands a :class:`FactoredPrefix` to the
+``crosskv`` attention function through the explicit channel of :mod:`crosskv.cache.attention`,
+which never concatenates prefix and tail: it scores the
+prefix and the exact tail separately and softmaxes their concatenated *scores*; the prefix rebuilds the
 prefix keys transposed, ``Kᵀ = factorᵀ·basisᵀ`` ``(B, H_kv, d, T_c)`` (one GEMM of T_c·r_k·H_kv·d
 multiply-adds, the floor for an exact low-rank key cache: RoPE differs per position, so the key
 up-projection cannot be absorbed into the query), rotates them with cos/sin tables computed once per
@@ -43,20 +44,17 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-from transformers import AttentionInterface
 from transformers.cache_utils import DynamicLayer
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from crosskv.core.capture import KVShape, Rotary, kv_shape
 from crosskv.core.lowrank import gram_factors, group_matrix, split_group_matrix
 from crosskv.methods.base import MethodConfig, Runner, register
+from crosskv.cache.attention import CompressedPrefix, compressed_kv, installed
 from crosskv.cache.prefix import PrefixCache, PrefixLayer
 from crosskv.cache.quant import QuantSpec, Stored, dense, parts, quantize_rows
 
 log = logging.getLogger(__name__)
 
-ATTENTION = "crosskv_lowrank"
 V_OVER_K = 1.5  # rank_v / rank_k in the xKV papers
 
 
@@ -275,9 +273,7 @@ class LowRankLayer(PrefixLayer):
         prefix = FactoredPrefix(self.group.basis_k, self.factor_k, self.group.basis_v, self.factor_v, rope)
         if self is self.cache.last_lowrank:
             self.cache.release_rope()
-        values = self.values.view_as(self.values)  # a fresh tensor object carrying the factored prefix
-        values.crosskv_prefix = prefix
-        return self.keys, values
+        return compressed_kv(prefix, self.keys, self.values, self.layer_idx)
 
     def on_append(self) -> None:
         if self.cache.strict_now() and not self.group.compressed and self is self.cache.last_of(self.group):
@@ -384,12 +380,8 @@ class LowRankRunner(Runner):
         if self.config.attention != "factored":
             yield self
             return
-        previous = self.model.config._attn_implementation
-        self.model.set_attn_implementation(ATTENTION)
-        try:
+        with installed(self.model):
             yield self
-        finally:
-            self.model.set_attn_implementation(previous)
 
     def new_cache(self) -> LowRankCache:
         return LowRankCache(self.config, self.shape, self.rotary)
@@ -404,18 +396,6 @@ class LowRankRunner(Runner):
 
     def compress(self, cache: LowRankCache) -> None:
         cache.compress()
-
-
-def _causal_bias(attention_mask, q_len: int, kv_len: int, like: torch.Tensor) -> torch.Tensor | None:
-    """An additive ``(B|1, 1, q, kv)`` float bias from a bool/float mask, or causal when no mask is given."""
-    if attention_mask is None:
-        if q_len == 1:
-            return None
-        attention_mask = torch.ones(1, 1, q_len, kv_len, dtype=torch.bool, device=like.device).tril(kv_len - q_len)
-    if attention_mask.dtype == torch.bool:
-        return torch.zeros(attention_mask.shape, dtype=like.dtype, device=like.device).masked_fill(
-            ~attention_mask, float("-inf"))
-    return attention_mask.to(like.dtype)
 
 
 @dataclass(frozen=True)
@@ -433,8 +413,8 @@ class PrefixRope:
 
 
 @dataclass(frozen=True)
-class FactoredPrefix:
-    """A layer's compressed prefix as the factored attention reads it.
+class FactoredPrefix(CompressedPrefix):
+    """A layer's low-rank prefix as :func:`crosskv.cache.attention.crosskv_attention` reads it.
 
     ``basis_k`` ``(B, T_c, r_k)``, ``factor_k`` ``(B, r_k, H_kv·d)`` (pre-RoPE keys = basis·factor),
     ``basis_v`` ``(B, T_c, r_v)``, ``factor_v`` ``(B, r_v, H_kv·d)``, ``rope`` at the prefix positions.
@@ -450,7 +430,7 @@ class FactoredPrefix:
     def length(self) -> int:
         return self.basis_k.shape[1]
 
-    def key_scores(self, q: torch.Tensor) -> torch.Tensor:
+    def scores(self, q: torch.Tensor) -> torch.Tensor:
         """``q`` ``(B, H_kv, n, d)`` → ``q·RoPE(K)ᵀ`` ``(B, H_kv, n, T_c)`` float32, K rebuilt transposed.
 
         Rebuild: one GEMM ``factorᵀ·basisᵀ`` → ``(B, H_kv, d, T_c)``; RoPE on its two halves with the
@@ -466,49 +446,10 @@ class FactoredPrefix:
         rot2 = (x2 * cos[:, :, half:]).addcmul_(x1, sin[:, :, half:])
         return (q[..., :half] @ rot1).float() + (q[..., half:] @ rot2).float()
 
-    def apply_values(self, probs: torch.Tensor) -> torch.Tensor:
+    def apply(self, probs: torch.Tensor) -> torch.Tensor:
         """``probs`` ``(B, H_kv, n, T_c)`` → ``(probs·basis_v)·factor_v`` ``(B, H_kv, n, d)``."""
         b, h_kv, n, t = probs.shape
         mixed = probs.reshape(b, h_kv * n, t) @ self.basis_v                   # (B, H_kv·n, r_v)
         mixed = mixed.view(b, h_kv, n, -1)
         factor = self.factor_v.view(b, self.factor_v.shape[1], h_kv, -1).transpose(1, 2)  # (B, H_kv, r_v, d)
         return mixed @ factor
-
-
-def lowrank_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    """Attention over a factored prefix and an exact tail, without concatenating their K or V.
-
-    ``query`` ``(B, Hq, q, d)``; ``key``, ``value`` the exact tail ``(B, H_kv, t, d)``, ``value`` carrying
-    ``crosskv_prefix`` (a :class:`FactoredPrefix` of ``T_c`` tokens that precede the tail). Scores of
-    prefix and tail are concatenated (``(B, H_kv, g·q, T_c + t)``, no K/V copies), softmaxed in
-    float32, and ``out = (P_prefix·basis_v)·factor_v + P_tail·V_tail``. Without that attribute this is
-    the model's SDPA attention. Returns ``((B, q, Hq, d), None)``.
-    """
-    prefix = getattr(value, "crosskv_prefix", None)
-    if prefix is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
-    b, hq, q_len, d = query.shape
-    h_kv = key.shape[1]
-    prefix_len = prefix.length
-    kv_len = prefix_len + key.shape[2]
-    groups = hq // h_kv
-    scale = scaling if scaling is not None else d ** -0.5
-    q = query.reshape(b, h_kv, groups * q_len, d)
-    scores = prefix.key_scores(q)                                          # (B, H_kv, g·q, T_c)
-    if key.shape[2]:
-        scores = torch.cat([scores, (q @ key.transpose(-1, -2)).float()], dim=-1)
-    scores = scores * scale                                                # (B, H_kv, g·q, T)
-    bias = _causal_bias(attention_mask, q_len, kv_len, scores)
-    if bias is not None:
-        scores = (scores.view(b, h_kv, groups, q_len, kv_len)
-                  + bias.view(bias.shape[0], 1, 1, q_len, kv_len)).view(b, h_kv, groups * q_len, kv_len)
-    probs = scores.softmax(-1).to(query.dtype)
-    out = prefix.apply_values(probs[..., :prefix_len])                     # (B, H_kv, g·q, d)
-    if kv_len > prefix_len:
-        out = out + probs[..., prefix_len:] @ value
-    return out.view(b, hq, q_len, d).transpose(1, 2).contiguous(), None
-
-
-AttentionInterface.register(ATTENTION, lowrank_attention)
-AttentionMaskInterface.register(ATTENTION, sdpa_mask)
