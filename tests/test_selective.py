@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from conftest import drive
+from crosskv.cache.attention import compressed_kv, crosskv_attention
 from crosskv.cache.storage import kv_bytes
 from crosskv.methods import make_method
-from crosskv.methods.selective import (Selection, head_mass, latent_scores, rebuild_selected, select_tokens,
-                                       selective_decode)
-from crosskv.methods.svd import FactoredPrefix, PrefixRope, lowrank_attention
+from crosskv.methods.selective import (SelectivePrefix, head_mass, latent_scores, low_frequencies, rebuild_selected,
+                                       scorer_recall, select_tokens)
+from crosskv.methods.svd import FactoredPrefix, PrefixRope
 
 
 class _Module:
@@ -31,8 +32,12 @@ def _prefix(b=2, h_kv=3, d=8, prefix=40, r=6, dtype=torch.float32):
     return FactoredPrefix(*(x.to(dtype) for x in (basis_k, factor_k, basis_v, factor_v)), rope), cos, sin
 
 
-def _spec(top_k, sinks=2, window=3, score_rank=None, d=8):
-    return Selection(top_k, sinks, window, score_rank, torch.ones(1, 1, 1, d), torch.zeros(1, 1, 1, d))
+def _selective(base, top_k, sinks=2, window=3, d=8, angle=None, frequencies=None):
+    """``base`` wrapped with a query at a position whose RoPE angles are ``angle`` ``(d/2,)`` (0: identity)."""
+    angle = torch.zeros(d // 2) if angle is None else angle
+    cos, sin = torch.cat([angle.cos()] * 2).view(1, 1, 1, d), torch.cat([angle.sin()] * 2).view(1, 1, 1, d)
+    return SelectivePrefix(base, top_k, sinks, window, None, cos, sin,
+                           torch.ones(d) if frequencies is None else frequencies)
 
 
 def test_latent_scores_equal_query_times_pre_rope_keys():
@@ -74,47 +79,72 @@ def test_rebuilt_tokens_equal_the_rotated_reconstruction():
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 0.1)])
 def test_choosing_every_token_equals_factored_attention(dtype, atol):
     torch.manual_seed(2)
-    prefix, _, _ = _prefix(dtype=dtype)
+    base, _, _ = _prefix(dtype=dtype)
+    b, h_kv, g, d, tail = 2, 3, 3, 8, 4
+    query = torch.randn(b, h_kv * g, 1, d).to(dtype)
+    tail_k, tail_v = torch.randn(b, h_kv, tail, d).to(dtype), torch.randn(b, h_kv, tail, d).to(dtype)
+    want, _ = crosskv_attention(_Module(), query, *compressed_kv(base, tail_k, tail_v), None, scaling=0.3)
+    for top_k in (35, 40, 1000):  # top_k + sinks + window ≥ T_c = 40
+        prefix = _selective(base, top_k, angle=torch.rand(d // 2))
+        got, _ = crosskv_attention(_Module(), query, *compressed_kv(prefix, tail_k, tail_v), None, scaling=0.3)
+        assert torch.allclose(got.float(), want.float(), atol=atol), (got.float() - want.float()).abs().max()
+
+
+def test_fewer_tokens_attend_exactly_over_the_chosen_ones_and_the_tail():
+    torch.manual_seed(3)
+    base, _, _ = _prefix()
     b, h_kv, g, d, tail = 2, 3, 3, 8, 4
     query = torch.randn(b, h_kv * g, 1, d)
-    tail_k, tail_v = torch.randn(b, h_kv, tail, d).to(dtype), torch.randn(b, h_kv, tail, d).to(dtype)
-    marked = tail_v.view_as(tail_v)
-    marked.crosskv_prefix = prefix
-    want, _ = lowrank_attention(_Module(), query.to(dtype), tail_k, marked, None, scaling=0.3)  # (B, 1, Hq, d)
-    q = query.to(dtype).view(b, h_kv, g, d)
-    for top_k in (35, 40, 1000):  # top_k + sinks + window ≥ T_c = 40
-        got = selective_decode(q, q, prefix, tail_k, tail_v, _spec(top_k), 0.3)
-        assert torch.allclose(got.reshape(b, h_kv * g, d).float(), want[:, 0].float(), atol=atol)
-
-
-def test_fewer_tokens_attend_only_the_chosen_ones_and_mask_excludes_padding():
-    torch.manual_seed(3)
-    prefix, cos, sin = _prefix()
-    b, h_kv, g, d, tail = 2, 3, 3, 8, 4
-    q = torch.randn(b, h_kv, g, d)
     tail_k, tail_v = torch.randn(b, h_kv, tail, d), torch.randn(b, h_kv, tail, d)
-    bias = torch.zeros(b, 40 + tail)
-    bias[1, 2:30] = float("-inf")  # sequence 1: prompt tokens 2…29 are padding
-    spec = _spec(top_k=4)
-    got = selective_decode(q, q, prefix, tail_k, tail_v, spec, 0.3, bias)
-    mass = head_mass(latent_scores(q, prefix.basis_k, prefix.factor_k), 0.3) + bias[:, None, :40]
-    index = select_tokens(mass, 4, 2, 3)
-    assert not ((index[1] >= 2) & (index[1] < 30)).any()
-    keys, values = rebuild_selected(prefix, index)
+    mask = torch.ones(b, 1, 1, 40 + tail, dtype=torch.bool)
+    mask[1, ..., 10:20] = False  # sequence 1: prompt tokens 10…19 are padding
+    prefix = _selective(base, top_k=6, angle=torch.rand(d // 2))
+    q = query.view(b, h_kv, g, d)
+    index = prefix.choose(q, d ** -0.5)  # scores() ranks with the standard 1/√d temperature
+    assert index.shape == (b, h_kv, 11) and (index[..., :2] == torch.tensor([0, 1])).all()
+    assert (index[..., -3:] == torch.tensor([37, 38, 39])).all()
+    keys, values = rebuild_selected(base, index)
+    bias = torch.zeros(b, 40 + tail).masked_fill(~mask.view(b, -1), float("-inf"))
     scores = torch.cat([q @ keys.transpose(-1, -2), q @ tail_k.transpose(-1, -2)], -1) * 0.3
     scores = scores + torch.cat([bias[:, None, :40].expand(b, h_kv, 40).gather(-1, index),
                                  bias[:, None, 40:].expand(b, h_kv, tail)], -1).unsqueeze(-2)
-    want = scores.softmax(-1) @ torch.cat([values, tail_v], -2)
-    assert torch.allclose(got, want, atol=1e-5)
+    want = scores.softmax(-1) @ torch.cat([values, tail_v], -2)                 # (B, H_kv, g, d)
+    got, _ = crosskv_attention(_Module(), query, *compressed_kv(prefix, tail_k, tail_v), mask, scaling=0.3)
+    assert torch.allclose(got.view(b, h_kv, g, d), want, atol=1e-5)
+    assert torch.isinf(prefix.scores(q)).sum(-1).eq(40 - 11).all()
 
 
-def test_selection_undoes_rope_at_the_query_position():
+def test_unrotate_undoes_rope_at_the_query_position():
     torch.manual_seed(4)
     d, angle = 8, torch.rand(4) * 3
-    cos, sin = torch.cat([angle.cos()] * 2).view(1, 1, 1, d), torch.cat([angle.sin()] * 2).view(1, 1, 1, d)
+    base, _, _ = _prefix()
+    prefix = _selective(base, 4, angle=angle)
     pre = torch.randn(1, 3, 3, d)
-    spec = Selection(4, 0, 0, None, cos, sin)
-    assert torch.allclose(spec.unrotate(pre * cos + _rotate_half(pre) * sin), pre, atol=1e-5)
+    assert torch.allclose(prefix.unrotate(pre * prefix.cos + _rotate_half(pre) * prefix.sin), pre, atol=1e-5)
+
+
+def test_recall_is_one_when_rope_is_the_identity_and_lower_with_it():
+    torch.manual_seed(5)
+    b, h_kv, g, d, t, r = 1, 3, 3, 8, 200, 6
+    basis, factor = torch.randn(b, t, r), torch.randn(b, r, h_kv * d)
+    ident = PrefixRope(torch.ones(1, 1, d, t), torch.zeros(1, 1, d, t))
+    flat = FactoredPrefix(basis, factor, basis, factor, ident)
+    q = torch.randn(b, h_kv, g, d)
+    assert scorer_recall(_selective(flat, 16), q) == (1.0, 1.0)
+    angles = torch.arange(t)[:, None] * torch.logspace(0, -3, d // 2)        # (T, d/2), fast to slow
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    turned = FactoredPrefix(basis, factor, basis, factor, PrefixRope(cos.T[None, None], sin.T[None, None]))
+    recall, mass = scorer_recall(_selective(turned, 16), q)
+    assert 0.0 <= recall < 1.0 and 0.0 < mass <= 1.0 + 1e-6
+
+
+def test_low_frequencies_keep_the_slowest_pairs_in_both_halves():
+    class _Rotary:
+        class rotary_emb:
+            inv_freq = torch.tensor([1.0, 0.1, 0.01, 0.001])
+
+    assert low_frequencies(_Rotary(), 0.5).tolist() == [0, 0, 1, 1, 0, 0, 1, 1]
+    assert low_frequencies(_Rotary(), 0.01).tolist() == [0, 0, 0, 1, 0, 0, 0, 1]
 
 
 @pytest.mark.parametrize("params, message", [
@@ -124,6 +154,7 @@ def test_selection_undoes_rope_at_the_query_position():
     ({"sinks": "-1"}, "sinks=-1"),
     ({"window": "-2"}, "window=-2"),
     ({"score_rank": "0"}, "score_rank=0"),
+    ({"score_frequencies": "1.5"}, "score_frequencies=1.5"),
     ({"base_params": "attention=reconstruct"}, "attention='reconstruct'"),
     ({"base_params": "rank_k=-3"}, "rank_k=-3"),
 ])
@@ -153,7 +184,7 @@ def test_every_token_chosen_decodes_as_the_base_and_holds_its_bytes(model32, pro
     for a, b in zip(got, want):
         assert torch.allclose(a, b, atol=1e-3), (a - b).abs().max()
     assert kv_bytes(cache) == kv_bytes(base_cache)
-    assert cache._selection is None  # nothing of the step's selection outlives it
+    assert cache._step is None  # nothing of the step's selection outlives it
 
 
 @pytest.mark.slow
