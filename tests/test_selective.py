@@ -188,6 +188,25 @@ def test_every_token_chosen_decodes_as_the_base_and_holds_its_bytes(model32, pro
 
 
 @pytest.mark.slow
+def test_census_holds_what_the_cache_reports_after_decoding(model32, prompt):
+    from crosskv.cache.census import RunCensus
+
+    model, tokenizer = model32
+    runner = make_method("selective", base_params="group_size=4;rank_k=64;rank_v=96", top_k="8").bind(model, tokenizer)
+    context, question = prompt
+    with runner.applied(), torch.no_grad():
+        census = RunCensus(runner)
+        cache = runner.new_cache()
+        with runner.prefill(cache):
+            model(context, past_key_values=cache)
+        runner.compress(cache)
+        out = model(question, past_key_values=cache).logits
+        for _ in range(3):
+            out = model(out[:, -1:].argmax(-1), past_key_values=cache).logits
+        assert census.held(cache) == kv_bytes(cache)
+
+
+@pytest.mark.slow
 def test_few_tokens_chosen_changes_decode_but_not_bytes(model32, prompt):
     model, tokenizer = model32
     base_params = "group_size=4;rank_k=64;rank_v=96"
