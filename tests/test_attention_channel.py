@@ -49,7 +49,8 @@ def test_other_attention_reading_a_compressed_prefix_raises():
         sdpa_attention_forward(_Module(), torch.zeros(1, 4, 1, 8), kv, kv, None)
 
 
-@pytest.mark.parametrize("method", ["xkv:group_size=2,rank_k=8"])
+@pytest.mark.parametrize("method", ["xkv:group_size=2,rank_k=8", "minicache:start_layer=0",
+                                    "compose:base=full,bits=4,residual=0,group_size=8"])
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
 def test_compressed_cache_under_plain_attention_raises(tiny_model, method, implementation):
     """A compressed cache decoded under the model's own attention (the runner's applied() skipped) raises
@@ -75,3 +76,12 @@ def test_compressed_cache_under_plain_attention_raises(tiny_model, method, imple
                 model(question[:, :1], past_key_values=cache)
         finally:
             model.set_attn_implementation(previous)
+
+
+def test_eager_style_reads_of_a_compressed_prefix_raise():
+    kv, _ = compressed_kv(_Dense(torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8)),
+                          torch.zeros(1, 2, 1, 8), torch.zeros(1, 2, 1, 8), layer_idx=2)
+    assert kv.shape == (1, 2, 5, 8)  # the held K shape: shape-only wrappers (kvpress's patch) pass it through
+    for misuse in (lambda: kv[:, :, None], lambda: kv.transpose(2, 3), lambda: torch.matmul(torch.zeros(1), kv)):
+        with pytest.raises(PrefixChannelError, match="cache layer 2"):
+            misuse()

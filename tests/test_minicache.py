@@ -126,3 +126,31 @@ def test_default_merge_saves_memory_and_bytes_match_accounting(model32, prompt):
     kept = kv_bytes(cache) / full_bytes(shape, tokens + appended, float_bytes=4)
     assert 0.7 < kept < 0.85, kept  # half the layers merged at ≈ (1 + 2/d)/2 of their bytes
     assert all(torch.isfinite(x).all() for x in logits)
+
+
+@pytest.mark.parametrize("retention,gamma", [("paper", 0.3), ("xkv", 0.5), ("paper", 1.0)])
+def test_decode_from_direction_magnitude_and_rows_equals_attention_on_the_rebuilt_pair(retention, gamma):
+    """The channel's MergedPrefix (no merged K/V materialised) equals attention over the rebuilt layers."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from crosskv.cache.attention import compressed_kv, crosskv_attention
+    from crosskv.methods.minicache import MergedPair, MergedLayer
+
+    class _Module:
+        num_key_value_groups = 2
+
+    torch.manual_seed(1)
+    shape = (2, 3, 17, 8)
+    pair = MergedPair((0, 1))
+    pair.keys = merge_pair(torch.randn(shape), torch.randn(shape), 0.6, gamma, retention)
+    pair.values = merge_pair(torch.randn(shape), torch.randn(shape), 0.6, gamma, retention)
+    tail_k, tail_v = torch.randn(2, 3, 2, 8), torch.randn(2, 3, 2, 8)
+    for which in (0, 1):
+        layer = MergedLayer(pair, which)
+        keys = torch.cat([pair.keys.rebuild(which), tail_k], -2)
+        values = torch.cat([pair.values.rebuild(which), tail_v], -2)
+        query = torch.randn(2, 6, 1, 8)
+        want, _ = sdpa_attention_forward(_Module(), query, keys, values, None, scaling=0.4)
+        kv, _ = compressed_kv(layer.compressed_prefix(), tail_k, tail_v)
+        got, _ = crosskv_attention(_Module(), query, kv, kv, None, scaling=0.4)
+        assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()

@@ -67,7 +67,9 @@ class CompressedKV:
     """What a compressed layer's ``update`` returns as keys and as values: its prefix and exact tail.
 
     ``prefix`` precedes the tail; ``keys``/``values`` ``(B, H_kv, t, d)`` (``t`` may be 0); ``layer_idx``
-    names the layer in errors. Any attribute a tensor has but this lacks raises :class:`PrefixChannelError`.
+    names the layer in errors. ``shape`` is the held K shape ``(B, H_kv, T_c + t, d)``, so wrappers that
+    only look at shapes (kvpress's head-masking patch of every registered attention) pass it through; any
+    other tensor use (an attribute, indexing, a torch function) raises :class:`PrefixChannelError`.
     """
 
     prefix: CompressedPrefix
@@ -80,6 +82,14 @@ class CompressedKV:
             f"cache layer {self.layer_idx} holds a compressed prefix of {self.prefix.length} tokens, but the "
             f"model's attention function read it as a tensor ({what}): only the {ATTENTION!r} attention reads "
             f"it; run under crosskv.cache.attention.installed(model) (the method runner's applied() does)")
+
+    @property
+    def shape(self) -> torch.Size:
+        b, h, t, d = self.keys.shape
+        return torch.Size((b, h, self.prefix.length + t, d))
+
+    def __getitem__(self, index):
+        raise self.misread("indexing")
 
     def __getattr__(self, name: str):
         if name.startswith("__"):

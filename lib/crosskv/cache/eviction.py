@@ -21,6 +21,8 @@ from typing import Iterator
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from crosskv.cache.layer import HeldLayer
+
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +45,9 @@ EVICTIONS: dict[str, Eviction] = {
 }
 
 
-class EvictedLayer(DynamicLayer):
-    """A plain K/V layer after eviction: holds ``(B, H_kv, kept, d)`` but counts every token seen,
-    so positions and masks stay absolute (``get_seq_length`` = tokens seen)."""
+class EvictedLayer(HeldLayer):
+    """A plain K/V layer after eviction: holds ``(B, H_kv, kept, d)`` exact rows but counts every token
+    seen, so positions and masks stay absolute (bookkeeping, crop and reorder: the base's)."""
 
     plain_kv = True
 
@@ -53,35 +55,10 @@ class EvictedLayer(DynamicLayer):
         super().__init__()
         self.dtype, self.device, self.is_initialized = layer.keys.dtype, layer.keys.device, True
         self.seen = layer.get_seq_length()
-        self.evicted_at = self.seen  # tokens appended after eviction can be cropped again
+        self.fix()  # tokens appended after eviction can be cropped again
         index = index.to(layer.keys.device)
         self.keys = layer.keys.index_select(-2, index)
         self.values = layer.values.index_select(-2, index)
-
-    def update(self, key_states, value_states, cache_kwargs=None):
-        self.seen += key_states.shape[-2]
-        return super().update(key_states, value_states, cache_kwargs)
-
-    def held(self) -> int:
-        return self.keys.shape[-2]
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
-        return self.held() + cache_position.shape[0], self.seen - self.held()
-
-    def crop(self, max_length: int) -> None:
-        """Drop the newest tokens down to ``max_length`` seen (only tokens appended after the eviction);
-        the kept rows are copied out, so no view pins the longer storage."""
-        max_length = self.seen + max_length if max_length < 0 else max_length
-        if max_length >= self.seen:
-            return
-        if max_length < self.evicted_at:
-            raise ValueError(f"cannot crop to {max_length} tokens: the first {self.evicted_at} went through eviction")
-        keep = self.held() - (self.seen - max_length)
-        self.keys, self.values = self.keys[..., :keep, :].clone(), self.values[..., :keep, :].clone()
-        self.seen = max_length
 
 
 def layer_kv(layer) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -2,10 +2,12 @@
 
 A :class:`PrefixLayer` keeps the tokens that arrived since the last compression exactly in
 ``keys``/``values`` ``(B, H_kv, t, d)``. Once its method compresses it, the prefix of ``T_c`` tokens
-lives only in the method's own tensors (bases, factors, directions, …) and is rebuilt on every
-``update`` by :meth:`PrefixLayer.prefix_kv`; new tokens (question, decoded) are appended exactly.
-Eviction before compression (:meth:`PrefixLayer.evict`) drops prompt rows; the layer counts them in
-``dropped`` so its sequence length, positions and masks stay absolute.
+lives only in the method's own tensors (bases, factors, directions, …), read on every step: handed
+to attention through the channel of :mod:`crosskv.cache.attention` when the method
+defines :meth:`PrefixLayer.compressed_prefix`, else rebuilt by :meth:`PrefixLayer.prefix_kv`; new
+tokens (question, decoded) are appended exactly. Eviction before compression
+(:meth:`PrefixLayer.evict`) drops prompt rows; seen and held tokens, crop, reorder and mask sizes are
+the base's (:class:`~crosskv.cache.layer.HeldLayer`), so positions and masks stay absolute.
 :class:`PrefixCache` is the container; its ``stored_tensors()`` yields every tensor held, each
 shared tensor (a group's basis, a pair's direction) once.
 """
@@ -15,20 +17,17 @@ from typing import Iterator
 
 import torch
 from transformers import Cache
-from transformers.cache_utils import CacheLayerMixin, DynamicLayer
+from transformers.cache_utils import CacheLayerMixin
 
-from crosskv.cache.storage import layer_tensors
+from crosskv.cache.attention import CompressedPrefix, compressed_kv
 from crosskv.cache.eviction import evict_plain
+from crosskv.cache.layer import HeldLayer
+from crosskv.cache.storage import layer_tensors
 from crosskv.cache.quant import QuantSpec, quantize_plain_layers
 
 
-class PrefixLayer(DynamicLayer):
-    """One layer: a compressed prefix (method-specific, rebuilt on demand) + exact tail tokens."""
-
-    def __init__(self):
-        super().__init__()
-        self.prefix_len = 0  # T_c: tokens held in compressed form
-        self.dropped = 0     # tokens seen but evicted (not held)
+class PrefixLayer(HeldLayer):
+    """One layer: a compressed prefix (method-specific) + exact tail tokens (:class:`~crosskv.cache.layer.HeldLayer`)."""
 
     def prefix_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The rebuilt prefix K and V, each ``(B, H_kv, T_c, d)`` (post-RoPE keys, as attention expects)."""
@@ -41,68 +40,46 @@ class PrefixLayer(DynamicLayer):
     def quantize_(self, spec: QuantSpec) -> None:
         """Replace the tensors this layer alone holds for its prefix by codes (none by default)."""
 
-    def attend_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V handed to the attention function: rebuilt prefix followed by the exact tail."""
+    def compressed_prefix(self) -> CompressedPrefix | None:
+        """The prefix as attention reads it through the channel, or ``None`` to hand attention rebuilt K/V."""
+        return None
+
+    def attend_kv(self):
+        """What attention reads: the channel pair (prefix + exact tail) when the layer has a
+        :meth:`compressed_prefix`, else the rebuilt prefix concatenated with the exact tail."""
         if not self.prefix_len:
             return self.keys, self.values
+        prefix = self.compressed_prefix()
+        if prefix is not None:
+            return compressed_kv(prefix, self.keys, self.values, self.layer_idx)
         keys, values = self.prefix_kv()
         return (torch.cat([keys.to(self.keys.dtype), self.keys], dim=-2),
                 torch.cat([values.to(self.values.dtype), self.values], dim=-2))
 
-    def update(self, key_states, value_states, cache_kwargs=None):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
+    def append(self, key_states, value_states) -> None:
+        super().append(key_states, value_states)
         self.on_append()
-        return self.attend_kv()
 
     def on_append(self) -> None:
         """Hook run after new tokens were appended, before attention (strict compression)."""
 
-    def tail_len(self) -> int:
-        return 0 if not self.is_initialized or self.keys.numel() == 0 else self.keys.shape[-2]
-
-    def held(self) -> int:
-        """Tokens attention reads: the compressed prefix plus the exact tail."""
-        return self.prefix_len + self.tail_len()
-
-    def get_seq_length(self) -> int:
-        return self.held() + self.dropped
-
-    def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
-        return self.held() + cache_position.shape[0], self.dropped
-
     def evict(self, index: torch.Tensor) -> None:
         """Keep only the exact rows at ``index`` ``(kept,)`` (positions of the uncompressed prompt)."""
-        if self.prefix_len or self.dropped:
+        if self.prefix_len or self.fixed:
             raise ValueError("eviction must precede compression and happen once")
-        tokens = self.tail_len()
         index = index.to(self.keys.device)
         self.keys, self.values = self.keys.index_select(-2, index), self.values.index_select(-2, index)
-        self.dropped = tokens - index.numel()
+        self.fix()
 
     def take_tail(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Remove and return the exact tokens ``(B, H_kv, t, d)`` each (called when compressing them)."""
+        """Remove and return the exact tokens ``(B, H_kv, t, d)`` each (called when compressing them);
+        the caller sets ``prefix_len`` to the tokens it now holds in its own form."""
         keys, values = self.keys, self.values
         # fresh empty tails: a zero-length view would pin the whole prompt's storage
         self.keys, self.values = keys.new_empty(*keys.shape[:-2], 0, keys.shape[-1]), \
             values.new_empty(*values.shape[:-2], 0, values.shape[-1])
+        self.fix()
         return keys, values
-
-    def crop(self, max_length: int) -> None:
-        if max_length < 0:
-            max_length = self.get_seq_length() + max_length
-        if max_length < self.prefix_len + self.dropped:
-            raise ValueError(f"cannot crop to {max_length} tokens inside the compressed prefix of "
-                             f"{self.prefix_len + self.dropped}")
-        super().crop(max_length - self.prefix_len - self.dropped)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        raise NotImplementedError("compressed caches do not support beam search")
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        raise NotImplementedError("compressed caches do not support beam search")
 
 
 class PrefixCache(Cache):
@@ -137,6 +114,7 @@ class PrefixCache(Cache):
                 layer.evict(index)
             else:
                 self.layers[idx] = evict_plain(layer, index)
+                self.layers[idx].layer_idx = idx
 
     def stored_tensors(self) -> Iterator[torch.Tensor]:
         for shared in self.shared:

@@ -8,13 +8,16 @@ dequantized copy survives a step.
 
 - Plain K/V layers (``full``, evicted layers, layers outside a method's range, KVSharer producers)
   become :class:`KiviLayer`: keys quantized per channel (groups run along the token axis), values per
-  token (groups run along the channel axis); the ``residual`` most recent prompt tokens stay float.
+  token (groups run along the channel axis); the ``residual`` most recent tokens stay float.
 - A method's own tensors (xKV/SVD bases and factors, MiniCache directions, magnitudes and retained
   rows, CommonKV latents) are quantized by the cache's ``quantize_(spec)``, per row of their last axis
   (CommonKV keeps its ``residual`` most recent latents float).
 
-Tokens appended after compression (question, decoded) are stored exactly, the same convention as
-every cross-layer method here. :func:`quantize_cache` sets ``cache.quant_storage = "real"``.
+A :class:`KiviLayer` quantizes appended tokens (question, decoded) as KIVI does: in whole groups once
+they leave the float ``residual`` window, so its held bytes stay at their target over long generations;
+attention reads its codes without dequantizing them (:class:`QuantizedPrefix`). A method's own
+tensors keep the cross-layer convention: tokens appended after compression are stored exactly.
+:func:`quantize_cache` sets ``cache.quant_storage = "real"``.
 """
 from __future__ import annotations
 
@@ -24,12 +27,16 @@ from typing import Iterator, Union
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from crosskv.cache.attention import CompressedPrefix, compressed_kv
+from crosskv.cache.layer import HeldLayer
+
 BITS = (2, 4, 8)
 
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """``bits`` ∈ {2, 4, 8}; ``group_size`` values share a scale/zero; ``residual`` recent prompt tokens stay float."""
+    """``bits`` ∈ {2, 4, 8}; ``group_size`` values share a scale/zero; ``residual`` recent tokens stay float
+    (a plain layer's tokens beyond it are quantized in whole groups, prompt and appended alike)."""
 
     bits: int = 4
     group_size: int = 32
@@ -63,19 +70,45 @@ class QTensor:
     def tensors(self) -> Iterator[torch.Tensor]:
         yield from (self.codes, self.scale, self.zero)
 
+    @property
+    def group_size(self) -> int:
+        return self.codes.shape[-1] * 8 // self.bits
+
     def dequantize(self) -> torch.Tensor:
-        """The float tensor (original shape and dtype), unpacked through a 256-entry table of each byte's codes."""
-        codes = _unpack_table(self.bits, self.codes.device)[self.codes.int()].flatten(-2)  # (*rest, G, group_size)
+        """The float tensor (original shape and dtype)."""
+        codes = unpack(self.codes, self.bits, torch.float32)  # (*rest, G, group_size)
         values = torch.addcmul(self.zero.float(), codes, self.scale.float())
         values = values.flatten(-2)[..., :self.length]
         return values.movedim(-1, self.axis).to(self.dtype)
 
+    def map(self, fn) -> "QTensor":
+        """``fn`` applied to codes, scale and zero (a batch-first map: reorder, repeat, select)."""
+        return QTensor(fn(self.codes), fn(self.scale), fn(self.zero), self.bits, self.axis, self.length, self.dtype)
 
-def _unpack_table(bits: int, device: torch.device) -> torch.Tensor:
-    """``(256, 8 // bits)`` float32: the codes packed in each possible byte, lowest bits first."""
-    shifts = torch.arange(8 // bits, dtype=torch.uint8, device=device) * bits
-    byte = torch.arange(256, dtype=torch.uint8, device=device)
-    return ((byte[:, None] >> shifts) & (2 ** bits - 1)).float()
+    def extend(self, other: "QTensor") -> "QTensor":
+        """``self`` followed by ``other`` (quantized alike) along axis −2 of the original tensor (tokens).
+
+        Grouped along that axis, ``self`` must fill whole groups; the groups are concatenated. Grouped along
+        another axis, the rows are concatenated.
+        """
+        ndim = self.codes.dim() - 1
+        if (self.axis, self.bits) != (other.axis, other.bits):
+            raise ValueError(f"cannot extend a {self.bits}-bit axis-{self.axis} QTensor by a "
+                             f"{other.bits}-bit axis-{other.axis} one")
+        if self.axis == ndim - 2:
+            if self.length % self.group_size:
+                raise ValueError(f"cannot extend a QTensor of {self.length} values grouped by {self.group_size}")
+            dim, length = -2, self.length + other.length
+        else:
+            dim, length = -3, self.length
+        return QTensor(torch.cat([self.codes, other.codes], dim), torch.cat([self.scale, other.scale], dim),
+                       torch.cat([self.zero, other.zero], dim), self.bits, self.axis, length, self.dtype)
+
+
+def unpack(codes: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """Packed ``codes`` ``(..., n)`` uint8 → ``(..., n·8/bits)`` integer codes in ``dtype``, lowest bits first."""
+    shifts = torch.arange(8 // bits, dtype=torch.uint8, device=codes.device) * bits
+    return ((codes.unsqueeze(-1) >> shifts) & (2 ** bits - 1)).flatten(-2).to(dtype)
 
 
 def _round_down_half(x: torch.Tensor) -> torch.Tensor:
@@ -152,58 +185,105 @@ def quantize_rows(x: Stored | None, spec: "QuantSpec") -> Stored | None:
     return quantize(x, spec.bits, spec.group_size, axis=-1)
 
 
-class KiviLayer(DynamicLayer):
-    """A plain K/V layer whose prompt prefix is held as codes only: keys per channel, values per token.
+@dataclass(frozen=True)
+class QuantizedPrefix(CompressedPrefix):
+    """A KIVI layer's quantized tokens as attention reads them, on the codes.
 
-    ``keys``/``values`` ``(B, H, t, d)`` hold the float tail (residual window + appended tokens);
-    ``qkeys``/``qvalues`` the quantized prefix of ``n_q`` tokens, dequantized on every :meth:`update`.
+    ``keys`` per channel: codes ``(B, H, d, G, ·)``, scale/zero ``(B, H, d, G, 1)`` (G groups of tokens);
+    ``values`` per token: codes ``(B, H, T, G_d, ·)``, scale/zero ``(B, H, T, G_d, 1)``. Key scales are
+    folded into the query and value scales into the attention weights, so the only full-size temporary
+    per step is each tensor's unpacked codes (in the query dtype); zeros enter as one small product each.
+    """
+
+    keys: QTensor
+    values: QTensor
+
+    @property
+    def length(self) -> int:
+        return self.keys.length
+
+    def scores(self, q: torch.Tensor) -> torch.Tensor:
+        """``q`` ``(B, H, n, d)`` → ``q·Kᵀ`` ``(B, H, n, T)`` float32: per group, ``(q⊙scale)·codes + q·zero``."""
+        k = self.keys
+        b, h, n, _ = q.shape
+        codes = unpack(k.codes.transpose(2, 3), k.bits, q.dtype)           # (B, H, G, d, gs)
+        scale = k.scale.squeeze(-1).transpose(2, 3).unsqueeze(3).float()   # (B, H, G, 1, d)
+        zero = k.zero.squeeze(-1).transpose(2, 3).unsqueeze(3).float()     # (B, H, G, 1, d)
+        qf = q.unsqueeze(2).float()                                        # (B, H, 1, n, d)
+        scores = ((qf * scale).to(q.dtype) @ codes).float()                # (B, H, G, n, gs)
+        scores = scores + (qf * zero).sum(-1, keepdim=True)
+        return scores.transpose(2, 3).reshape(b, h, n, -1)[..., :k.length]
+
+    def apply(self, probs: torch.Tensor) -> torch.Tensor:
+        """``probs`` ``(B, H, n, T)`` → ``probs·V`` ``(B, H, n, d)``: per channel group, ``(P⊙scale)·codes + P·zero``."""
+        v = self.values
+        b, h, n, _ = probs.shape
+        codes = unpack(v.codes.transpose(2, 3), v.bits, probs.dtype)       # (B, H, G_d, T, gs)
+        scale = v.scale.squeeze(-1).transpose(2, 3).unsqueeze(3).float()   # (B, H, G_d, 1, T)
+        pf = probs.float()
+        out = ((pf.unsqueeze(2) * scale).to(probs.dtype) @ codes).float()  # (B, H, G_d, n, gs)
+        zero = pf @ v.zero.squeeze(-1).float()                             # (B, H, n, G_d)
+        out = out.transpose(2, 3) + zero.unsqueeze(-1)                     # (B, H, n, G_d, gs)
+        return out.reshape(b, h, n, -1)[..., :v.length].to(probs.dtype)
+
+
+class KiviLayer(HeldLayer):
+    """A plain K/V layer held as codes, KIVI-style: keys per channel, values per token.
+
+    ``keys``/``values`` ``(B, H, t, d)`` hold the float tail (the ``residual`` most recent tokens, and up
+    to ``group_size − 1`` more); ``qkeys``/``qvalues`` the ``prefix_len`` older tokens as codes. Whenever
+    the tail reaches ``residual + group_size`` tokens, its oldest whole groups are quantized and appended
+    to the codes, so held bytes stay at their target over long generations. Attention reads the codes
+    through :class:`QuantizedPrefix` (the ``crosskv`` attention); :meth:`current_kv` dequantizes them.
     """
 
     def __init__(self, layer: DynamicLayer, spec: QuantSpec):
         super().__init__()
-        keys, values = layer.keys, layer.values
-        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self.dtype, self.device, self.is_initialized = layer.keys.dtype, layer.keys.device, True
+        self.spec = spec
         self.seen = layer.get_seq_length()  # absolute tokens seen (more than held after eviction)
-        self.quantized_at = self.seen  # tokens appended after quantization can be cropped again
-        n_q = split_residual(keys, spec.residual, multiple=spec.group_size)
-        self.n_q = n_q
-        self.qkeys = quantize(keys[..., :n_q, :], spec.bits, spec.group_size, axis=-2) if n_q else None
-        self.qvalues = quantize(values[..., :n_q, :], spec.bits, spec.group_size, axis=-1) if n_q else None
-        self.keys, self.values = keys[..., n_q:, :].clone(), values[..., n_q:, :].clone()
+        self.qkeys: QTensor | None = None
+        self.qvalues: QTensor | None = None
+        self.keys, self.values = layer.keys, layer.values
+        self.flush()
+        self.keys, self.values = self.keys.clone(), self.values.clone()  # owned: no view pins the prompt
+        self.fix()
 
-    def update(self, key_states, value_states, cache_kwargs=None):
-        self.seen += key_states.shape[-2]
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        return self.current_kv()
+    def flush(self) -> None:
+        """Quantize the tail's oldest whole groups beyond the ``residual`` window and append them to the codes."""
+        n = split_residual(self.keys, self.spec.residual, multiple=self.spec.group_size)
+        if not n:
+            return
+        bits, group = self.spec.bits, self.spec.group_size
+        qk = quantize(self.keys[..., :n, :], bits, group, axis=-2)
+        qv = quantize(self.values[..., :n, :], bits, group, axis=-1)
+        self.qkeys = qk if self.qkeys is None else self.qkeys.extend(qk)
+        self.qvalues = qv if self.qvalues is None else self.qvalues.extend(qv)
+        self.keys, self.values = self.keys[..., n:, :].clone(), self.values[..., n:, :].clone()
+        self.prefix_len += n
+
+    def append(self, key_states, value_states) -> None:
+        super().append(key_states, value_states)
+        self.flush()
+
+    def attend_kv(self):
+        if self.qkeys is None:
+            return self.keys, self.values
+        return compressed_kv(QuantizedPrefix(self.qkeys, self.qvalues), self.keys, self.values, self.layer_idx)
 
     def current_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V ``(B, H, n_q + t, d)`` for attention: the prefix dequantized now, then the float tail."""
+        """K and V ``(B, H, held, d)``: the codes dequantized now, then the float tail."""
         if self.qkeys is None:
             return self.keys, self.values
         return (torch.cat([self.qkeys.dequantize(), self.keys], dim=-2),
                 torch.cat([self.qvalues.dequantize(), self.values], dim=-2))
 
-    def held(self) -> int:
-        return self.n_q + self.keys.shape[-2]
+    def map_prefix(self, fn) -> None:
+        if self.qkeys is not None:
+            self.qkeys, self.qvalues = self.qkeys.map(fn), self.qvalues.map(fn)
 
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
-        held = self.held()
-        return held + cache_position.shape[0], self.seen - held
-
-    def crop(self, max_length: int) -> None:
-        """Drop the newest float tokens down to ``max_length`` seen (only tokens appended after quantization)."""
-        max_length = self.seen + max_length if max_length < 0 else max_length
-        if max_length >= self.seen:
-            return
-        if max_length < self.quantized_at:
-            raise ValueError(f"cannot crop to {max_length} tokens: the first {self.quantized_at} were quantized")
-        keep = self.keys.shape[-2] - (self.seen - max_length)
-        self.keys, self.values = self.keys[..., :keep, :].clone(), self.values[..., :keep, :].clone()  # no view pins the old storage
-        self.seen = max_length
+    def release_prefix(self) -> None:
+        self.qkeys = self.qvalues = None
 
     def stored(self) -> Iterator[torch.Tensor]:
         for q in (self.qkeys, self.qvalues):
@@ -225,6 +305,7 @@ def quantize_plain_layers(cache, spec: QuantSpec) -> int:
     for idx, layer in enumerate(cache.layers):
         if is_plain(layer) and layer.is_initialized and layer.keys.numel():
             cache.layers[idx] = replaced[id(layer)] = KiviLayer(layer, spec)
+            cache.layers[idx].layer_idx = idx
     for layer in cache.layers:
         producer = getattr(layer, "producer", None)
         if producer is not None and id(producer) in replaced:

@@ -218,7 +218,7 @@ def run_assets(args: argparse.Namespace) -> int:
 
 
 def configure_bench(p: argparse.ArgumentParser) -> None:
-    from crosskv.run.bench import DEFAULT_METHODS, MODES
+    from crosskv.run.bench import DEFAULT_METHODS, DEFAULT_MODES, MODES
 
     p.add_argument("--model", default="smollm2-135m", help="alias, random:<shape>, local folder or hub id")
     p.add_argument("--contexts", type=positive_int, nargs="+", default=[2048, 4096])
@@ -229,7 +229,8 @@ def configure_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=nonnegative_int, default=1)
     p.add_argument("--decode-tokens", type=positive_int, default=32)
     p.add_argument("--seed", type=nonnegative_int, default=0)
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES), choices=MODES,
+                   help="eager, and/or compiled: decode steps under torch.compile(fullgraph=True) (default: eager)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out", default=None, help="also write the table as CSV to this file")

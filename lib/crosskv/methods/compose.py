@@ -47,6 +47,7 @@ from crosskv.core import budget
 from crosskv.methods.base import REGISTRY, MethodConfig, Runner, make_method, register
 from crosskv.cache.eviction import EVICTIONS as PRESSES
 from crosskv.cache.eviction import EvictionScorer, evict_plain, kept_fraction, token_sets
+from crosskv.cache.attention import installed
 from crosskv.cache.quant import BITS, QuantSpec, quantize_cache
 
 log = logging.getLogger(__name__)
@@ -225,7 +226,8 @@ class ComposeRunner(Runner):
 
     @contextlib.contextmanager
     def applied(self) -> Iterator["ComposeRunner"]:
-        with self.base.applied():
+        """The base's transforms; with ``bits``, also the ``crosskv`` attention that reads quantized layers' codes."""
+        with self.base.applied(), (installed(self.model) if self.config.bits else contextlib.nullcontext()):
             yield self
 
     def new_cache(self):

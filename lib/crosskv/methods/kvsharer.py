@@ -33,6 +33,7 @@ from crosskv.core.capture import attention_modules, capture, decoder, kv_shape
 from crosskv.cache.storage import layer_tensors
 from crosskv.methods.base import MethodConfig, Runner, register
 from crosskv.cache.eviction import evict_plain
+from crosskv.cache.layer import HeldLayer
 from crosskv.core.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
@@ -208,8 +209,8 @@ class SharedLayer(CacheLayerMixin):
         if held != self.seen:
             raise RuntimeError(f"producer layer {self.producer_idx} holds {held} tokens but its consumer has seen "
                                f"{self.seen}: the producer must run before its consumer in every forward")
-        if hasattr(self.producer, "current_kv"):  # a quantized producer rebuilds its K/V inside the step
-            return self.producer.current_kv()
+        if isinstance(self.producer, HeldLayer):  # an evicted or quantized producer: what it attends with
+            return self.producer.attend_kv()
         return self.producer.keys, self.producer.values
 
     def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:

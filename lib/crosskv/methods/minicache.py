@@ -7,7 +7,10 @@ the lower layer's direction, ``t=1`` the upper's), and the cache stores the shar
 ``(B, H_kv, T, d)`` once per pair, each layer's magnitudes ``(B, H_kv, T)``, and the **retained**
 rows ``(N, d)`` of both layers unmerged together with their flat indices ``(N,)`` (int32 into
 ``B·H_kv·T``). Keys are merged post-RoPE (both layers share positions). K and V are merged and
-retained independently. Tokens appended later (question, decoded) are stored exactly.
+retained independently. Tokens appended later (question, decoded) are stored exactly. Decode reads
+the pair through the attention channel (:class:`MergedPrefix`): scores ``(q·directionᵀ)⊙magnitude``
+with the retained rows' scores put in place, values ``(P⊙magnitude)·direction`` plus the retained rows'
+part, so the merged K and V are never materialised.
 
 Retention compares each row's angle Ω between the two layers' vectors with the range
 ``[Ω_min, Ω_max]`` over the prompt tokens and heads of the merged pair, the attention-sink token
@@ -22,6 +25,7 @@ With ``gamma=1`` both readings retain every row, so the cache is exact (and larg
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Iterator
@@ -31,6 +35,7 @@ from transformers.cache_utils import DynamicLayer
 
 from crosskv.core.capture import KVShape, kv_shape
 from crosskv.methods.base import MethodConfig, Runner, register
+from crosskv.cache.attention import CompressedPrefix, installed
 from crosskv.cache.prefix import PrefixCache, PrefixLayer
 from crosskv.cache.quant import QuantSpec, Stored, dense, parts, quantize_rows
 
@@ -147,14 +152,62 @@ class MergedTensor:
 
 
 def merge_pair(a: torch.Tensor, b: torch.Tensor, t: float, gamma: float, retention: str) -> MergedTensor:
-    """Merge two layers' K (or V) ``(B, H, T, d)`` into a :class:`MergedTensor` (stored in ``a.dtype``)."""
+    """Merge two layers' K (or V) ``(B, H, T, d)`` into a :class:`MergedTensor` (stored in ``a.dtype``).
+
+    A retained row's magnitudes are stored as 0 (its stored row replaces it whole), so ``m·direction``
+    is zero there and decode adds the retained rows' part separately (:class:`MergedPrefix`).
+    """
     direction, omega = slerp_directions(a, b, t)
     keep = retained_mask(omega, gamma, retention)
     indices = keep.flatten().nonzero().squeeze(-1)
     d = a.shape[-1]
     rows = torch.stack([a.reshape(-1, d)[indices], b.reshape(-1, d)[indices]])
-    magnitudes = torch.stack([a.float().norm(dim=-1), b.float().norm(dim=-1)])
+    magnitudes = torch.stack([a.float().norm(dim=-1), b.float().norm(dim=-1)]).masked_fill(keep, 0.0)
     return MergedTensor(direction.to(a.dtype), magnitudes.to(a.dtype), indices.to(torch.int32), rows)
+
+
+@dataclass(frozen=True)
+class MergedPrefix(CompressedPrefix):
+    """Layer ``which`` of a merged pair as attention reads it, without rebuilding K or V.
+
+    ``key_dir``/``value_dir`` ``(B, H, T, d)``; ``key_mag``/``value_mag`` ``(B, H, T)`` (0 at retained rows);
+    ``key_index``/``value_index`` ``(N,)`` flat indices into ``B·H·T``; ``key_rows``/``value_rows`` ``(N, d)``.
+    Scores: ``(q·dirᵀ)⊙m`` plus ``q·row`` at the retained rows; values: ``(P⊙m)·dir`` plus ``P_row·row``.
+    """
+
+    key_dir: torch.Tensor
+    key_mag: torch.Tensor
+    key_index: torch.Tensor
+    key_rows: torch.Tensor
+    value_dir: torch.Tensor
+    value_mag: torch.Tensor
+    value_index: torch.Tensor
+    value_rows: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.key_dir.shape[-2]
+
+    def scores(self, q: torch.Tensor) -> torch.Tensor:
+        b, h, n, d = q.shape
+        t = self.length
+        scores = (q @ self.key_dir.transpose(-1, -2)).float() * self.key_mag.unsqueeze(-2).float()  # (B, H, n, T)
+        index = self.key_index.long()
+        bh, pos = index // t, index % t                                                           # (N,) each
+        row_scores = (q.reshape(b * h, n, d)[bh] @ self.key_rows.unsqueeze(-1)).squeeze(-1)      # (N, n)
+        flat = scores.view(b * h, n, t)
+        flat[bh, :, pos] = row_scores.float()
+        return scores
+
+    def apply(self, probs: torch.Tensor) -> torch.Tensor:
+        b, h, n, t = probs.shape
+        weights = (probs.float() * self.value_mag.unsqueeze(-2).float()).to(probs.dtype)          # (B, H, n, T)
+        out = weights @ self.value_dir                                                            # (B, H, n, d)
+        index = self.value_index.long()
+        bh, pos = index // t, index % t
+        picked = probs.reshape(b * h, n, t)[bh, :, pos]                                           # (N, n)
+        rows = picked.unsqueeze(-1) * self.value_rows.unsqueeze(1)                                # (N, n, d)
+        return out.reshape(b * h, n, -1).index_add(0, bh, rows.to(out.dtype)).view_as(out)
 
 
 class MergedPair:
@@ -192,6 +245,14 @@ class MergedLayer(PrefixLayer):
 
     def prefix_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.pair.keys.rebuild(self.which), self.pair.values.rebuild(self.which)
+
+    def compressed_prefix(self) -> MergedPrefix:
+        """This layer's half of the pair, read by attention without rebuilding (stored tensors, dequantized
+        per step if held as codes)."""
+        keys, values, w = self.pair.keys, self.pair.values, self.which
+        return MergedPrefix(dense(keys.direction), dense(keys.magnitudes)[w], keys.indices, dense(keys.rows)[w],
+                            dense(values.direction), dense(values.magnitudes)[w], values.indices,
+                            dense(values.rows)[w])
 
 
 class MiniCacheCache(PrefixCache):
@@ -234,6 +295,12 @@ class MiniCacheRunner(Runner):
     def __init__(self, config: MiniCache, model, tokenizer=None):
         super().__init__(config, model, tokenizer)
         self.shape = kv_shape(model)
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator["MiniCacheRunner"]:
+        """Merged layers hand their pair to the ``crosskv`` attention (:mod:`crosskv.cache.attention`)."""
+        with installed(self.model):
+            yield self
 
     def new_cache(self) -> MiniCacheCache:
         return MiniCacheCache(self.config, self.shape)

@@ -49,7 +49,7 @@ from transformers.cache_utils import DynamicLayer
 from crosskv.core.capture import KVShape, Rotary, kv_shape
 from crosskv.core.lowrank import gram_factors, group_matrix, split_group_matrix
 from crosskv.methods.base import MethodConfig, Runner, register
-from crosskv.cache.attention import CompressedPrefix, compressed_kv, installed
+from crosskv.cache.attention import CompressedPrefix, installed
 from crosskv.cache.prefix import PrefixCache, PrefixLayer
 from crosskv.cache.quant import QuantSpec, Stored, dense, parts, quantize_rows
 
@@ -266,14 +266,15 @@ class LowRankLayer(PrefixLayer):
     def prefix_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.prefix_keys(), self._rebuild(self.group.basis_v, self.factor_v)
 
-    def attend_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.prefix_len or not self.cache.factored:
-            return super().attend_kv()
+    def compressed_prefix(self) -> "FactoredPrefix | None":
+        """The factored prefix (``attention="factored"``), RoPE tables shared per forward; else ``None``."""
+        if not self.cache.factored:
+            return None
         rope = self.cache.prefix_rope(self.group, self.prefix_len, self.keys.device, self.keys.dtype)
         prefix = FactoredPrefix(self.group.basis_k, self.factor_k, self.group.basis_v, self.factor_v, rope)
         if self is self.cache.last_lowrank:
             self.cache.release_rope()
-        return compressed_kv(prefix, self.keys, self.values, self.layer_idx)
+        return prefix
 
     def on_append(self) -> None:
         if self.cache.strict_now() and not self.group.compressed and self is self.cache.last_of(self.group):

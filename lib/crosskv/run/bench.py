@@ -37,11 +37,12 @@ log = logging.getLogger(__name__)
 
 DEFAULT_METHODS = ("full", "kvsharer:rate=0.25", "minicache", "xkv:kept=0.25,group_size=2", "svd:kept=0.25",
                    "commonkv")
-MODES = ("eager",)
+MODES = ("eager", "compiled")
+DEFAULT_MODES = ("eager",)
 QUESTION = "\n\nIn one sentence, what is the text above about?"
 COLUMNS = ("method", "mode", "context", "batch", "prefill_s", "compress_s", "decode_tok_s", "decode_vs_full",
            "rebuild_gmac", "attention_gmac", "floor_tok_s", "vs_floor", "held_bytes", "kept", "peak_mem_mb",
-           "peak_delta_mb", "repeats", "device", "machine", "threads", "load_start", "load_end", "model", "dtype")
+           "peak_delta_mb", "repeats", "refused", "device", "machine", "threads", "load_start", "load_end", "model", "dtype")
 
 
 def parse_method(spec: str | MethodConfig) -> MethodConfig:
@@ -101,14 +102,52 @@ def _inputs(model, tokenizer, context: int, batch: int, seed: int, device) -> tu
     return ids.expand(batch, -1).to(device), question.expand(batch, -1).to(device)
 
 
+class CompileRefused(RuntimeError):
+    """A method's decode step cannot run under ``torch.compile(fullgraph=True)``."""
+
+
+def decode_forward(model, mode: str):
+    """The callable each decode step runs: ``model`` itself (``eager``), or (``compiled``)
+    ``torch.compile(model, fullgraph=True, dynamic=True)``: one graph per step, no graph breaks, shapes
+    symbolic so a growing cache does not recompile. Prefill and compression stay eager in both modes.
+    Run compiled steps inside :func:`compile_settings`."""
+    if mode not in MODES:
+        raise ValueError(f"bench mode {mode!r} is not one of {', '.join(MODES)}")
+    return model if mode == "eager" else torch.compile(model, fullgraph=True, dynamic=True)
+
+
+def compile_settings():
+    """Dynamo settings for compiled decode: room for one graph per method and cache kind, and a
+    recompile-limit hit raises instead of silently running eager."""
+    import torch._dynamo.config as dynamo_config
+
+    return dynamo_config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True)
+
+
+def decode_step(forward, name: str, **inputs):
+    """One decode forward through ``forward``; a compile failure is re-raised as :class:`CompileRefused`
+    naming the method ``name``."""
+    from torch._dynamo.exc import FailOnRecompileLimitHit, TorchDynamoException
+
+    try:
+        return forward(**inputs)
+    except (TorchDynamoException, FailOnRecompileLimitHit) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CompileRefused(f"method {name!r}: its decode step does not run under torch.compile(fullgraph=True) "
+                             f"({type(err).__name__}: {first})") from err
+
+
 def _positions(start: int, count: int, batch: int, device) -> torch.Tensor:
     return torch.arange(start, start + count, device=device).unsqueeze(0).expand(batch, -1)
 
 
 @torch.no_grad()
-def measure(runner, context_ids: torch.Tensor, question_ids: torch.Tensor, decode_tokens: int) -> dict[str, Any]:
-    """One run: prefill, compress, question, ``decode_tokens`` greedy steps → timings, bytes, peak memory."""
+def measure(runner, context_ids: torch.Tensor, question_ids: torch.Tensor, decode_tokens: int,
+            forward=None) -> dict[str, Any]:
+    """One run: prefill, compress, question, ``decode_tokens`` greedy steps through ``forward`` (default: the
+    model, eager; see :func:`decode_forward`) → timings, bytes, peak memory."""
     model = runner.model
+    forward = model if forward is None else forward
     device = context_ids.device
     batch, context = context_ids.shape
     if device.type == "cpu":
@@ -135,8 +174,8 @@ def measure(runner, context_ids: torch.Tensor, question_ids: torch.Tensor, decod
         _sync(device)
         t3 = time.perf_counter()
         for _ in range(decode_tokens):
-            out = model(input_ids=token, past_key_values=cache, use_cache=True,
-                        position_ids=_positions(fed, 1, batch, device), logits_to_keep=1)
+            out = decode_step(forward, runner.config.name, input_ids=token, past_key_values=cache, use_cache=True,
+                              position_ids=_positions(fed, 1, batch, device), logits_to_keep=1)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             fed += 1
         _sync(device)
@@ -194,15 +233,58 @@ def _median(values: list) -> float | None:
     return statistics.median(values) if values else None
 
 
+def _rows(model, tokenizer, configs, runners, forwards, refused, jobs, modes, repeats, warmup, decode_tokens, seed,
+          progress, device) -> list[dict]:
+    """The measured rows of :func:`bench` (one per method, mode, context, batch), before the derived columns."""
+    labels = [label for label, _ in configs]
+    rows = []
+    for context, batch in progress_bar(jobs, enabled=progress, desc="bench", leave=False):
+        context_ids, question_ids = _inputs(model, tokenizer, context, batch, seed, device)
+        runs: dict[tuple[str, str], list[dict]] = {(label, mode): [] for label in labels for mode in modes}
+        for round_ in range(warmup + repeats):
+            order = list(runs)
+            random.Random(seed * 1000 + round_).shuffle(order)
+            for label, mode in order:
+                if (label, mode) in refused:
+                    continue
+                try:
+                    result = measure(runners[label], context_ids, question_ids, decode_tokens, forwards[label, mode])
+                except CompileRefused as err:
+                    refused[label, mode] = str(err)
+                    log.warning("bench %s: %s", label, err)
+                    continue
+                if round_ >= warmup:
+                    runs[label, mode].append(result)
+                log.info("bench %s %s T=%d B=%d round %d: %s", label, mode, context, batch, round_, result)
+        full_bytes = full_cache_bytes(model, context, batch)
+        dtype = next(model.parameters()).dtype
+        for (label, mode), results in runs.items():
+            config = dict(configs)[label]
+            row = {"method": label, "mode": mode, "context": context, "batch": batch, "repeats": len(results),
+                   "refused": refused.get((label, mode))}
+            for key in ("prefill_s", "compress_s", "decode_tok_s", "held_bytes", "peak_mem_mb", "peak_delta_mb"):
+                row[key] = _median([r[key] for r in results])
+            row["kept"] = row["held_bytes"] / full_bytes if row["held_bytes"] is not None else None
+            row["attention_gmac"] = attention_macs(model, context, batch) / 1e9
+            gemms = rebuild_gemms(config, model, context)
+            row["rebuild_gmac"] = batch * sum(t * r * w for t, r, w in gemms) / 1e9 if gemms else None
+            row["rebuild_s"] = gemm_seconds(gemms, batch, device, dtype) if gemms else None
+            rows.append(row)
+    return rows
+
+
 def bench(model, tokenizer, methods=DEFAULT_METHODS, contexts=(2048, 4096), batch_sizes=(1,), repeats: int = 3,
-          warmup: int = 1, decode_tokens: int = 32, seed: int = 0, modes=MODES, progress: bool = True):
+          warmup: int = 1, decode_tokens: int = 32, seed: int = 0, modes=DEFAULT_MODES, progress: bool = True):
     """Benchmark ``methods`` (names, ``name:key=value,…`` specs or configs) → ``pandas.DataFrame``.
 
     One row per (method, mode, context, batch), medians over ``repeats`` timed runs after ``warmup``
     untimed rounds; within each round the method order is shuffled (seeded by ``seed`` and the round).
     Columns:
 
-    - ``method``: the spec as given; ``mode``: ``eager`` (the model's own forward, no graphs/compile);
+    - ``method``: the spec as given; ``mode``: ``eager`` (the model's own forward) or ``compiled`` (decode
+      steps through ``torch.compile(fullgraph=True, dynamic=True)``, :func:`decode_forward`; compiled
+      during the warm-up round); ``refused``: why a method's decode does not compile (its row then has
+      no timings), else empty;
     - ``context`` T (prompt tokens compressed), ``batch`` B (the same sequence in every row);
     - ``prefill_s``: the context forward (including work a method does inside it), seconds;
     - ``compress_s``: the method's post-prefill compression, seconds;
@@ -226,9 +308,12 @@ def bench(model, tokenizer, methods=DEFAULT_METHODS, contexts=(2048, 4096), batc
     """
     import pandas as pd
 
+    modes = list(dict.fromkeys(modes))
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise ValueError(f"bench mode(s) {unknown} not available; implemented: {', '.join(MODES)}")
+    if "compiled" in modes and warmup < 1:
+        raise ValueError(f"warmup={warmup}: the compiled mode compiles during a warm-up round; use warmup ≥ 1")
     if repeats < 1 or warmup < 0 or decode_tokens < 0:
         raise ValueError(f"repeats={repeats} must be ≥ 1, warmup={warmup} and decode_tokens={decode_tokens} ≥ 0")
     configs = [(method_label(parse_method(m), m), parse_method(m)) for m in methods]
@@ -238,37 +323,19 @@ def bench(model, tokenizer, methods=DEFAULT_METHODS, contexts=(2048, 4096), batc
     device = next(model.parameters()).device
     start = machine()
     runners = {label: bind(model, tokenizer, config) for label, config in configs}
-    rows = []
+    forwards = {(label, mode): decode_forward(model, mode) for label in labels for mode in modes}
+    refused: dict[tuple[str, str], str] = {}
     jobs = [(c, b) for c in contexts for b in batch_sizes]
-    for context, batch in progress_bar(jobs, enabled=progress, desc="bench", leave=False):
-        context_ids, question_ids = _inputs(model, tokenizer, context, batch, seed, device)
-        runs: dict[str, list[dict]] = {label: [] for label in labels}
-        for round_ in range(warmup + repeats):
-            order = list(labels)
-            random.Random(seed * 1000 + round_).shuffle(order)
-            for label in order:
-                result = measure(runners[label], context_ids, question_ids, decode_tokens)
-                if round_ >= warmup:
-                    runs[label].append(result)
-                log.info("bench %s T=%d B=%d round %d: %s", label, context, batch, round_, result)
-        full_bytes = full_cache_bytes(model, context, batch)
-        dtype = next(model.parameters()).dtype
-        for label, config in configs:
-            row = {"method": label, "mode": "eager", "context": context, "batch": batch, "repeats": repeats}
-            for key in ("prefill_s", "compress_s", "decode_tok_s", "held_bytes", "peak_mem_mb", "peak_delta_mb"):
-                row[key] = _median([r[key] for r in runs[label]])
-            row["kept"] = row["held_bytes"] / full_bytes
-            row["attention_gmac"] = attention_macs(model, context, batch) / 1e9
-            gemms = rebuild_gemms(config, model, context)
-            row["rebuild_gmac"] = batch * sum(t * r * w for t, r, w in gemms) / 1e9 if gemms else None
-            row["rebuild_s"] = gemm_seconds(gemms, batch, device, dtype) if gemms else None
-            rows.append(row)
+    with compile_settings():
+        rows = _rows(model, tokenizer, configs, runners, forwards, refused, jobs, modes, repeats, warmup,
+                     decode_tokens, seed, progress, device)
     end = machine()
     table = pd.DataFrame(rows)
     full = table[table["method"] == "full"].set_index(["mode", "context", "batch"])["decode_tok_s"]
     reference = [full.get((r.mode, r.context, r.batch)) for r in table.itertuples()]
-    table["decode_vs_full"] = [ref and r.decode_tok_s / ref for r, ref in zip(table.itertuples(), reference)]
-    table["floor_tok_s"] = [r.batch / (r.batch / ref + r.rebuild_s) if ref and r.rebuild_s else None
+    table["decode_vs_full"] = [r.decode_tok_s / ref if ref and r.decode_tok_s else None
+                               for r, ref in zip(table.itertuples(), reference)]
+    table["floor_tok_s"] = [r.batch / (r.batch / ref + r.rebuild_s) if ref and r.rebuild_s and r.decode_tok_s else None
                             for r, ref in zip(table.itertuples(), reference)]
     table["vs_floor"] = [r.decode_tok_s / r.floor_tok_s if r.floor_tok_s else None for r in table.itertuples()]
     table["device"] = str(device)

@@ -1,0 +1,121 @@
+"""The one cache-layer base: seen/held token bookkeeping, crop, reset, batch reorder and mask sizes.
+
+Every crosskv cache layer (prefix layers of xKV/SVD/MiniCache, evicted and quantized plain layers)
+is a :class:`HeldLayer`. Its words, used the same way everywhere:
+
+- **seen** tokens: every token the layer was given (``get_seq_length``; positions stay absolute);
+- **held** tokens: rows attention reads, ``prefix_len`` held in the layer's own form (factors,
+  merged directions, codes) plus ``tail_len`` exact rows in ``keys``/``values`` ``(B, H_kv, t, d)``;
+  ``seen − held`` were evicted (the mask's offset);
+- **fixed**: tokens seen when the layer last did something irreversible (eviction, compression,
+  quantization); :meth:`crop` drops only exact tail rows seen after it.
+
+A subclass sets ``prefix_len`` when it moves tail rows into its own form (and calls :meth:`fix`),
+overrides :meth:`attend_kv` (what ``update`` hands attention; :mod:`crosskv.cache.attention`), and,
+if it can, :meth:`map_prefix` (apply a batch-first tensor map to what it holds beyond the tail, for
+beam reorder / repeat / select) and :meth:`release_prefix` (for :meth:`reset`). The defaults refuse
+with a message naming the layer kind.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+
+class HeldLayer(DynamicLayer):
+    """Exact tail ``keys``/``values`` ``(B, H_kv, t, d)`` + ``prefix_len`` rows in a subclass's own form."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = 0        # tokens given to the layer (absolute)
+        self.prefix_len = 0  # held rows in the layer's own form
+        self.fixed = 0       # tokens seen at the last irreversible step; crop stops here
+        self.layer_idx: int | None = None  # set by the container; named in errors
+
+    # --- what the layer holds ------------------------------------------------------------------
+    def tail_len(self) -> int:
+        return 0 if not self.is_initialized or self.keys.numel() == 0 else self.keys.shape[-2]
+
+    def held(self) -> int:
+        """Tokens attention reads: ``prefix_len`` + the exact tail."""
+        return self.prefix_len + self.tail_len()
+
+    def fix(self) -> None:
+        """Mark the tokens seen so far as gone through an irreversible step (crop cannot cut into them)."""
+        self.fixed = self.seen
+
+    # --- the forward -----------------------------------------------------------------------------
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Count and store new tokens ``(B, H_kv, q, d)`` exactly at the end of the tail."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.seen += key_states.shape[-2]
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+
+    def attend_kv(self):
+        """What attention reads: the exact tail by default (a compressed layer returns its channel pair)."""
+        return self.keys, self.values
+
+    def update(self, key_states, value_states, cache_kwargs=None):
+        self.append(key_states, value_states)
+        return self.attend_kv()
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
+        """``(held + q, seen − held)``: attention spans the held rows; evicted tokens offset the mask."""
+        held = self.held()
+        return held + cache_position.shape[0], self.seen - held
+
+    # --- editing -----------------------------------------------------------------------------------
+    def crop(self, max_length: int) -> None:
+        """Keep the first ``max_length`` tokens seen (negative: drop that many), cutting only exact tail
+        rows seen after :attr:`fixed`; the kept rows are copied so no view pins the longer storage."""
+        max_length = self.seen + max_length if max_length < 0 else max_length
+        if max_length >= self.seen:
+            return
+        floor = max(self.fixed, self.seen - self.tail_len())
+        if max_length < floor:
+            raise ValueError(f"cannot crop a {type(self).__name__} to {max_length} tokens: the first {floor} "
+                             "were evicted, compressed or quantized")
+        keep = self.tail_len() - (self.seen - max_length)
+        self.keys, self.values = self.keys[..., :keep, :].clone(), self.values[..., :keep, :].clone()
+        self.seen = max_length
+
+    def release_prefix(self) -> None:
+        """Drop what the layer holds in its own form (for :meth:`reset`); refused by default."""
+        if self.prefix_len:
+            raise NotImplementedError(f"a {type(self).__name__} cannot be reset once compressed; "
+                                      "build a new cache (runner.new_cache())")
+
+    def reset(self) -> None:
+        """Forget every token: empty tail, nothing held, counters at zero."""
+        self.release_prefix()
+        if self.is_initialized:
+            self.keys, self.values = self.keys[..., :0, :].clone(), self.values[..., :0, :].clone()
+        self.seen = self.prefix_len = self.fixed = 0
+
+    def map_prefix(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply ``fn`` to every batch-first tensor held beyond the tail; refused by default."""
+        if self.prefix_len:
+            raise NotImplementedError(f"a {type(self).__name__} cannot reorder its compressed prefix over the "
+                                      "batch (beam search, contrastive search)")
+
+    def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply ``fn`` to the batch axis of everything held (prefix first, so a refusal changes nothing)."""
+        self.map_prefix(fn)
+        if self.is_initialized:
+            self.keys, self.values = fn(self.keys), fn(self.values)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.map_batch(lambda x: x.index_select(0, beam_idx.to(x.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.map_batch(lambda x: x.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.map_batch(lambda x: x[indices.to(x.device)])

@@ -1,0 +1,82 @@
+"""The one cache-layer base: seen/held bookkeeping, crop, reset, batch reorder and mask sizes for every layer kind."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from crosskv.cache.eviction import EvictedLayer
+from crosskv.cache.layer import HeldLayer
+from crosskv.cache.prefix import PrefixLayer
+from crosskv.cache.quant import KiviLayer, QuantSpec
+from crosskv.methods.minicache import MergedLayer
+
+
+def _plain(tokens: int, batch: int = 2) -> DynamicLayer:
+    layer = DynamicLayer()
+    layer.update(torch.randn(batch, 3, tokens, 8), torch.randn(batch, 3, tokens, 8))
+    return layer
+
+
+def _kinds():
+    evicted = EvictedLayer(_plain(40), torch.arange(0, 40, 2))
+    kivi = KiviLayer(_plain(40), QuantSpec(bits=4, group_size=8, residual=8))
+    return {"evicted": evicted, "kivi": kivi}
+
+
+def test_every_layer_kind_shares_the_base():
+    for cls in (PrefixLayer, EvictedLayer, KiviLayer, MergedLayer):
+        assert issubclass(cls, HeldLayer)
+        for name in ("crop", "reset", "reorder_cache", "get_mask_sizes", "get_seq_length", "held",
+                     "batch_repeat_interleave", "batch_select_indices"):
+            assert getattr(cls, name) is getattr(HeldLayer, name), (cls, name)
+
+
+@pytest.mark.parametrize("kind", ["evicted", "kivi"])
+def test_seen_held_mask_and_crop(kind):
+    layer = _kinds()[kind]
+    held = layer.held()
+    assert layer.get_seq_length() == 40 and held == (20 if kind == "evicted" else 40)
+    assert layer.get_mask_sizes(torch.arange(3)) == (held + 3, 40 - held)
+    for _ in range(3):
+        layer.update(torch.randn(2, 3, 1, 8), torch.randn(2, 3, 1, 8))
+    assert layer.get_seq_length() == 43 and layer.held() == held + 3
+    layer.crop(41)
+    assert layer.get_seq_length() == 41 and layer.held() == held + 1
+    assert layer.keys.untyped_storage().nbytes() == layer.keys.numel() * 4  # copied out: no view of the longer tail
+    with pytest.raises(ValueError, match="cannot crop .* to 39 tokens"):
+        layer.crop(39)
+
+
+@pytest.mark.parametrize("kind", ["evicted", "kivi"])
+def test_reorder_repeat_select_over_the_batch(kind):
+    layer = _kinds()[kind]
+    current = getattr(layer, "current_kv", lambda: (layer.keys, layer.values))
+    keys, values = (x.clone() for x in current())
+    layer.reorder_cache(torch.tensor([1, 0]))
+    got_k, got_v = current()
+    assert torch.equal(got_k, keys.flip(0)) and torch.equal(got_v, values.flip(0))
+    layer.batch_repeat_interleave(2)
+    assert current()[0].shape[0] == 4
+    layer.batch_select_indices(torch.tensor([2]))
+    assert torch.equal(current()[0], keys[:1])
+
+
+def test_reset_forgets_everything():
+    for layer in _kinds().values():
+        layer.reset()
+        assert layer.get_seq_length() == layer.held() == 0
+        assert list(getattr(layer, "stored", lambda: iter(()))()) == []
+
+
+def test_compressed_prefix_refuses_reorder_and_reset_naming_the_layer():
+    layer = PrefixLayer()
+    layer.update(torch.randn(2, 3, 6, 8), torch.randn(2, 3, 6, 8))
+    layer.take_tail()
+    layer.prefix_len = 6
+    with pytest.raises(NotImplementedError, match="PrefixLayer cannot reorder"):
+        layer.reorder_cache(torch.tensor([1, 0]))
+    with pytest.raises(NotImplementedError, match="PrefixLayer cannot be reset"):
+        layer.reset()
+    with pytest.raises(ValueError, match="first 6 were"):
+        layer.crop(5)
