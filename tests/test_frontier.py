@@ -29,6 +29,10 @@ def test_family_labels():
     assert frontier.family_of(rec("compose", "t", [1], 0.1, {"base": "xkv", "evict": "snapkv", "bits": 4})) == \
         "snapkv × xkv × 4-bit"
     assert frontier.family_of(rec("kvsharer_xkv", "t", [1], 0.2, {"group_size": 2})) == "KVSharer + xKV G=2"
+    assert frontier.family_of(rec("selective", "t", [1], 0.25, {"base": "xkv", "base_params": "group_size=2;kept=0.25",
+                                                               "top_k": 64})) == "selective xKV G=2 k=64"
+    assert frontier.family_of(rec("selective", "t", [1], 0.25, {"base": "svd", "base_params": "",
+                                                               "top_k": 256})) == "selective Single SVD k=256"
     assert frontier.family_of(rec("minicache", "t", [1], 0.9, {"retention": "code"})) == "MiniCache (code reading)"
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from crosskv.evidence import stats
+from crosskv.methods.compose import parse_params
 
 BUDGETS = (0.5, 0.25, 0.125, 0.05)
 CONVENTIONS = {"multiplier": lambda c: 1.0 / c, "fraction_of_layers_shared": lambda c: 1.0 - c,
@@ -49,6 +50,8 @@ def family_of(record: dict[str, Any]) -> str:
         return f"xKV G={params.get('group_size', 4)}"
     if method == "svd":
         return "Single SVD"
+    if method == "selective":
+        return selective_family(params)
     if method == "kvsharer_xkv":
         return f"KVSharer + xKV G={params.get('group_size', 4)}"
     if method == "minicache":
@@ -60,6 +63,15 @@ def family_of(record: dict[str, Any]) -> str:
             return f"KIVI {bits}-bit"
         return " × ".join(parts + ([f"{bits}-bit"] if bits else [])) or "full"
     return {"full": "full", "kvsharer": "KVSharer", "commonkv": "CommonKV"}.get(method, method)
+
+
+def selective_family(params: dict[str, Any]) -> str:
+    """``selective xKV G=4 k=256`` / ``selective Single SVD k=64``: the base's family and ``top_k`` (which,
+    like the base, changes what the method is; its ranks only move it along the kept axis)."""
+    base_params = parse_params(str(params.get("base_params", "")))
+    base = params.get("base", "xkv")
+    label = "Single SVD" if base == "svd" else f"xKV G={base_params.get('group_size', 4)}"
+    return f"selective {label} k={params.get('top_k', 256)}"
 
 
 def held_kept(record: dict[str, Any]) -> tuple[float, str]:

@@ -4,6 +4,7 @@ from crosskv.methods import full  # noqa: F401
 from crosskv.methods import commonkv, compose  # noqa: F401
 from crosskv.methods import kvsharer  # noqa: F401
 from crosskv.methods import svd, minicache  # noqa: F401
+from crosskv.methods import selective  # noqa: F401
 from crosskv.methods import hybrid  # noqa: F401
 from crosskv.methods import peers  # noqa: F401
 

@@ -58,6 +58,7 @@ UNIT_RULES = {
     "full": "each layer keeps its own token set",
     "xkv": "one token set per group of G layers; RoPE redone at the kept absolute positions",
     "svd": "each layer keeps its own token set; RoPE redone at the kept absolute positions",
+    "selective": "as its base (xkv: one token set per group; svd: per layer); RoPE redone at the kept positions",
     "minicache": "one token set per merged layer pair",
     "commonkv": "one token set per layer group; the merge runs on the group's kept tokens",
     "kvsharer": "producers evicted, each its own set; consumers read their producer's evicted layer",
