@@ -139,6 +139,24 @@ def test_grid_shares_perplexity_prefills_too(tiny_model):
         _same_record(grid[label], harness.evaluate(model, tok, config, "ppl_cont", **common))
 
 
+def test_grid_seconds_count_a_share_of_each_shared_prefill(tiny_model, monkeypatch):
+    """A shared prefill made to report 10 s: each of the n sharing configurations is charged 10/n s per sample."""
+    model, tok = tiny_model
+    real = harness.plain_prefill
+
+    def slow_prefill(*args, **kwargs):
+        prefill = real(*args, **kwargs)
+        prefill.seconds = 10.0
+        return prefill
+
+    monkeypatch.setattr(harness, "plain_prefill", slow_prefill)
+    methods = {"full": make_method("full"), "svd": make_method("svd", kept=0.5)}
+    grid = harness.evaluate_grid(model, tok, methods, "niah_single_2", context=160, samples=2, progress=False,
+                                 store=False, generate_samples=0)
+    for label in methods:
+        assert 2 * 10.0 / 2 <= grid[label]["seconds"] < 2 * 10.0 / 2 + 5.0, (label, grid[label]["seconds"])
+
+
 def test_grid_refuses_what_is_not_a_method(tiny_model):
     model, tok = tiny_model
     with pytest.raises(ValueError, match="'x' is a str"):

@@ -113,10 +113,26 @@ def _finite_numbers(csv_path):
     return all(math.isfinite(x) for x in numbers if not pd.isna(x))
 
 
+@pytest.fixture(scope="module")
+def smoke_root(tmp_path_factory):
+    """One smoke build shared by the notebooks, as `make figures` shares figures/: a notebook may read an
+    earlier one's table (03 reads 01's adjacent-layer similarities)."""
+    return tmp_path_factory.mktemp("smoke")
+
+
+def _execute_in_order(notebook, root):
+    """Execute every earlier notebook not yet executed in ``root`` (the input hash makes a re-run a no-op),
+    then ``notebook``; return its executed copy."""
+    for earlier in NOTEBOOKS[: NOTEBOOKS.index(notebook)]:
+        figures.execute(earlier, "smoke", build_root=root)
+    return figures.execute(notebook, "smoke", build_root=root)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[nb.stem for nb in NOTEBOOKS])
-def test_smoke_run_writes_figures_and_finite_results(notebook, tmp_path):
-    executed = figures.execute(notebook, "smoke", build_root=tmp_path)
+def test_smoke_run_writes_figures_and_finite_results(notebook, smoke_root):
+    tmp_path = smoke_root
+    executed = _execute_in_order(notebook, tmp_path)
     where = figures.layout("smoke", tmp_path)
     outputs = figures.written_files(executed)
     assert any(name.endswith(".png") for name in outputs), f"{notebook.name} wrote no figure"
