@@ -157,6 +157,31 @@ def test_grid_seconds_count_a_share_of_each_shared_prefill(tiny_model, monkeypat
         assert 2 * 10.0 / 2 <= grid[label]["seconds"] < 2 * 10.0 / 2 + 5.0, (label, grid[label]["seconds"])
 
 
+@pytest.mark.parametrize("method, stepwise", [
+    (make_method("svd", kept=0.5), False),
+    (make_method("selective", base="svd", base_params="kept=0.5", top_k="4", sinks="1", window="2"), True)])
+def test_gold_answer_is_forced_as_generation_feeds_it(tiny_model, method, stepwise):
+    """Selective reconstruction chooses tokens only at one-token steps: its gold answer is forced one token per
+    forward after the question block; every other method forces question + answer in one forward."""
+    model, tok = tiny_model
+    lengths = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]),
+                                           with_kwargs=True)
+    try:
+        record = harness.evaluate(model, tok, method, "niah_single_2", context=160, samples=1, progress=False,
+                                  store=False, generate_samples=0)
+    finally:
+        hook.remove()
+    detail = record["details"][0]
+    answer = detail["gold_tokens"] - 1  # answer tokens forced after the question
+    assert answer >= 1
+    after_prefill = lengths[-(answer + 1):] if stepwise else lengths[-1:]
+    if stepwise:
+        assert after_prefill[1:] == [1] * answer and after_prefill[0] > 1, lengths
+    else:
+        assert after_prefill[0] > answer, lengths
+
+
 def test_grid_refuses_what_is_not_a_method(tiny_model):
     model, tok = tiny_model
     with pytest.raises(ValueError, match="'x' is a str"):

@@ -59,7 +59,7 @@ FAMILIES = pd.DataFrame([
 # KVSharer candidate orders (one colour each in every panel; the paper's rule in KVSharer's colour)
 ORDERS = {"dissimilar": "#08306b", "similar": "#e6550d", "random": "#969696"}
 # label prefixes of the notebooks' run labels that name a family differently
-_ALIASES = {"MiniCache": "MiniCache (paper reading)", "KIVI": "KIVI 2-bit"}
+_ALIASES = {"MiniCache": "MiniCache (paper reading)", "KIVI": "KIVI 2-bit", "selective": "Selective reconstruction"}
 
 
 def family_for(label: str) -> str:

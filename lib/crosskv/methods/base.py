@@ -36,6 +36,10 @@ class MethodConfig:
     # True when the method compresses a plain prefill: no hooks, module replacement or work inside the context
     # forward, so the prefill equals the unmodified model's and crosskv.run.harness.evaluate_grid may share it
     plain_prefill: ClassVar[bool] = False
+    # True when a one-token query block attends differently from a longer one (selective reconstruction chooses
+    # tokens only at decode steps): the harness then teacher-forces a gold answer one token per forward, as
+    # greedy generation feeds it, so gold_loglik / gold_match measure the decode path
+    stepwise_decode: ClassVar[bool] = False
 
     def bind(self, model, tokenizer) -> "Runner":
         raise NotImplementedError

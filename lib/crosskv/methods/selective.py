@@ -60,6 +60,8 @@ class Selective(MethodConfig):
     description = ("selective reconstruction: latent-space token scores, exact RoPE rebuild of the top-k prompt "
                    "tokens + sinks + recent window of a low-rank (xKV / Single SVD) cache at each decode step")
 
+    stepwise_decode = True         # selection happens only at one-token decode steps
+
     base: str = "xkv"
     base_params: str = ""          # the base's parameters, "a=1;b=2"
     top_k: int = 256               # prompt tokens chosen by the latent scorer per KV head and decode step

@@ -190,10 +190,12 @@ def uneven(cache) -> bool:
     return len({layer.get_mask_sizes(one)[0] for layer in cache.layers if not getattr(layer, "is_sliding", False)}) > 1
 
 
-def feed(model, cache, ids: list[int], start: int, device, hidden: bool = False, every: bool = False):
+def feed(model, cache, ids: list[int], start: int, device, hidden: bool = False, every: bool = False,
+         stepwise: bool = False):
     """Append ``ids`` at absolute positions ``start…`` → last logits ``(vocab,)``, every position's logits
-    ``(T, vocab)`` (``every``) or all hidden states ``(T, D)`` (``hidden``)."""
-    chunks = [ids[i:i + 1] for i in range(len(ids))] if uneven(cache) else [ids]
+    ``(T, vocab)`` (``every``) or all hidden states ``(T, D)`` (``hidden``). One token per forward when
+    ``stepwise`` or the cache's layers hold different lengths; else one forward."""
+    chunks = [ids[i:i + 1] for i in range(len(ids))] if stepwise or uneven(cache) else [ids]
     outs, pos = [], start
     for chunk in chunks:
         kwargs = dict(input_ids=_ids(chunk, device), past_key_values=cache, use_cache=True,
@@ -343,7 +345,7 @@ def run_generate(runner: Runner, sample: Sample, stops: set[int], settled=None, 
         t0 = time.perf_counter()
         if gold:
             forced = question + gold[:-1]
-            logits = feed(model, cache, forced, fed, device, every=True) if forced else last[None, :0]
+            logits = _force(runner, cache, question, gold[:-1], fed, device) if forced else last[None, :0]
             predictors = logits[len(question) - 1:] if question else torch.cat([last[None], logits])  # (M, vocab)
             first, fed = predictors[0], fed + len(forced)
             detail.update(gold_scores(predictors, gold))
@@ -362,6 +364,18 @@ def run_generate(runner: Runner, sample: Sample, stops: set[int], settled=None, 
         end = _bytes(model, cache, fed, census)
     return {**detail, "prefill_s": prefill_s, "compress_s": compress_s, **after,
             **{f"{k}_end": v for k, v in end.items()}}
+
+
+def _force(runner: Runner, cache, question: list[int], answer: list[int], start: int, device) -> torch.Tensor:
+    """Teacher-force ``question + answer`` from position ``start`` → every position's logits ``(M, vocab)``.
+    The question goes in one block (as generation feeds it); the answer tokens in one block too, or one per
+    forward for a method whose decode step differs (:attr:`~crosskv.methods.MethodConfig.stepwise_decode`)."""
+    if not runner.config.stepwise_decode:
+        return feed(runner.model, cache, question + answer, start, device, every=True)
+    parts = [feed(runner.model, cache, question, start, device, every=True)] if question else []
+    if answer:
+        parts.append(feed(runner.model, cache, answer, start + len(question), device, every=True, stepwise=True))
+    return torch.cat(parts)
 
 
 def _decode(runner: Runner, cache, first: torch.Tensor, fed: int, sample: Sample, stops: set[int], settled,
