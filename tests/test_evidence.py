@@ -69,8 +69,7 @@ def check_executed(executed: Path, figures_dir: Path) -> None:
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[nb.stem for nb in NOTEBOOKS])
 def test_committed_notebook_shows_figures_and_intervals(notebook):
-    if not figures.written_files(notebook):
-        pytest.skip(f"{notebook.name} has not been executed yet")
+    assert figures.written_files(notebook), f"{notebook.name} records no written files: run `make figures`"
     check_executed(notebook, figures.layout("cpu").figures)
 
 

@@ -76,11 +76,10 @@ def hygiene_problems(nb, name: str) -> list[str]:
 
 
 def _committed(notebook):
-    """The committed notebook; a notebook committed without any output (not re-executed at this commit) is
-    reported as a skip naming it, so the gap shows in every test run until `make figures` executes it."""
+    """The committed notebook; it must have been executed (`make figures`)."""
     nb = json.loads(notebook.read_text())
-    if not any(c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code"):
-        pytest.skip(f"{notebook.name} is committed unexecuted: run `make figures`")
+    assert any(c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code"), (
+        f"{notebook.name} is committed unexecuted: run `make figures`")
     return nb
 
 
