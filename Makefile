@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROFILE ?= cpu
 
-.PHONY: help setup assets test test-fast figures smoke lab bench clean
+.PHONY: help setup assets test test-fast figures smoke lab bench gpu clean
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
@@ -38,6 +38,9 @@ smoke: setup assets  ## execute every notebook with the smoke profile into build
 
 bench: setup assets  ## prefill/compress/decode speed, held bytes and peak memory of the methods vs full
 	$(PY) -m crosskv bench
+
+gpu: setup assets  ## on a CUDA machine: the -m gpu tests and the 8B-shape bench (32K/112K, eager/compiled) into build/gpu
+	PYTHON=$(abspath $(PY)) .ci/gpu
 
 lab: setup assets  ## start JupyterLab with the project kernel
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks

@@ -130,3 +130,28 @@ def test_cuda_bench_runs_on_the_gpu():
     table = bench(model, tokenizer, ["full", "xkv:kept=0.25,group_size=2"], contexts=(256,), repeats=1,
                   decode_tokens=4, progress=False)
     assert (table["device"] == "cuda:0").all() and (table["peak_mem_mb"] > 0).all()
+
+
+@pytest.mark.slow
+def test_the_gpu_script_runs_every_stage_on_a_tiny_model(tmp_path):
+    """`.ci/gpu` (`make gpu`) on the CPU with random:tiny and short contexts: every stage exits 0 and writes
+    its CSV, so the one command a lent GPU runs has not rotted since the last lease."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pandas as pd
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "GPU_MODEL": "random:tiny",
+           "GPU_DEVICE": "cpu", "GPU_SHORT": "96", "GPU_LONG": "128", "GPU_REPEATS": "1", "GPU_DECODE": "2"}
+    done = subprocess.run(["bash", str(root / ".ci" / "gpu")], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    stages = (tmp_path / "stages.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in stages] == [
+        "stage pytest_gpu", "stage bench_short_eager", "stage bench_long_eager", "stage bench_short_compiled"]
+    assert all("rc=0 " in line for line in stages), stages
+    compiled = pd.read_csv(tmp_path / "bench_short_compiled.csv")
+    assert set(compiled["mode"]) == {"compiled"} and compiled["decode_tok_s"].notna().all()
+    assert len(pd.read_csv(tmp_path / "bench_short_eager.csv")) == 6
