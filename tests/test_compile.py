@@ -7,7 +7,9 @@ import torch
 from crosskv.run.bench import CompileRefused, compile_settings, decode_forward, decode_step, parse_method
 
 METHODS = ["full", "xkv:group_size=2,rank_k=8", "svd:rank_k=8", "minicache:start_layer=0",
-           "compose:base=full,bits=4,residual=16,group_size=16"]
+           "compose:base=full,bits=4,residual=16,group_size=16",
+           "selective:base=xkv,base_params=group_size=2;rank_k=8,top_k=8,sinks=2,window=4",  # chooses 14 of 48
+           "commonkv:group_size=2,rank_ratio=0.5,calibration=2,calibration_length=16", "kvsharer:rate=0.5"]
 
 
 def _greedy(model, runner, forward, context, steps: int = 5) -> list[int]:

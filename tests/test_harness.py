@@ -25,16 +25,14 @@ def run(model_tok, task="niah_single_1", tmp=None, **kw):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_full_cache_bytes_formula_matches_a_real_dynamic_cache(tiny_model, dtype):
-    model, _ = tiny_model
-    model = model.to(dtype)
-    try:
-        cache = DynamicCache(config=model.config)
-        with torch.no_grad():
-            model(torch.arange(37).unsqueeze(0), past_key_values=cache, use_cache=True)
-        assert kv_bytes(cache) == harness.full_cache_bytes(model, 37)
-        assert kv_bytes(cache, float_bytes=2) == harness.full_cache_bytes(model, 37, element_size=2)
-    finally:
-        model.to(torch.float32)
+    import copy as copy_
+
+    model = copy_.deepcopy(tiny_model[0]).to(dtype)  # a copy: a bf16 round trip would round the shared model's weights
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(torch.arange(37).unsqueeze(0), past_key_values=cache, use_cache=True)
+    assert kv_bytes(cache) == harness.full_cache_bytes(model, 37)
+    assert kv_bytes(cache, float_bytes=2) == harness.full_cache_bytes(model, 37, element_size=2)
 
 
 def test_full_keeps_everything_and_record_has_the_fields(tiny_model):
@@ -239,10 +237,13 @@ def test_model_fingerprint_sees_weights_and_is_cached(tiny_model):
 
     from crosskv.core import fingerprint
 
-    model, _ = tiny_model
+    model = copy_.deepcopy(tiny_model[0])  # fresh: the shared model's cached value may predate other tests' aliasing
+    model.__dict__.pop("_crosskv_fingerprint", None)
+    value = fingerprint.model_fingerprint(model)
+    assert model.__dict__["_crosskv_fingerprint"] == value
     clone = copy_.deepcopy(model)
     clone.__dict__.pop("_crosskv_fingerprint", None)
-    assert fingerprint.model_fingerprint(clone) == fingerprint.model_fingerprint(model)
+    assert fingerprint.model_fingerprint(clone) == value
     other = copy_.deepcopy(model)
     other.__dict__.pop("_crosskv_fingerprint", None)
     with torch.no_grad():
