@@ -1,6 +1,7 @@
 """The harness: measured bytes, the prompt flow, the results store round trip, and full's NIAH score."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -25,9 +26,7 @@ def run(model_tok, task="niah_single_1", tmp=None, **kw):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_full_cache_bytes_formula_matches_a_real_dynamic_cache(tiny_model, dtype):
-    import copy as copy_
-
-    model = copy_.deepcopy(tiny_model[0]).to(dtype)  # a copy: a bf16 round trip would round the shared model's weights
+    model = copy.deepcopy(tiny_model[0]).to(dtype)  # a copy: a bf16 round trip would round the shared model's weights
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         model(torch.arange(37).unsqueeze(0), past_key_values=cache, use_cache=True)
@@ -158,7 +157,6 @@ def test_bind_is_cached_per_model_and_config(tiny_model):
 
 @pytest.mark.parametrize("method", ["full", "svd"])
 def test_a_bound_model_is_freed_once_the_caller_drops_it(tiny_model, method):
-    import copy
     import gc
     import weakref
 
@@ -216,15 +214,15 @@ def test_code_fingerprint_follows_the_package_sources(tmp_path, monkeypatch):
 
     from crosskv.core import fingerprint
 
-    copy = tmp_path / "crosskv"
-    shutil.copytree(fingerprint.PACKAGE_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
-    monkeypatch.setattr(fingerprint, "PACKAGE_DIR", copy)
+    package = tmp_path / "crosskv"
+    shutil.copytree(fingerprint.PACKAGE_DIR, package, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(fingerprint, "PACKAGE_DIR", package)
     fingerprint.code_fingerprint.cache_clear()
     try:
         before = fingerprint.code_fingerprint()
         fingerprint.code_fingerprint.cache_clear()
         assert fingerprint.code_fingerprint() == before
-        method = copy / "methods" / "full.py"
+        method = package / "methods" / "full.py"
         method.write_text(method.read_text() + "\n# a changed method\n")
         fingerprint.code_fingerprint.cache_clear()
         assert fingerprint.code_fingerprint() != before
@@ -233,18 +231,16 @@ def test_code_fingerprint_follows_the_package_sources(tmp_path, monkeypatch):
 
 
 def test_model_fingerprint_sees_weights_and_is_cached(tiny_model):
-    import copy as copy_
-
     from crosskv.core import fingerprint
 
-    model = copy_.deepcopy(tiny_model[0])  # fresh: the shared model's cached value may predate other tests' aliasing
+    model = copy.deepcopy(tiny_model[0])  # fresh: the shared model's cached value may predate other tests' aliasing
     model.__dict__.pop("_crosskv_fingerprint", None)
     value = fingerprint.model_fingerprint(model)
     assert model.__dict__["_crosskv_fingerprint"] == value
-    clone = copy_.deepcopy(model)
+    clone = copy.deepcopy(model)
     clone.__dict__.pop("_crosskv_fingerprint", None)
     assert fingerprint.model_fingerprint(clone) == value
-    other = copy_.deepcopy(model)
+    other = copy.deepcopy(model)
     other.__dict__.pop("_crosskv_fingerprint", None)
     with torch.no_grad():
         other.model.layers[1].self_attn.v_proj.weight[3, 5] += 1.0
