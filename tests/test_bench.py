@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import drive
+from crosskv.core.fingerprint import code_fingerprint
 from crosskv.run.bench import COLUMNS, bench, parse_method, rebuild_gemms
 from crosskv.core.capture import kv_shape
 from crosskv.methods import make_method
@@ -79,6 +80,7 @@ def test_bench_rows_columns_and_ratios(tiny):
     assert (svd["kept"] < 0.5).all() and (svd["rebuild_gmac"] > 0).all() and (svd["floor_tok_s"] > 0).all()
     assert table[table["method"].str.contains("reconstruct")]["rebuild_gmac"].isna().all()
     assert (table["decode_tok_s"] > 0).all() and (table["peak_mem_mb"] > 0).all()
+    assert (table["code"] == code_fingerprint()).all() and table["commit"].str.len().min() >= 40  # traceable rows
 
 
 def test_rebuild_floor_counts_every_layer_in_range(tiny):

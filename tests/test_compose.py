@@ -209,7 +209,7 @@ def check_against_reference(model, tokenizer, tokens, config, units, mapping=Non
     """Composed run == brute-force eviction with the run's own token sets (within ``atol``, float32);
     one set per unit; every layer's held and absolute lengths exact."""
     got, cache, runner = composed(model, tokenizer, config, tokens)
-    kept = runner.kept
+    kept = runner.kept_positions
     assert runner.stages[0] == "evict" and kept
     for unit in units:
         assert all(torch.equal(kept[i], kept[unit[0]]) for i in unit), unit

@@ -53,6 +53,20 @@ def test_tidy_rows_carry_interval_and_held_kept():
         frontier.tidy([rec("full", "a", [1], 1.0)], configurations=["x", "y"])
 
 
+def test_tidy_and_summary_read_the_metric_asked_for_and_perplexity_as_it_is():
+    gold = rec("full", "a", [None, None, None], 1.0)  # no greedy generation: exact match on no sample
+    for detail, match in zip(gold["details"], [1, 0, 0]):
+        detail["gold_match"] = match
+    df = frontier.tidy([gold, ppl_rec("full", [20.0, 30.0], 1.0)], metric="gold_match")
+    assert df["metric"].tolist() == ["gold_match", "perplexity"]
+    assert df["score"].iloc[0] == pytest.approx(1 / 3) and df["n"].tolist() == [3, 2]
+    assert df["score"].iloc[1] == pytest.approx(math.exp(2.5))
+    run = frontier.Run("full", "full", {"a": gold, "ppl_cont": ppl_rec("full", [20.0, 30.0], 1.0)})
+    assert frontier.summary([run], ["a"], metric="gold_match")["score"].iloc[0] == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="no 'score' values"):
+        frontier.summary([run], ["a"])  # exact match was never generated: refused, not a silent substitute
+
+
 def test_pool_of_a_configuration_pairs_tasks_in_any_order():
     from crosskv.evidence import stats
     a = stats.pool([rec("m", "t1", [1, 1], 0.5), rec("m", "t2", [0, 1], 0.3)])

@@ -8,8 +8,7 @@ from conftest import drive
 from crosskv.core.capture import kv_shape
 from crosskv.cache.storage import kv_bytes
 from crosskv.methods import make_method
-from crosskv.methods.hybrid import ProducerView
-from crosskv.methods.kvsharer import SharingStrategy
+from crosskv.methods.kvsharer import SharedLayer, SharingStrategy
 
 MAPPING = {5: 2, 9: 3, 20: 1}
 
@@ -37,7 +36,7 @@ def test_no_consumers_at_full_rank_equals_full(model32, prompt):
     logits, cache = drive(model, make_method("kvsharer_xkv", shared_layers=0, group_size=4, rank_k=768, rank_v=768),
                           *prompt, tokenizer=tok)
     _close(logits, reference)
-    assert not any(isinstance(layer, ProducerView) for layer in cache.layers)
+    assert not any(isinstance(layer, SharedLayer) for layer in cache.layers)
 
 
 @pytest.mark.slow
@@ -49,7 +48,7 @@ def test_full_rank_equals_kvsharer_alone(model32, prompt, strategy_file, attenti
                          rank_k=768, rank_v=768, attention=attention)
     logits, cache = drive(model, method, *prompt, tokenizer=tok)
     _close(logits, reference)
-    assert [i for i, layer in enumerate(cache.layers) if isinstance(layer, ProducerView)] == sorted(MAPPING)
+    assert [i for i, layer in enumerate(cache.layers) if isinstance(layer, SharedLayer)] == sorted(MAPPING)
 
 
 @pytest.mark.slow

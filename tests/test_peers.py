@@ -82,3 +82,18 @@ def test_kvpress_import_leaves_our_logits_unchanged(tmp_path):
         subprocess.run([sys.executable, "-c", script, mode, str(outs[mode])], check=True, capture_output=True)
     clean, patched = torch.load(outs["clean"]), torch.load(outs["import"])
     assert torch.equal(clean, patched)
+
+
+@pytest.mark.parametrize("name, params", [("kvpress:snapkv", {}),
+                                          ("compose", {"base": "full", "evict": "snapkv", "evict_ratio": 0.5})])
+def test_a_press_run_through_its_own_prefill_leaves_the_model_as_it_was(tiny_model, name, params):
+    """kvpress's ``press(model)`` hangs the decoder's ``rotary_emb`` on every attention module; after the
+    prefill the model has exactly its own modules and buffers again (its fingerprint reads them)."""
+    import crosskv
+
+    model, tokenizer = tiny_model
+    before = [buffer for buffer, _ in model.named_buffers(remove_duplicate=False)]
+    with crosskv.compressed(model, make_method(name, **params), tokenizer) as session:
+        session.prefill(torch.arange(5, 133).unsqueeze(0))
+    assert [buffer for buffer, _ in model.named_buffers(remove_duplicate=False)] == before
+    assert not any(hasattr(layer.self_attn, "rotary_emb") for layer in model.model.layers)

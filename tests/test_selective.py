@@ -217,3 +217,32 @@ def test_few_tokens_chosen_changes_decode_but_not_bytes(model32, prompt):
     assert torch.allclose(got[0], want[0], atol=1e-4)        # the question block attends the whole prefix
     assert not torch.allclose(got[1], want[1], atol=1e-3)    # a decode step attends 14 of 160 prompt tokens
     assert kv_bytes(cache) == kv_bytes(base_cache)
+
+
+@pytest.mark.slow
+def test_continuation_perplexity_is_scored_one_decode_step_at_a_time(model32, prompt):
+    """``ppl_cont`` through selective reconstruction: each continuation token attends only its chosen tokens,
+    as a decode step does — the NLL equals a hand-driven one-token-per-forward loop, not the base's block."""
+    from crosskv.run.harness import bind, run_perplexity
+    from crosskv.tasks import Sample
+
+    model, tokenizer = model32
+    context, continuation = prompt[0][0].tolist(), prompt[0][0, :6].tolist()
+    sample = Sample(0, context, continuation)
+    config = make_method("selective", base_params="group_size=4;rank_k=64;rank_v=96", top_k="8", sinks="2", window="4")
+    got = run_perplexity(bind(model, tokenizer, config), sample)["nll"]
+    base = run_perplexity(bind(model, tokenizer, make_method("xkv", group_size=4, rank_k=64, rank_v=96)), sample)["nll"]
+
+    runner = config.bind(model, tokenizer)
+    with runner.applied(), torch.no_grad():
+        cache = runner.new_cache()
+        with runner.prefill(cache):
+            logits = [model(torch.tensor([context]), past_key_values=cache, logits_to_keep=1).logits[0, -1]]
+        runner.compress(cache)
+        for position, token in enumerate(continuation[:-1], start=len(context)):
+            logits.append(model(torch.tensor([[token]]), past_key_values=cache,
+                                position_ids=torch.tensor([[position]])).logits[0, -1])
+    want = float(torch.nn.functional.cross_entropy(torch.stack(logits).float(), torch.tensor(continuation),
+                                                   reduction="sum"))
+    assert got == pytest.approx(want, rel=1e-4)
+    assert abs(got - base) > 1e-3  # the base's block forward attends every prompt token

@@ -23,6 +23,7 @@ from transformers.cache_utils import DynamicLayer
 
 from crosskv.cache.attention import unwrap_kvpress
 from crosskv.cache.layer import HeldLayer
+from crosskv.core.capture import rotary_aliases
 
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ class EvictionScorer:
         """The press's own context (its model set-up, e.g. ``rotary_emb`` for expected attention) with
         :meth:`hook` registered on every attention layer in place of the press's compressing hook."""
         self.press.forward_hook = self.hook
-        with self.press(self.model):
+        with rotary_aliases(self.model), self.press(self.model):
             yield self
 
 

@@ -1,7 +1,7 @@
 """The one cache-layer base: seen/held token bookkeeping, crop, reset, batch reorder and mask sizes.
 
-Every crosskv cache layer (prefix layers of xKV/SVD/MiniCache, evicted and quantized plain layers)
-is a :class:`HeldLayer`. Its words, used the same way everywhere:
+Every crosskv cache layer (prefix layers of xKV/SVD/MiniCache, evicted and quantized plain layers,
+CommonKV's latent layers, KVSharer's consumers) is a :class:`HeldLayer`. Its words, used the same way everywhere:
 
 - **seen** tokens: every token the layer was given (``get_seq_length``; positions stay absolute);
 - **held** tokens: rows attention reads, ``prefix_len`` held in the layer's own form (factors,
@@ -14,7 +14,9 @@ A subclass sets ``prefix_len`` when it moves tail rows into its own form (and ca
 overrides :meth:`attend_kv` (what ``update`` hands attention; :mod:`crosskv.cache.attention`), and,
 if it can, :meth:`map_prefix` (apply a batch-first tensor map to what it holds beyond the tail, for
 beam reorder / repeat / select) and :meth:`release_prefix` (for :meth:`reset`). The defaults refuse
-with a message naming the layer kind.
+with a message naming the layer kind. A layer whose newest rows live elsewhere than the exact tail (CommonKV's
+float latents; a KVSharer consumer, which holds nothing) says how many :meth:`crop` may cut
+(:meth:`croppable`) and cuts them (:meth:`drop_newest`).
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ class HeldLayer(DynamicLayer):
 
     # --- what the layer holds ------------------------------------------------------------------
     def tail_len(self) -> int:
-        return 0 if not self.is_initialized or self.keys.numel() == 0 else self.keys.shape[-2]
+        return 0 if self.keys is None or self.keys.numel() == 0 else self.keys.shape[-2]
 
     def held(self) -> int:
         """Tokens attention reads: ``prefix_len`` + the exact tail."""
@@ -73,18 +75,26 @@ class HeldLayer(DynamicLayer):
 
     # --- editing -----------------------------------------------------------------------------------
     def crop(self, max_length: int) -> None:
-        """Keep the first ``max_length`` tokens seen (negative: drop that many), cutting only exact tail
-        rows seen after :attr:`fixed`; the kept rows are copied so no view pins the longer storage."""
+        """Keep the first ``max_length`` tokens seen (negative: drop that many), cutting only the newest
+        :meth:`croppable` rows seen after :attr:`fixed` (:meth:`drop_newest`)."""
         max_length = self.seen + max_length if max_length < 0 else max_length
         if max_length >= self.seen:
             return
-        floor = max(self.fixed, self.seen - self.tail_len())
+        floor = max(self.fixed, self.seen - self.croppable())
         if max_length < floor:
             raise ValueError(f"cannot crop a {type(self).__name__} to {max_length} tokens: the first {floor} "
                              "were evicted, compressed or quantized")
-        keep = self.tail_len() - (self.seen - max_length)
-        self.keys, self.values = self.keys[..., :keep, :].clone(), self.values[..., :keep, :].clone()
+        self.drop_newest(self.seen - max_length)
         self.seen = max_length
+
+    def croppable(self) -> int:
+        """How many of the newest tokens :meth:`drop_newest` can cut: the exact tail rows."""
+        return self.tail_len()
+
+    def drop_newest(self, count: int) -> None:
+        """Cut the newest ``count`` exact tail rows; the kept rows are copied so no view pins the longer storage."""
+        keep = self.tail_len() - count
+        self.keys, self.values = self.keys[..., :keep, :].clone(), self.values[..., :keep, :].clone()
 
     def release_prefix(self) -> None:
         """Drop what the layer holds in its own form (for :meth:`reset`); refused by default."""
@@ -95,7 +105,7 @@ class HeldLayer(DynamicLayer):
     def reset(self) -> None:
         """Forget every token: empty tail, nothing held, counters at zero."""
         self.release_prefix()
-        if self.is_initialized:
+        if self.keys is not None:
             self.keys, self.values = self.keys[..., :0, :].clone(), self.values[..., :0, :].clone()
         self.seen = self.prefix_len = self.fixed = 0
 
@@ -108,7 +118,7 @@ class HeldLayer(DynamicLayer):
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply ``fn`` to the batch axis of everything held (prefix first, so a refusal changes nothing)."""
         self.map_prefix(fn)
-        if self.is_initialized:
+        if self.keys is not None:
             self.keys, self.values = fn(self.keys), fn(self.values)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:

@@ -96,19 +96,19 @@ class PrefixCache(Cache):
         self.shared: list = []
         self.in_prefill = False
 
-    def evict_tokens(self, kept: dict[int, torch.Tensor]) -> None:
-        """Keep, per layer index, only the prompt rows at ``kept[layer]`` ``(kept,)`` (absolute positions).
+    def evict_tokens(self, positions: dict[int, torch.Tensor]) -> None:
+        """Keep, per layer index, only the prompt rows at ``positions[layer]`` ``(n,)`` (absolute positions).
 
         Layers sharing an object in ``shared`` (a group, a pair) must keep one token set, or rows of
         different tokens would be combined: ``ValueError`` otherwise. Plain layers become
         :class:`~crosskv.cache.eviction.EvictedLayer`.
         """
         for shared in self.shared:
-            sets = [kept.get(i) for i in shared.layers]
+            sets = [positions.get(i) for i in shared.layers]
             if any(s is None for s in sets) or any(not torch.equal(s, sets[0]) for s in sets[1:]):
                 raise ValueError(f"layers {shared.layers} share a compressed prefix but were given different "
                                  "token sets to keep")
-        for idx, index in kept.items():
+        for idx, index in positions.items():
             layer = self.layers[idx]
             if isinstance(layer, PrefixLayer):
                 layer.evict(index)

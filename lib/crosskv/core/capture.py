@@ -7,8 +7,9 @@ relies on ``sin``/``cos`` reaching ``Cache.update`` (transformers stopped passin
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 from transformers import DynamicCache
@@ -21,6 +22,23 @@ def decoder(model):
 
 def decoder_layers(model) -> list:
     return list(decoder(model).layers)
+
+
+@contextlib.contextmanager
+def rotary_aliases(model) -> Iterator[None]:
+    """Inside: every attention module has a ``rotary_emb`` (kvpress's presses read it there; ``press(model)``
+    hangs the decoder's on each and leaves it). On exit the modules that had none lose it again, so the model
+    is as it was (its fingerprint reads its buffers, the aliases' included)."""
+    base = decoder(model)
+    added = [layer.self_attn for layer in base.layers if not hasattr(layer.self_attn, "rotary_emb")]
+    try:
+        for module in added:
+            module.rotary_emb = base.rotary_emb
+        yield
+    finally:
+        for module in added:
+            if "rotary_emb" in module._modules:
+                del module.rotary_emb
 
 
 def attention_modules(model) -> list:

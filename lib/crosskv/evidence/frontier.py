@@ -88,9 +88,19 @@ def _fingerprint(record: dict[str, Any]) -> str | None:
     return record.get("code")
 
 
+def scored(record: dict[str, Any], metric: str) -> tuple[stats.Interval, str]:
+    """A record's value on ``metric`` with its interval, and the metric's name: a generation record's ``metric``
+    (``score``: its own metric, e.g. exact match; ``gold_match``, ``gold_loglik``); a perplexity record's perplexity
+    whatever ``metric`` says (the retrieval metrics do not exist there)."""
+    if stats.is_perplexity(record) or metric == "score":
+        return stats.interval(record), str(record.get("metric", "score"))
+    return stats.interval(record, metric=metric), metric
+
+
 def tidy(records: Iterable[dict[str, Any]], configurations: Sequence[str] | None = None,
-         families: Sequence[str] | None = None) -> pd.DataFrame:
-    """One row per record (family × configuration × task) with :data:`TIDY_COLUMNS`.
+         families: Sequence[str] | None = None, metric: str = "score") -> pd.DataFrame:
+    """One row per record (family × configuration × task) with :data:`TIDY_COLUMNS`; ``score`` is the record's
+    value on ``metric`` (:func:`scored`), named in the ``metric`` column.
 
     ``configurations``/``families`` label each record (defaults: :func:`family_of` and the method's
     parameters). ``kept_nominal`` is the method's own ``kept`` beside the held one on the x axis;
@@ -102,13 +112,13 @@ def tidy(records: Iterable[dict[str, Any]], configurations: Sequence[str] | None
             raise ValueError(f"{len(labels)} {name} for {len(records)} records")
     rows = []
     for i, record in enumerate(records):
-        iv = stats.interval(record)
+        iv, name = scored(record, metric)
         kept, source = held_kept(record)
         rows.append({"family": families[i] if families is not None else family_of(record),
                      "configuration": configurations[i] if configurations is not None else _params_label(record),
                      "method": record["method"], "task": record["task"], "context": record.get("context"),
                      "n": iv.n, "score": iv.estimate, "score_lo": iv.lo, "score_hi": iv.hi,
-                     "metric": record.get("metric"), "higher_is_better": bool(record.get("higher_is_better", True)),
+                     "metric": name, "higher_is_better": bool(record.get("higher_is_better", True)),
                      "kept": kept, "kept_source": source, "kept_nominal": record.get("kept"),
                      "method_bytes": record.get("method_bytes"), "decode_tok_s": record.get("decode_tok_s"), "commit": record.get("git_commit"),
                      "dirty": record.get("git_dirty"), "fingerprint": _fingerprint(record), "key": record.get("key")})
@@ -399,13 +409,14 @@ class Run:
         return self.records[tasks[0]] if len(tasks) == 1 else stats.pool([self.records[t] for t in tasks])
 
 
-def summary(runs: Sequence[Run], tasks: Sequence[str]) -> pd.DataFrame:
-    """One row per run: family, configuration, held kept, score with interval and n, method bytes, decode tok/s, on ``tasks``
-    (their task mix when several); ``front`` marks the Pareto front."""
+def summary(runs: Sequence[Run], tasks: Sequence[str], metric: str = "score") -> pd.DataFrame:
+    """One row per run: family, configuration, held kept, the value on ``metric`` (:func:`scored`) as ``score`` with
+    interval and n, method bytes, decode tok/s, on ``tasks`` (their task mix when several); ``front`` marks the
+    Pareto front."""
     rows = []
     for run in runs:
         record = run.combined(tasks)
-        iv = stats.interval(record)
+        iv, _ = scored(record, metric)
         rows.append({"family": run.family, "configuration": run.configuration, "kept": held_kept(record)[0],
                      "score": iv.estimate, "score_lo": iv.lo, "score_hi": iv.hi, "n": iv.n,
                      "method_bytes": record.get("method_bytes"), "decode_tok_s": record.get("decode_tok_s"),

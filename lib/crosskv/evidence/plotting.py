@@ -19,6 +19,8 @@ outside the data.
 """
 from __future__ import annotations
 
+import textwrap
+
 from pathlib import Path
 
 import matplotlib
@@ -231,7 +233,7 @@ def frontier(df: pd.DataFrame, ylabel: str, title: str = "", papers: pd.DataFram
     panels = panels_of(df, full)
     if axes is None:
         fig, axes = plt.subplots(1, len(panels), figsize=(panel_width * len(panels), 4.4), sharex=True, sharey=True,
-                                 squeeze=False)
+                                 squeeze=False, layout="constrained")
     else:
         axes = np.asarray(axes).reshape(1, -1)
         if axes.shape[1] != len(panels):
@@ -270,7 +272,7 @@ def frontier(df: pd.DataFrame, ylabel: str, title: str = "", papers: pd.DataFram
     if papers is not None and len(papers):
         axes[0, 0].plot([], [], marker="o", mfc="none", mec="0.3", ls="none", label="paper (its model), hollow")
         legend_outside(axes[0, 0], below=True, fontsize=6)
-    axes[0, 0].set_ylabel(ylabel)
+    axes[0, 0].set_ylabel(textwrap.fill(ylabel, 36))  # no taller than the axes it labels
     if not higher:
         for ax in axes[0]:
             log_y(ax)
@@ -278,7 +280,8 @@ def frontier(df: pd.DataFrame, ylabel: str, title: str = "", papers: pd.DataFram
                 ax.set_ylim(low, top)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     return fig
 
 

@@ -41,7 +41,7 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from crosskv.run.harness import feed, max_positions
+from crosskv.run.harness import force, max_positions
 from crosskv.methods import make_method
 from crosskv.core.models import load_model, resolve_device, resolve_dtype
 from crosskv.run.session import as_ids, compressed
@@ -162,8 +162,9 @@ class CrossKVLM(LM):
             raise ValueError("the split left no exact question part to predict the first continuation token from")
         with compressed(self.model, self.method, self.tokenizer) as c:
             c.prefill(context)
-            ids = as_ids(question + target, self._device, "question + continuation ids", c.vocab)[0]
-            hidden = feed(self.model, c.cache, ids.tolist(), len(context), self._device, hidden=True)  # (Q+M, D)
+            as_ids(question + target, self._device, "question + continuation ids", c.vocab)  # refuses ids off the vocabulary
+            hidden = force(self.model, c.cache, question, target, len(context), self._device,
+                           c.runner.config.stepwise_decode, hidden=True)  # (Q+M, D)
             logits = self.model.get_output_embeddings()(hidden[len(question) - 1:-1])  # (M, vocab)
         logprobs = logits.float().log_softmax(-1)  # (len(target), vocab)
         wanted = torch.tensor(target, device=logprobs.device)

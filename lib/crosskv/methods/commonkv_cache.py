@@ -18,9 +18,9 @@ from typing import Iterator
 import torch
 from torch import nn
 from transformers import Cache
-from transformers.cache_utils import CacheLayerMixin
 
 from crosskv.cache.attention import compressed_kv
+from crosskv.cache.layer import HeldLayer
 from crosskv.cache.quant import QTensor, QuantSpec, quantize, split_residual
 from crosskv.core import budget
 from crosskv.core.capture import KVShape, Rotary
@@ -76,7 +76,7 @@ class RopeTable:
             yield from pair
 
 
-class CommonKVLayer(CacheLayerMixin):
+class CommonKVLayer(HeldLayer):
     """One layer's latents ``(B, n, r)`` with absolute positions ``(n,)``; K/V rebuilt with the layer's R_k, R_v.
 
     Own latents are ``qlat`` (quantized, oldest) followed by ``lat`` (float), in position order; the group's
@@ -84,9 +84,12 @@ class CommonKVLayer(CacheLayerMixin):
     evicted/merged ones included). Attention sees the held tokens in *held order* — the group's merged
     entries, then the own latents — with each key rotated at its own position: past tokens are all visible
     to every new query, so their order does not matter and is never re-sorted.
+
+    A :class:`~crosskv.cache.layer.HeldLayer` with no exact tail: every held token is a latent. Eviction,
+    merging and quantization :meth:`~crosskv.cache.layer.HeldLayer.fix` the tokens seen so far; :meth:`crop`
+    cuts only float latents appended after that.
     """
 
-    is_sliding = False
     is_compileable = False
 
     def __init__(self, slot: LatentSlot, proj: LayerProjections, store: GroupStore, rope: RopeTable,
@@ -98,7 +101,6 @@ class CommonKVLayer(CacheLayerMixin):
         self.lat: torch.Tensor | None = None
         self.qlat: QTensor | None = None
         self.pos = torch.zeros(0, dtype=torch.int32, device=device)
-        self.seen = 0
         self.buffer: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # --- transformers protocol
@@ -154,36 +156,28 @@ class CommonKVLayer(CacheLayerMixin):
         """Tokens attended to: own latents + the group's merged entries."""
         return self.pos.numel() + len(self.store)
 
-    def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
-        held = self.held()
-        return held + cache_position.shape[0], self.seen - held
+    def croppable(self) -> int:
+        """The float latents (the newest own tokens; quantized ones are older and fixed)."""
+        return 0 if self.lat is None else self.lat.shape[-2]
 
-    def get_seq_length(self) -> int:
-        return self.seen
+    def drop_newest(self, count: int) -> None:
+        """Cut the newest ``count`` float latents (and rebuilt buffer rows), copying the rest (no pinning views)."""
+        rows = self.lat.shape[-2] - count
+        self.lat, self.pos = self.lat[:, :rows].clone(), self.pos[:self.pos.numel() - count].clone()
+        if self.buffer is not None:
+            rows = self.buffer[0].shape[-2] - count
+            self.buffer = (self.buffer[0][..., :rows, :].clone(), self.buffer[1][..., :rows, :].clone())
 
-    def get_max_cache_shape(self) -> int:
-        return -1
-
-    def crop(self, max_length: int) -> None:
-        """Drop the newest own latents down to ``max_length`` seen (float latents appended after compression)."""
-        max_length = self.seen + max_length if max_length < 0 else max_length
-        if max_length >= self.seen:
-            return
-        drop = int((self.pos >= max_length).sum())
-        lat = 0 if self.lat is None else self.lat.shape[-2]
-        merged_late = len(self.store) and bool((self.store.pos >= max_length).any())
-        if drop > lat or bool((self.pos[self.pos.numel() - drop:] < max_length).any()) or merged_late:
-            raise ValueError(f"cannot crop to {max_length} tokens: some later tokens were merged or quantized")
-        if drop:
-            self.lat, self.pos = self.lat[:, :lat - drop].clone(), self.pos[:self.pos.numel() - drop].clone()  # no pinning views
-            if self.buffer is not None:
-                rows = self.buffer[0].shape[-2] - drop
-                self.buffer = (self.buffer[0][..., :rows, :].clone(), self.buffer[1][..., :rows, :].clone())
-        self.seen = max_length
-
-    def reset(self) -> None:
-        self.lat, self.qlat, self.buffer, self.seen = None, None, None, 0
+    def release_prefix(self) -> None:
+        """Drop every latent and the rebuilt buffer (for :meth:`reset`; the group's store is the cache's)."""
+        self.lat, self.qlat, self.buffer = None, None, None
         self.pos = torch.zeros(0, dtype=torch.int32, device=self.pos.device)
+
+    def map_prefix(self, fn) -> None:
+        """Refused once anything is held: the latents, codes and the group store would have to move together."""
+        if self.held():
+            raise NotImplementedError("a CommonKVLayer cannot reorder its latents over the batch (beam search, "
+                                      "contrastive search)")
 
     # --- latents
     def own_latents(self) -> torch.Tensor:
@@ -224,6 +218,7 @@ class CommonKVLayer(CacheLayerMixin):
             raise RuntimeError("cannot drop tokens from a quantized CommonKV layer (quantize last)")
         mask = torch.isin(self.pos, positions.to(self.pos.dtype))
         self.lat, self.pos = self.lat[:, mask], self.pos[mask]
+        self.fix()
 
     def rebuild_keys(self, segments: list[tuple[torch.Tensor, torch.Tensor]], upto: int) -> list[torch.Tensor]:
         """Post-RoPE keys ``(B, H_kv, n_i, d)`` per piece of ``segments``: one R_k GEMM each, RoPE in the model's
@@ -267,6 +262,7 @@ class CommonKVLayer(CacheLayerMixin):
         if n_q:
             self.qlat = quantize(self.lat[:, :n_q], spec.bits, spec.group_size, axis=-1)
             self.lat = self.lat[:, n_q:].clone()
+            self.fix()
 
     def stored(self) -> Iterator[torch.Tensor]:
         if self.qlat is not None:
@@ -294,10 +290,10 @@ class CommonKVCache(Cache):
             if layer.buffer is not None:
                 yield from layer.buffer
 
-    def evict_tokens(self, kept: dict[int, torch.Tensor]) -> None:
-        """Keep, per layer index, only the latents at the given absolute positions."""
-        for idx, positions in kept.items():
-            self.layers[idx].keep(positions)
+    def evict_tokens(self, positions: dict[int, torch.Tensor]) -> None:
+        """Keep, per layer index, only the latents at the given absolute positions ``(n,)``."""
+        for idx, kept_positions in positions.items():
+            self.layers[idx].keep(kept_positions)
         self.refresh()
 
     def quantize_(self, spec: QuantSpec) -> None:

@@ -102,12 +102,12 @@ def token_units(cache) -> list[tuple[int, ...]]:
     return sorted(shared + singles)
 
 
-def evict_cache(cache, kept: dict[int, torch.Tensor]) -> None:
-    """Drop every context token not in ``kept[layer]`` (absolute positions of the prompt)."""
+def evict_cache(cache, positions: dict[int, torch.Tensor]) -> None:
+    """Drop every context token not in ``positions[layer]`` (the absolute prompt positions to keep)."""
     if hasattr(cache, "evict_tokens"):
-        cache.evict_tokens(kept)
+        cache.evict_tokens(positions)
         return
-    for idx, index in kept.items():
+    for idx, index in positions.items():
         cache.layers[idx] = evict_plain(cache.layers[idx], index)
 
 
@@ -223,7 +223,7 @@ class ComposeRunner(Runner):
         self.scorer: EvictionScorer | None = None
         self.stages: list[str] = []
         self.evicted_kept = 1.0
-        self.kept: dict[int, torch.Tensor] = {}  # last run: kept absolute positions per evicted layer
+        self.kept_positions: dict[int, torch.Tensor] = {}  # last run: kept absolute positions per evicted layer
         self.quant_storage: str | None = None
 
     def record_fields(self) -> dict:
@@ -255,13 +255,13 @@ class ComposeRunner(Runner):
             yield
 
     def compress(self, cache) -> None:
-        self.kept = {}
+        self.kept_positions = {}
         if self.scorer is not None:
             tokens = cache.get_seq_length()
             units = token_units(cache)
-            self.kept = token_sets(self.scorer.scores, self.scorer.budgets, units)
-            evict_cache(cache, self.kept)
-            self.evicted_kept = kept_fraction(self.kept, tokens)
+            self.kept_positions = token_sets(self.scorer.scores, self.scorer.budgets, units)
+            evict_cache(cache, self.kept_positions)
+            self.evicted_kept = kept_fraction(self.kept_positions, tokens)
             self.stages.append("evict")
             self.scorer = None
             log.info("compose: evicted with %d units of layers %s", len(units), units)

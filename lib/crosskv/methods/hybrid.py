@@ -5,7 +5,8 @@ earlier producer's cache. The L − C producers still hold full K/V; here they a
 (:mod:`crosskv.methods.svd`): consecutive *producers* (in layer order, skipping consumers) form groups of
 ``group_size`` that share one low-rank token basis of their pre-RoPE keys (and one of their values), each
 layer keeping its own factors. A consumer attends with exactly what its producer attends with — the
-rebuilt prefix plus the exact tail (:class:`ProducerView`) — so the two compressions compose without any
+rebuilt prefix plus the exact tail (a :class:`~crosskv.methods.kvsharer.SharedLayer` reads a compressed
+producer through its ``attend_kv``) — so the two compressions compose without any
 approximation beyond each one's own: with C = 0 this is xKV over all layers, at lossless rank it is
 KVSharer alone.
 
@@ -14,27 +15,11 @@ Memory: ``kept ≈ (L − C)/L · kept_xkv``, where ``kept`` (the xKV target) ap
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
-import torch
 
 from crosskv.core.capture import KVShape, kv_shape
 from crosskv.methods.base import register, state_bytes
 from crosskv.methods.kvsharer import KVSharer, SearchOptions, SharedLayer, SharingStrategy, consumer_projection_bytes
-from crosskv.cache.prefix import PrefixLayer
 from crosskv.methods.svd import XKV, LowRankCache, LowRankRunner
-
-
-class ProducerView(SharedLayer):
-    """A consumer of a (possibly compressed) producer: returns the K/V the producer attends with."""
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor,
-               cache_kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Discard this layer's own K/V ``(B, H_kv, t, d)``; return the producer's ``(B, H_kv, S, d)``."""
-        super().update(key_states, value_states, cache_kwargs)  # counts tokens, checks the producer ran first
-        if isinstance(self.producer, PrefixLayer):
-            return self.producer.attend_kv()
-        return self.producer.keys, self.producer.values
 
 
 @dataclass(frozen=True)
@@ -114,5 +99,6 @@ class SharedXKVRunner(LowRankRunner):
     def new_cache(self) -> LowRankCache:
         cache = LowRankCache(self.config, self.shape, self.rotary)
         for consumer, producer in self.strategy.mapping.items():
-            cache.layers[consumer] = ProducerView(cache.layers[producer], producer)
+            cache.layers[consumer] = SharedLayer(cache.layers[producer], producer)
+            cache.layers[consumer].layer_idx = consumer
         return cache

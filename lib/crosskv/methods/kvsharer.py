@@ -164,29 +164,24 @@ class SharingStrategy:
 
 # ----------------------------------------------------------------------------- the sharing cache
 
-class SharedLayer(CacheLayerMixin):
-    """Cache layer of a consumer: stores nothing and returns its producer layer's keys/values.
+class SharedLayer(HeldLayer):
+    """Cache layer of a consumer: stores nothing and returns what its producer layer attends with.
 
     The producer runs earlier in the same forward, so on :meth:`update` it already holds the current
-    tokens. The layer counts the tokens it has seen (its sequence length) and checks that the
-    producer holds exactly as many.
+    tokens. The layer counts the tokens it has seen and checks that the producer saw exactly as many;
+    it holds the producer's rows (:meth:`held`, so the mask sizes are the producer's), and crop, reset and
+    batch reorder touch only its counter (the producer, an earlier layer of the same cache, does the data).
+    A compressed, evicted or quantized producer (any :class:`~crosskv.cache.layer.HeldLayer`) is read through
+    its :meth:`~crosskv.cache.layer.HeldLayer.attend_kv`.
     """
 
-    is_compileable = False
-
     def __init__(self, producer: CacheLayerMixin, producer_idx: int):
+        super().__init__()
         self.producer = producer
         self.producer_idx = producer_idx
-        self.keys = None
-        self.values = None
-        self.seen = 0
 
     def __repr__(self):
         return f"SharedLayer(producer={self.producer_idx})"
-
-    @property
-    def is_initialized(self) -> bool:
-        return self.producer.is_initialized
 
     @property
     def is_sliding(self) -> bool:
@@ -194,49 +189,41 @@ class SharedLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Nothing to allocate."""
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor,
                cache_kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Discard this layer's own K/V ``(B, H_kv, t, d)``; return the producer's ``(B, H_kv, S, d)``."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
         self.seen += key_states.shape[-2]
-        held = self.producer.get_seq_length()
-        if held != self.seen:
-            raise RuntimeError(f"producer layer {self.producer_idx} holds {held} tokens but its consumer has seen "
-                               f"{self.seen}: the producer must run before its consumer in every forward")
-        if isinstance(self.producer, HeldLayer):  # an evicted or quantized producer: what it attends with
+        seen = self.producer.get_seq_length()
+        if seen != self.seen:
+            raise RuntimeError(f"producer layer {self.producer_idx} has seen {seen} tokens but its consumer has "
+                               f"seen {self.seen}: the producer must run before its consumer in every forward")
+        if isinstance(self.producer, HeldLayer):
             return self.producer.attend_kv()
         return self.producer.keys, self.producer.values
 
-    def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
-        """The producer's: this layer attends to exactly what the producer holds (fewer rows after eviction)."""
-        return self.producer.get_mask_sizes(cache_position)
+    def held(self) -> int:
+        """The producer's held tokens (the rows this layer attends to)."""
+        if isinstance(self.producer, HeldLayer):
+            return self.producer.held()
+        return self.producer.get_seq_length()
 
-    def get_seq_length(self) -> int:
+    def croppable(self) -> int:
+        """Every token: the producer (cropped first, as an earlier layer) refuses what it cannot cut."""
         return self.seen
 
-    def get_max_cache_shape(self) -> int:
-        return -1
+    def drop_newest(self, count: int) -> None:
+        """Nothing held: only the counter moves."""
 
     def offload(self):
         """The producer owns the data."""
 
     def prefetch(self):
         """The producer owns the data."""
-
-    def reset(self) -> None:
-        self.seen = 0
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """The producer reorders the data."""
-
-    def crop(self, max_length: int) -> None:
-        self.seen = max(self.seen + max_length, 0) if max_length < 0 else min(self.seen, max_length)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        """The producer repeats the data."""
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """The producer selects the data."""
 
 
 class SharingCache(DynamicCache):
@@ -255,19 +242,18 @@ class SharingCache(DynamicCache):
             self.layers[consumer] = SharedLayer(self.layers[producer], producer)
         self.mapping = dict(mapping)
 
-    def evict_tokens(self, kept: dict[int, torch.Tensor]) -> None:
-        """Evict prompt rows of producer layers (``kept[layer]``: absolute positions ``(kept,)``); each consumer
-        is re-pointed to its producer's evicted layer, so it reads the same rows and no stale copy stays alive."""
-        consumers = sorted(set(kept) & set(self.mapping))
+    def evict_tokens(self, positions: dict[int, torch.Tensor]) -> None:
+        """Evict prompt rows of producer layers (``positions[layer]``: the absolute positions to keep ``(n,)``);
+        each consumer is re-pointed to its producer's evicted layer, so it reads the same rows and no stale copy
+        stays alive."""
+        consumers = sorted(set(positions) & set(self.mapping))
         if consumers:
             raise ValueError(f"layers {consumers} are KVSharer consumers: they read their producer's tokens and "
                              "cannot be evicted on their own")
-        for idx, index in kept.items():
+        for idx, index in positions.items():
             self.layers[idx] = evict_plain(self.layers[idx], index)
         for consumer, producer in self.mapping.items():
-            seen = self.layers[consumer].seen
-            self.layers[consumer] = SharedLayer(self.layers[producer], producer)
-            self.layers[consumer].seen = seen
+            self.layers[consumer].producer = self.layers[producer]
 
     def stored_tensors(self) -> Iterator[torch.Tensor]:
         """K and V (or codes) of the producer layers (consumers hold nothing)."""

@@ -55,7 +55,7 @@ class PressRunner(Runner):
     @contextlib.contextmanager
     def prefill(self, cache) -> Iterator[None]:
         press = self.config.make_press()
-        with press(self.model):
+        with capture.rotary_aliases(self.model), press(self.model):
             yield
 
     def replay(self, cache, attention: Sequence[dict]) -> None:
@@ -64,16 +64,10 @@ class PressRunner(Runner):
         (``attention[i] = {"kwargs": …, "weights": …}``; see :func:`crosskv.run.harness.plain_prefill`)."""
         press = self.config.make_press()
         press.post_init_from_model(self.model)
-        decoder = capture.decoder(self.model)
-        added = [layer.self_attn for layer in decoder.layers if not hasattr(layer.self_attn, "rotary_emb")]
-        try:
-            for layer, seen in zip(decoder.layers, attention, strict=True):
-                layer.self_attn.rotary_emb = decoder.rotary_emb  # what kvpress's press(model) sets up
+        with capture.rotary_aliases(self.model):  # what kvpress's press(model) sets up
+            for layer, seen in zip(capture.decoder(self.model).layers, attention, strict=True):
                 press.forward_hook(layer.self_attn, [], {**seen["kwargs"], "past_key_values": cache},
                                    (None, seen["weights"]))
-        finally:
-            for module in added:  # leave the model as it was (its fingerprint reads its modules)
-                del module.rotary_emb
 
 
 @register

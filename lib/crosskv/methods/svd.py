@@ -327,11 +327,11 @@ class LowRankCache(PrefixCache):
     def last_of(self, group: LowRankGroup) -> LowRankLayer:
         return self.layers[group.layers[-1]]
 
-    def evict_tokens(self, kept: dict[int, torch.Tensor]) -> None:
+    def evict_tokens(self, positions: dict[int, torch.Tensor]) -> None:
         """Evict prompt rows before compression; each group keeps one token set, stored as its positions."""
-        super().evict_tokens(kept)
+        super().evict_tokens(positions)
         for group in self.groups:
-            group.positions = kept[group.layers[0]].to(device=self.layers[group.layers[0]].keys.device,
+            group.positions = positions[group.layers[0]].to(device=self.layers[group.layers[0]].keys.device,
                                                        dtype=torch.int32)
 
     def compress(self) -> None:

@@ -24,9 +24,10 @@ from typing import Any
 import torch
 
 from crosskv.core.data import heldout_windows
+from crosskv.core.fingerprint import code_fingerprint
 from crosskv.core.capture import kv_shape
 from crosskv.run.harness import PeakMemory, bind, full_cache_bytes, sync
-from crosskv.run.results import machine
+from crosskv.run.results import git_commit, machine
 from crosskv.cache.storage import kv_bytes
 from crosskv.methods import MethodConfig, make_method
 from crosskv.methods.svd import XKV
@@ -43,7 +44,7 @@ QUESTION = "\n\nIn one sentence, what is the text above about?"
 COLUMNS = ("method", "mode", "context", "batch", "prefill_s", "compress_s", "decode_tok_s", "decode_vs_full",
            "rebuild_gmac", "attention_gmac", "floor_tok_s", "vs_floor", "held_bytes", "kept", "method_bytes",
            "peak_mem_mb", "peak_delta_mb", "repeats", "refused", "device", "machine", "threads", "load_start", "load_end",
-           "model", "dtype")
+           "model", "dtype", "commit", "code")
 
 
 def parse_method(spec: str | MethodConfig) -> MethodConfig:
@@ -326,7 +327,9 @@ def bench(model, tokenizer, methods=DEFAULT_METHODS, contexts=(2048, 4096), batc
       (the run's own working set: activations, cache, SVD buffers);
     - ``repeats``; ``device``, ``machine`` (host, processor, cores or GPU name), ``threads`` (torch
       threads), ``load_start``/``load_end`` (1-minute load average at the start and end of the whole
-      benchmark), ``model``, ``dtype``.
+      benchmark), ``model``, ``dtype``;
+    - ``commit`` (the project's git commit, ``+dirty`` when tracked files changed) and ``code`` (the library's
+      :func:`~crosskv.core.fingerprint.code_fingerprint`): what produced the numbers.
     """
     import pandas as pd
 
@@ -367,5 +370,6 @@ def bench(model, tokenizer, methods=DEFAULT_METHODS, contexts=(2048, 4096), batc
     table["load_start"], table["load_end"] = start["load_1min"], end["load_1min"]
     table["model"] = model_name(model)
     table["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    table["commit"], table["code"] = git_commit(), code_fingerprint()
     return table[list(COLUMNS)]
 

@@ -345,7 +345,8 @@ def run_generate(runner: Runner, sample: Sample, stops: set[int], settled=None, 
         t0 = time.perf_counter()
         if gold:
             forced = question + gold[:-1]
-            logits = _force(runner, cache, question, gold[:-1], fed, device) if forced else last[None, :0]
+            logits = (force(runner.model, cache, question, gold[:-1], fed, device, runner.config.stepwise_decode)
+                      if forced else last[None, :0])
             predictors = logits[len(question) - 1:] if question else torch.cat([last[None], logits])  # (M, vocab)
             first, fed = predictors[0], fed + len(forced)
             detail.update(gold_scores(predictors, gold))
@@ -366,15 +367,18 @@ def run_generate(runner: Runner, sample: Sample, stops: set[int], settled=None, 
             **{f"{k}_end": v for k, v in end.items()}}
 
 
-def _force(runner: Runner, cache, question: list[int], answer: list[int], start: int, device) -> torch.Tensor:
-    """Teacher-force ``question + answer`` from position ``start`` → every position's logits ``(M, vocab)``.
-    The question goes in one block (as generation feeds it); the answer tokens in one block too, or one per
-    forward for a method whose decode step differs (:attr:`~crosskv.methods.MethodConfig.stepwise_decode`)."""
-    if not runner.config.stepwise_decode:
-        return feed(runner.model, cache, question + answer, start, device, every=True)
-    parts = [feed(runner.model, cache, question, start, device, every=True)] if question else []
+def force(model, cache, question: list[int], answer: list[int], start: int, device, stepwise: bool,
+          hidden: bool = False) -> torch.Tensor:
+    """Teacher-force ``question + answer`` from position ``start`` → every position's logits ``(Q+M, vocab)``
+    (hidden states ``(Q+M, D)`` with ``hidden``). The question goes in one block (as generation feeds it); the
+    answer in one block too, or one token per forward with ``stepwise`` (a method whose decode step differs from
+    a block forward, :attr:`~crosskv.methods.MethodConfig.stepwise_decode`: selective reconstruction)."""
+    if not stepwise:
+        return feed(model, cache, question + answer, start, device, hidden=hidden, every=not hidden)
+    parts = [feed(model, cache, question, start, device, hidden=hidden, every=not hidden)] if question else []
     if answer:
-        parts.append(feed(runner.model, cache, answer, start + len(question), device, every=True, stepwise=True))
+        parts.append(feed(model, cache, answer, start + len(question), device, hidden=hidden, every=not hidden,
+                          stepwise=True))
     return torch.cat(parts)
 
 
@@ -414,7 +418,8 @@ def _nll(model, hidden: torch.Tensor, targets: torch.Tensor) -> float:
 @torch.no_grad()
 def run_perplexity(runner: Runner, sample: Sample, shared: Prefill | None = None) -> dict[str, Any]:
     """``ppl``: NLL of the window under the method's prefill; ``ppl_cont`` (question_ids = continuation): NLL
-    of the continuation fed teacher-forced through the compressed cache. ``shared``: a plain prefill to replay."""
+    of the continuation fed teacher-forced through the compressed cache (one token per forward for a method
+    whose decode step differs, :func:`force`). ``shared``: a plain prefill to replay."""
     model = runner.model
     device = next(model.parameters()).device
     ids = torch.tensor(sample.context_ids, device=device)
@@ -429,7 +434,8 @@ def run_perplexity(runner: Runner, sample: Sample, shared: Prefill | None = None
             fed = len(ids)
         else:
             cont = torch.tensor(sample.question_ids, device=device)
-            cont_hidden = feed(model, cache, sample.question_ids, len(ids), device, hidden=True)  # (M, D)
+            cont_hidden = force(model, cache, [], sample.question_ids, len(ids), device,
+                                runner.config.stepwise_decode, hidden=True)  # (M, D)
             predictors = torch.cat([hidden[-1:], cont_hidden[:-1]])  # (M, D)
             nll, scored = _nll(model, predictors, cont), len(cont)
             fed = len(ids) + len(cont)
