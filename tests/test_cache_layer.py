@@ -9,6 +9,8 @@ from crosskv.cache.eviction import EvictedLayer
 from crosskv.cache.layer import HeldLayer
 from crosskv.cache.prefix import PrefixLayer
 from crosskv.cache.quant import KiviLayer, QuantSpec
+from crosskv.methods.commonkv_cache import CommonKVLayer
+from crosskv.methods.kvsharer import SharedLayer
 from crosskv.methods.minicache import MergedLayer
 
 
@@ -29,6 +31,9 @@ def test_every_layer_kind_shares_the_base():
         assert issubclass(cls, HeldLayer)
         for name in ("crop", "reset", "reorder_cache", "get_mask_sizes", "get_seq_length", "held",
                      "batch_repeat_interleave", "batch_select_indices"):
+            assert getattr(cls, name) is getattr(HeldLayer, name), (cls, name)
+    for cls in (CommonKVLayer, SharedLayer):  # their own rows: they say how many they hold and may cut
+        for name in ("crop", "reset", "reorder_cache", "get_mask_sizes", "get_seq_length"):
             assert getattr(cls, name) is getattr(HeldLayer, name), (cls, name)
 
 
@@ -80,3 +85,24 @@ def test_compressed_prefix_refuses_reorder_and_reset_naming_the_layer():
         layer.reset()
     with pytest.raises(ValueError, match="first 6 were"):
         layer.crop(5)
+
+
+def test_a_consumer_reads_its_producer_and_crops_only_its_counter():
+    producer = EvictedLayer(_plain(40), torch.arange(0, 40, 2))
+    consumer = SharedLayer(producer, 0)
+    consumer.seen = 40
+    assert consumer.get_mask_sizes(torch.arange(3)) == producer.get_mask_sizes(torch.arange(3)) == (23, 20)
+    new = torch.randn(2, 3, 1, 8), torch.randn(2, 3, 1, 8)
+    producer.update(*new)
+    keys, values = consumer.update(*new)
+    assert keys is producer.keys and consumer.get_seq_length() == 41
+    with pytest.raises(RuntimeError, match="producer layer 0 has seen 41 tokens but its consumer has seen 42"):
+        consumer.update(*new)
+    consumer.seen = 41
+    consumer.reorder_cache(torch.tensor([1, 0]))  # the producer reorders the rows; nothing here to move
+    assert producer.keys is keys
+    producer.crop(40)
+    consumer.crop(40)
+    assert consumer.get_seq_length() == 40 and consumer.held() == producer.held() == 20
+    consumer.reset()
+    assert consumer.get_seq_length() == 0 and producer.get_seq_length() == 40

@@ -473,3 +473,26 @@ def test_group_store_lives_on_its_layers_device():
         cache = runner.new_cache()
     assert [s.pos.device.type for s in cache.stores] == ["cpu", "meta", "cpu"]
     assert [layer.pos.device.type for layer in cache.layers] == ["cpu", "cpu", "meta", "meta", "cpu", "cpu"]
+
+
+def test_crop_cuts_only_latents_appended_after_the_merge_and_reorder_is_refused():
+    """The cache-layer base's crop on latents: tokens decoded after the merge go; merged/quantized ones stay."""
+    model = tiny_model("llama")
+    tokens = ids(60)
+    for attend in ("rebuild", "buffer"):
+        runner = make_method("commonkv", rank="40", unmerged_ratio="0.5", weights="uniform", sink_tokens="2",
+                             recent_tokens="4", attend=attend).bind(model)
+        _, cache = run(runner, model, tokens, 50)
+        layer = cache.layers[0]
+        held = layer.held()
+        cache.crop(55)
+        assert cache.get_seq_length() == 55 and layer.held() == held - 5 and layer.pos[-1] == 54
+        assert layer.lat.untyped_storage().nbytes() == layer.lat.numel() * layer.lat.element_size()  # no pinning view
+        if attend == "buffer":
+            assert layer.buffer[0].shape[-2] == layer.held()
+        with pytest.raises(ValueError, match="cannot crop a CommonKVLayer to 49 tokens: the first 50"):
+            layer.crop(49)
+        with pytest.raises(NotImplementedError, match="CommonKVLayer cannot reorder"):
+            cache.reorder_cache(torch.tensor([0]))
+        layer.reset()
+        assert layer.get_seq_length() == layer.held() - len(layer.store) == 0 and list(layer.stored()) == []
