@@ -8,6 +8,7 @@ import textwrap
 import pytest
 import torch
 
+import crosskv
 from crosskv.run import harness
 from crosskv.methods import REGISTRY, make_method
 
@@ -89,8 +90,6 @@ def test_kvpress_import_leaves_our_logits_unchanged(tmp_path):
 def test_a_press_run_through_its_own_prefill_leaves_the_model_as_it_was(tiny_model, name, params):
     """kvpress's ``press(model)`` hangs the decoder's ``rotary_emb`` on every attention module; after the
     prefill the model has exactly its own modules and buffers again (its fingerprint reads them)."""
-    import crosskv
-
     model, tokenizer = tiny_model
     before = [buffer for buffer, _ in model.named_buffers(remove_duplicate=False)]
     with crosskv.compressed(model, make_method(name, **params), tokenizer) as session:

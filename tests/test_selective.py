@@ -11,6 +11,8 @@ from crosskv.methods import make_method
 from crosskv.methods.selective import (SelectivePrefix, head_mass, latent_scores, low_frequencies, rebuild_selected,
                                        scorer_recall, select_tokens)
 from crosskv.methods.svd import FactoredPrefix, PrefixRope
+from crosskv.run.harness import bind, run_perplexity
+from crosskv.tasks import Sample
 
 
 class _Module:
@@ -223,9 +225,6 @@ def test_few_tokens_chosen_changes_decode_but_not_bytes(model32, prompt):
 def test_continuation_perplexity_is_scored_one_decode_step_at_a_time(model32, prompt):
     """``ppl_cont`` through selective reconstruction: each continuation token attends only its chosen tokens,
     as a decode step does — the NLL equals a hand-driven one-token-per-forward loop, not the base's block."""
-    from crosskv.run.harness import bind, run_perplexity
-    from crosskv.tasks import Sample
-
     model, tokenizer = model32
     context, continuation = prompt[0][0].tolist(), prompt[0][0, :6].tolist()
     sample = Sample(0, context, continuation)
