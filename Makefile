@@ -5,6 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROFILE ?= cpu
+# notebooks executed at once by `make figures` (each its own process, cores/JOBS threads); one at a time on a GPU
+JOBS ?= $(if $(filter gpu,$(PROFILE)),1,$(shell nproc))
 
 .PHONY: help setup assets test test-fast figures smoke lab bench gpu clean
 .DEFAULT_GOAL := help
@@ -31,7 +33,7 @@ test-fast: setup  ## unit tests only: no model loaded (tiny random ones at most;
 	$(PY) -m pytest -q -m "not slow"
 
 figures: setup assets  ## execute every notebook on the embedded model (PROFILE=cpu) and regenerate figures/
-	$(PY) -m crosskv figures --profile $(PROFILE)
+	$(PY) -m crosskv figures --profile $(PROFILE) --jobs $(JOBS)
 
 smoke: setup assets  ## execute every notebook with the smoke profile into build/ (never touches figures/)
 	$(PY) -m crosskv figures --profile smoke

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import json
+import re
+import threading
+import time
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import nbformat
@@ -53,6 +57,76 @@ def test_strip_volatile_removes_timings_and_counts(tmp_path):
     first = path.read_bytes()
     figures.strip_volatile(path, "abc", ["fig_01_x.png"])
     assert path.read_bytes() == first
+
+
+def test_strip_volatile_keeps_the_execution_seconds(tmp_path):
+    path = _notebook(tmp_path)
+    assert figures.recorded_seconds(path) is None
+    figures.strip_volatile(path, "abc", [], seconds=12.6)
+    assert figures.recorded_seconds(path) == 13
+    assert figures.recorded_seconds(tmp_path / "missing.ipynb") is None
+
+
+def _executed(folder: Path, stem: str, seconds: float | None) -> Path:
+    nb = nbformat.v4.new_notebook()
+    if seconds is not None:
+        nb.metadata["crosskv"] = {"input_hash": "x", "outputs": [], "seconds": seconds}
+    path = folder / f"{stem}.ipynb"
+    nbformat.write(nb, path)
+    return path
+
+
+def test_schedule_runs_the_longest_first_and_what_a_notebook_reads_before_it(tmp_path):
+    where = figures.Layout(tmp_path, tmp_path, tmp_path)
+    selected = [_executed(tmp_path, stem, seconds) for stem, seconds in
+                [("01_a", 50), ("02_b", 1300), ("03_c", 3600), ("04_d", 800), ("05_e", 7700)]]
+    assert [nb.stem for nb in figures.schedule(selected, where)] == ["05_e", "01_a", "03_c", "02_b", "04_d"]
+    _executed(tmp_path, "04_d", None)  # never executed (or before seconds were recorded): first
+    assert figures.schedule(selected, where)[0].stem == "04_d"
+    assert [nb.stem for nb in figures.schedule(selected[2:], where)] == ["04_d", "05_e", "03_c"]  # 01 not selected
+
+
+def test_parallel_runs_start_a_notebook_only_after_what_it_reads(tmp_path):
+    queue = [tmp_path / f"{stem}.ipynb" for stem in ("05_e", "01_a", "03_c", "02_b")]
+    events, lock = [], threading.Lock()
+
+    def execute_one(notebook, fail=()):
+        with lock:
+            events.append(("start", notebook.stem[:2]))
+        time.sleep(0.2 if notebook.stem[:2] == "01" else 0.05)
+        with lock:
+            events.append(("end", notebook.stem[:2]))
+        return 1 if notebook.stem[:2] in fail else 0
+
+    codes = figures._run_parallel(queue, 2, execute_one)
+    assert set(codes.values()) == {0}
+    assert events.index(("start", "03")) > events.index(("end", "01"))
+    assert events[:2] == [("start", "05"), ("start", "01")]  # two at once, in queue order
+    events.clear()
+    codes = figures._run_parallel(queue, 2, lambda nb: execute_one(nb, fail=("01",)))
+    assert {nb.stem[:2]: code for nb, code in codes.items()} == {"05": 0, "01": 1, "03": None, "02": 0}
+    assert ("start", "03") not in events
+
+
+def test_reads_declares_every_table_a_notebook_reads_from_another():
+    for notebook in figures.notebooks():
+        own = notebook.stem[:2]
+        code = "".join("".join(c["source"]) for c in json.loads(notebook.read_text())["cells"]
+                       if c["cell_type"] == "code")
+        others = {n for n in re.findall(r"(?:fig|tab)_(\d\d)_", code) if n != own}
+        assert others <= set(figures.READS.get(own, ())), (notebook.name, others)
+    assert figures.READS == {"03": ("01",)}
+
+
+def test_a_notebook_claims_only_its_own_figures(tmp_path):
+    for name in ("fig_03_x.png", "tab_03_y.csv", "fig_05_z.png", "notes.txt"):
+        (tmp_path / name).write_text("x")
+    assert sorted(figures._listing(tmp_path, "03")) == ["fig_03_x.png", "tab_03_y.csv"]
+
+
+def test_jobs_below_one_are_refused():
+    with pytest.raises(ValueError, match="jobs=0 must be at least 1"):
+        figures.run("smoke", jobs=0)
 
 
 def test_unknown_profile():

@@ -113,16 +113,19 @@ def test_generate_samples_scores_a_subset_and_is_keyed(tiny_model):
 def test_grid_records_equal_separate_runs_tiny(tiny_model, tmp_path):
     model, tok = tiny_model
     methods = {"full": make_method("full"), "svd": make_method("svd", kept=0.5),
+               "xkv": make_method("xkv", kept=0.25, group_size=2),  # the selective base's eigh, shared
                "int4": make_method("compose", base="full", bits=4, group_size=16, residual=8),
                "snapkv": make_method("kvpress:snapkv", compression_ratio=0.5, window_size=16),
                "pyramid": make_method("kvpress:pyramidkv", compression_ratio=0.5, window_size=16),
                "expected": make_method("kvpress:expected_attention", compression_ratio=0.5, n_future_positions=16),
                "knorm": make_method("kvpress:knorm", compression_ratio=0.5),
+               "selective": make_method("selective", base="xkv", base_params="group_size=2;kept=0.5", top_k="8",
+                                        sinks="2", window="4"),
                "snap+int4": make_method("compose", base="full", evict="snapkv", evict_ratio=0.5, window_size=16,
                                         bits=4, group_size=16, residual=8)}
     common = dict(context=160, samples=2, progress=False, generate_samples=1)
     grid = harness.evaluate_grid(model, tok, methods, "niah_single_2", results_dir=tmp_path / "grid", **common)
-    assert [grid[k]["prefill_shared"] for k in methods] == [7] * 7 + [1]  # compose with eviction: its own
+    assert [grid[k]["prefill_shared"] for k in methods] == [9] * 9 + [1]  # compose with eviction: its own
     for label, config in methods.items():
         alone = harness.evaluate(model, tok, config, "niah_single_2", results_dir=tmp_path / "alone", **common)
         _same_record(grid[label], alone)
@@ -132,7 +135,9 @@ def test_grid_records_equal_separate_runs_tiny(tiny_model, tmp_path):
 
 def test_grid_shares_perplexity_prefills_too(tiny_model):
     model, tok = tiny_model
-    methods = {"full": make_method("full"), "minicache": make_method("minicache", start_layer=0)}
+    methods = {"full": make_method("full"), "minicache": make_method("minicache", start_layer=0),
+               "selective": make_method("selective", base_params="group_size=2;kept=0.5", top_k="8", sinks="2",
+                                        window="4")}
     common = dict(context=96, samples=2, progress=False, store=False, continuation=8)
     grid = harness.evaluate_grid(model, tok, methods, "ppl_cont", **common)
     for label, config in methods.items():
@@ -161,12 +166,16 @@ def test_grid_seconds_count_a_share_of_each_shared_prefill(tiny_model, monkeypat
     (make_method("svd", kept=0.5), False),
     (make_method("selective", base="svd", base_params="kept=0.5", top_k="4", sinks="1", window="2"), True)])
 def test_gold_answer_is_forced_as_generation_feeds_it(tiny_model, method, stepwise):
-    """Selective reconstruction chooses tokens only at one-token steps: its gold answer is forced one token per
-    forward after the question block; every other method forces question + answer in one forward."""
+    """Selective reconstruction chooses tokens only at decode steps: its gold answer is forced after the question
+    block as one block read as decode steps (inside the cache's ``decode_steps``); every other method forces
+    question + answer in one forward."""
     model, tok = tiny_model
-    lengths = []
-    hook = model.register_forward_pre_hook(lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]),
-                                           with_kwargs=True)
+    forwards = []  # (tokens, the cache reads them as decode steps)
+
+    def seen(module, args, kwargs):
+        forwards.append((kwargs["input_ids"].shape[1], getattr(kwargs["past_key_values"], "stepping", False)))
+
+    hook = model.register_forward_pre_hook(seen, with_kwargs=True)
     try:
         record = harness.evaluate(model, tok, method, "niah_single_2", context=160, samples=1, progress=False,
                                   store=False, generate_samples=0)
@@ -175,11 +184,11 @@ def test_gold_answer_is_forced_as_generation_feeds_it(tiny_model, method, stepwi
     detail = record["details"][0]
     answer = detail["gold_tokens"] - 1  # answer tokens forced after the question
     assert answer >= 1
-    after_prefill = lengths[-(answer + 1):] if stepwise else lengths[-1:]
     if stepwise:
-        assert after_prefill[1:] == [1] * answer and after_prefill[0] > 1, lengths
+        question, steps = forwards[-2:]
+        assert question[0] > 1 and not question[1] and steps == (answer, True), forwards
     else:
-        assert after_prefill[0] > answer, lengths
+        assert forwards[-1][0] > answer and not forwards[-1][1], forwards
 
 
 def test_grid_refuses_what_is_not_a_method(tiny_model):

@@ -11,7 +11,7 @@ from crosskv.methods import make_method
 from crosskv.methods.selective import (SelectivePrefix, head_mass, latent_scores, low_frequencies, rebuild_selected,
                                        scorer_recall, select_tokens)
 from crosskv.methods.svd import FactoredPrefix, PrefixRope
-from crosskv.run.harness import bind, run_perplexity
+from crosskv.run.harness import bind, feed, force, run_perplexity
 from crosskv.tasks import Sample
 
 
@@ -102,7 +102,7 @@ def test_fewer_tokens_attend_exactly_over_the_chosen_ones_and_the_tail():
     mask[1, ..., 10:20] = False  # sequence 1: prompt tokens 10…19 are padding
     prefix = _selective(base, top_k=6, angle=torch.rand(d // 2))
     q = query.view(b, h_kv, g, d)
-    index = prefix.choose(q, d ** -0.5)  # scores() ranks with the standard 1/√d temperature
+    index = prefix.choose(q, d ** -0.5)[:, :, 0]  # one decode step; scores() ranks with the standard 1/√d temperature
     assert index.shape == (b, h_kv, 11) and (index[..., :2] == torch.tensor([0, 1])).all()
     assert (index[..., -3:] == torch.tensor([37, 38, 39])).all()
     keys, values = rebuild_selected(base, index)
@@ -245,3 +245,53 @@ def test_continuation_perplexity_is_scored_one_decode_step_at_a_time(model32, pr
                                                    reduction="sum"))
     assert got == pytest.approx(want, rel=1e-4)
     assert abs(got - base) > 1e-3  # the base's block forward attends every prompt token
+
+
+def test_a_block_of_decode_steps_attends_as_one_step_at_a_time():
+    """Inside ``decode_steps`` a block of n queries is n decode steps: each chooses its own prompt tokens and
+    attends over them and the causal tail — the same output as n one-token forwards."""
+    torch.manual_seed(5)
+    base, _, _ = _prefix()
+    b, h_kv, g, d, n = 2, 3, 3, 8, 4
+    angles = torch.rand(n, d // 2) * 3                      # RoPE angles at each step's position
+    cos, sin = torch.cat([angles.cos()] * 2, -1).view(1, 1, n, d), torch.cat([angles.sin()] * 2, -1).view(1, 1, n, d)
+    query = torch.randn(b, h_kv * g, n, d)
+    tail_k, tail_v = torch.randn(b, h_kv, n, d), torch.randn(b, h_kv, n, d)
+    block = SelectivePrefix(base, 6, 2, 3, None, cos, sin, torch.ones(d))
+    got, _ = crosskv_attention(_Module(), query, *compressed_kv(block, tail_k, tail_v), None, scaling=0.3)
+    chosen = block.choose(query.view(b, h_kv, g * n, d), d ** -0.5)          # (B, H_kv, n, K)
+    assert chosen.shape == (b, h_kv, n, 11) and not (chosen == chosen[:, :, :1]).all()  # the steps choose apart
+    for i in range(n):
+        step = SelectivePrefix(base, 6, 2, 3, None, cos[:, :, i:i + 1], sin[:, :, i:i + 1], torch.ones(d))
+        want, _ = crosskv_attention(_Module(), query[:, :, i:i + 1],
+                                    *compressed_kv(step, tail_k[:, :, :i + 1], tail_v[:, :, :i + 1]), None, scaling=0.3)
+        assert torch.allclose(got[:, i:i + 1], want, atol=1e-5), (got[:, i:i + 1] - want).abs().max()
+
+
+@pytest.mark.slow
+def test_a_gold_answer_forced_in_one_block_equals_one_decode_step_per_token(model32, prompt):
+    """The gold-answer path (:func:`harness.force`): question in one block, the answer as decode steps read in
+    one forward — every position's logits equal feeding the answer one token per forward."""
+    model, tokenizer = model32
+    context, question = prompt[0][0].tolist(), prompt[1][0].tolist()
+    answer = prompt[0][0, 10:16].tolist()
+    config = make_method("selective", base_params="group_size=4;rank_k=64;rank_v=96", top_k="8", sinks="2", window="4")
+    cpu = torch.device("cpu")
+
+    def forced(block: bool) -> torch.Tensor:
+        runner = config.bind(model, tokenizer)
+        with runner.applied(), torch.no_grad():
+            cache = runner.new_cache()
+            with runner.prefill(cache):
+                model(torch.tensor([context]), past_key_values=cache)
+            runner.compress(cache)
+            if block:
+                return force(model, cache, question, answer, len(context), cpu, stepwise=True)
+            start = len(context) + len(question)
+            return torch.cat([feed(model, cache, question, len(context), cpu, every=True),
+                              *(feed(model, cache, [token], start + i, cpu, every=True)
+                                for i, token in enumerate(answer))])
+
+    got, want = forced(True), forced(False)
+    assert got.shape == (len(question) + len(answer), want.shape[-1])
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()

@@ -8,7 +8,7 @@ from conftest import drive
 from accounting import full_bytes, xkv_bytes
 from crosskv.core.capture import KVShape, capture, kv_shape
 from crosskv.core.lowrank import (energy_captured, factored_elements, gram_factors, group_matrix, grouped_vs_single_error,
-                             rank_error, split_group_matrix, truncated_svd)
+                             rank_error, shared_eigendecompositions, split_group_matrix, truncated_svd)
 from crosskv.cache.storage import kv_bytes
 from crosskv.methods import make_method
 from crosskv.cache.attention import compressed_kv, crosskv_attention
@@ -48,6 +48,24 @@ def test_gram_factors_equal_the_svd_projection_and_full_rank_is_exact(tokens, fe
         assert torch.allclose(basis @ factor, svd_basis @ svd_factor, atol=1e-4)
         assert torch.allclose(basis.transpose(1, 2) @ basis, torch.eye(basis.shape[-1]).expand(3, -1, -1), atol=1e-3)
     assert torch.allclose(basis @ factor, x, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens,features", [(40, 24), (24, 40)])
+def test_shared_eigendecompositions_decompose_an_equal_gram_matrix_once(tokens, features, monkeypatch):
+    x = torch.randn(3, tokens, features) * torch.logspace(0, -3, features)
+    alone = [gram_factors(x, rank) for rank in (2, 5)]
+    calls = []
+    real = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda a: calls.append(a.shape) or real(a))
+    with shared_eigendecompositions():
+        shared = [gram_factors(x.clone(), rank) for rank in (2, 5)]  # a copy: equal values, another tensor
+        other = gram_factors(x + 1e-3, 2)
+    assert len(calls) == 2  # x once (both ranks), x + 1e-3 once
+    for (basis, factor), (want_basis, want_factor) in zip(shared, alone):
+        assert torch.equal(basis, want_basis) and torch.equal(factor, want_factor)
+    assert not torch.equal(other[1], shared[0][1])
+    gram_factors(x, 2)
+    assert len(calls) == 3  # outside the context nothing is reused
 
 
 def test_rank_plan_last_group_scales_and_lossless_stays_lossless():

@@ -6,7 +6,15 @@ layer's ``(B, T, H_kv·d)`` matrix alone, so one shared token basis serves the w
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from typing import Iterator
+
 import torch
+
+# (Gram matrix, its eigenvectors) pairs decomposed inside shared_eigendecompositions(); None outside
+_DECOMPOSED: contextvars.ContextVar[list[tuple[torch.Tensor, torch.Tensor]] | None] = contextvars.ContextVar(
+    "crosskv_decomposed", default=None)
 
 
 def group_matrix(kv: torch.Tensor) -> torch.Tensor:
@@ -46,15 +54,42 @@ def gram_factors(x: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor
     _, t, f = x.shape
     r = min(rank, t, f)
     if f <= t:
-        _, vectors = torch.linalg.eigh(x.transpose(1, 2) @ x)             # (N, F, F), ascending
+        vectors = _eigenvectors(x.transpose(1, 2) @ x)                     # (N, F, F), ascending
         v = vectors[..., -r:].flip(-1)                                     # (N, F, r), top first
         projected = x @ v                                                  # (N, T, r) = U·S
         sigma = projected.norm(dim=1, keepdim=True)                        # (N, 1, r)
         basis = projected / sigma.clamp_min(torch.finfo(x.dtype).tiny)
         return basis, sigma.transpose(1, 2) * v.transpose(1, 2)
-    _, vectors = torch.linalg.eigh(x @ x.transpose(1, 2))                 # (N, T, T), ascending
+    vectors = _eigenvectors(x @ x.transpose(1, 2))                         # (N, T, T), ascending
     basis = vectors[..., -r:].flip(-1)                                     # (N, T, r)
     return basis, basis.transpose(1, 2) @ x
+
+
+@contextlib.contextmanager
+def shared_eigendecompositions() -> Iterator[None]:
+    """Within, :func:`gram_factors` decomposes each distinct Gram matrix once: configurations that compress
+    copies of one prefill (a grid sample's shared prefill: xKV or Single SVD at several ranks, selective
+    reconstruction on them, their compositions) reuse the eigenvectors of a Gram matrix bitwise equal to one
+    already decomposed — the same factors, without repeating the eigendecomposition. Nothing outlives it."""
+    token = _DECOMPOSED.set([])
+    try:
+        yield
+    finally:
+        _DECOMPOSED.reset(token)
+
+
+def _eigenvectors(gram: torch.Tensor) -> torch.Tensor:
+    """Eigenvectors ``(N, F, F)`` (ascending eigenvalues) of symmetric ``gram`` ``(N, F, F)``, reused inside
+    :func:`shared_eigendecompositions` when an equal matrix was decomposed there."""
+    decomposed = _DECOMPOSED.get()
+    if decomposed is None:
+        return torch.linalg.eigh(gram)[1]
+    for seen, vectors in decomposed:
+        if seen.shape == gram.shape and seen.device == gram.device and torch.equal(seen, gram):
+            return vectors
+    vectors = torch.linalg.eigh(gram)[1]
+    decomposed.append((gram, vectors))
+    return vectors
 
 
 def spectrum(x: torch.Tensor) -> torch.Tensor:

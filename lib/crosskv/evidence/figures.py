@@ -11,7 +11,15 @@ parameters. Every notebook also receives ``figures_dir`` and ``results_dir``:
 Incremental: each executed notebook records in its metadata a hash of its inputs (its source
 cells, its parameters and the library's source); when that hash and the notebook's figures are
 unchanged, it is skipped. ``FORCE=1`` (or ``force=True``) re-executes. Volatile metadata
-(papermill timings, execution counts) is stripped so a re-run that changes nothing makes no diff.
+(papermill timings, execution counts) is stripped so a re-run that changes nothing makes no diff; the
+execution's wall time is kept (``seconds``), so the next run can schedule the longest notebooks first.
+
+Parallel: ``jobs > 1`` executes that many notebooks at once, each in its own ``crosskv figures --only``
+process whose kernel gets ``cores // min(jobs, notebooks)`` torch threads (``OMP_NUM_THREADS``, unless set), longest
+first by their last recorded ``seconds`` (never executed: first), except that a notebook that reads
+another's tables (:data:`READS`) starts only once that one has finished (and it is moved ahead of it in
+the queue). Otherwise the notebooks share only the results store, whose records are written atomically,
+so a configuration two notebooks need is at worst computed twice.
 """
 from __future__ import annotations
 
@@ -20,6 +28,10 @@ import json
 import logging
 import os
 import re
+import subprocess
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +46,8 @@ NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
 PARAMS_DIR = NOTEBOOKS_DIR / "params"
 PROFILES = ("smoke", "cpu", "gpu")
 FIGURE_PATTERN = re.compile(r"(?:fig|tab)_\d\d_[\w-]+\.(?:png|pdf|csv|md)")
+# notebook number → the numbers of the notebooks whose figures/tables it reads (a test checks the sources)
+READS = {"03": ("01",)}
 
 
 @dataclass(frozen=True)
@@ -113,12 +127,21 @@ def written_files(executed: Path) -> list[str]:
     return json.loads(executed.read_text()).get("metadata", {}).get("crosskv", {}).get("outputs", [])
 
 
-def strip_volatile(path: Path, inputs: str, outputs: list[str]) -> None:
-    """Remove timings/execution counts and record the input hash and written files in the metadata."""
+def recorded_seconds(executed: Path) -> float | None:
+    """Wall time of the notebook's last execution (``None``: never executed, or before it was recorded)."""
+    if not executed.is_file():
+        return None
+    return json.loads(executed.read_text()).get("metadata", {}).get("crosskv", {}).get("seconds")
+
+
+def strip_volatile(path: Path, inputs: str, outputs: list[str], seconds: float | None = None) -> None:
+    """Remove timings/execution counts and record the input hash, written files and (when given) the
+    execution's wall time in the metadata."""
     nb = json.loads(path.read_text())
     nb["metadata"].pop("papermill", None)
     nb["metadata"].pop("widgets", None)
-    nb["metadata"]["crosskv"] = {"input_hash": inputs, "outputs": sorted(outputs)}
+    nb["metadata"]["crosskv"] = {"input_hash": inputs, "outputs": sorted(outputs),
+                                 **({"seconds": round(seconds)} if seconds is not None else {})}
     for cell in nb["cells"]:
         cell.get("metadata", {}).pop("papermill", None)
         cell.get("metadata", {}).pop("execution", None)
@@ -130,8 +153,13 @@ def strip_volatile(path: Path, inputs: str, outputs: list[str]) -> None:
     path.write_text(json.dumps(nb, indent=1, ensure_ascii=False, sort_keys=True) + "\n")
 
 
-def _listing(folder: Path) -> dict[str, float]:
-    return {p.name: p.stat().st_mtime for p in folder.glob("*") if FIGURE_PATTERN.fullmatch(p.name)} if folder.is_dir() else {}
+def _listing(folder: Path, number: str) -> dict[str, float]:
+    """Modification times of the ``fig_NN_*`` / ``tab_NN_*`` files of notebook ``number`` (``NN``) in ``folder``
+    (only its own: another notebook may be writing its files at the same time)."""
+    if not folder.is_dir():
+        return {}
+    return {p.name: p.stat().st_mtime for p in folder.glob(f"*_{number}_*")
+            if FIGURE_PATTERN.fullmatch(p.name)}
 
 
 def checked_parameters(notebook: Path, profile: str, extra: dict | None = None) -> dict:
@@ -174,21 +202,32 @@ def execute(notebook: Path, profile: str = "cpu", force: bool = False, build_roo
         return target
     where.notebooks.mkdir(parents=True, exist_ok=True)
     where.figures.mkdir(parents=True, exist_ok=True)
-    before = _listing(where.figures)
+    number = notebook.stem[:2]
+    before = _listing(where.figures, number)
     env_seed = os.environ.setdefault("SOURCE_DATE_EPOCH", "1700000000")
     os.environ["CROSSKV_PROFILE"] = profile  # the kernel inherits it: the notebook's provenance line names it
     log.info("executing %s (profile %s, SOURCE_DATE_EPOCH=%s)", notebook.name, profile, env_seed)
+    started = time.perf_counter()
     papermill.execute_notebook(str(notebook), str(target), parameters=parameters, kernel_name="python3",
                                cwd=str(NOTEBOOKS_DIR), progress_bar=False, log_output=False)
-    after = _listing(where.figures)
+    seconds = time.perf_counter() - started
+    after = _listing(where.figures, number)
     outputs = [name for name, mtime in after.items() if before.get(name) != mtime]
-    strip_volatile(target, inputs, outputs)
+    strip_volatile(target, inputs, outputs, seconds)
+    log.info("executed %s in %.0f s", notebook.name, seconds)
     return target
 
 
+class NotebookError(RuntimeError):
+    """A notebook's execution failed (in parallel mode: its process exited non-zero)."""
+
+
 def run(profile: str = "cpu", only: list[str] | None = None, force: bool = False,
-        build_root: Path | None = None) -> list[Path]:
-    """Execute every numbered notebook (or those whose stem starts with one of ``only``) in order."""
+        build_root: Path | None = None, jobs: int = 1) -> list[Path]:
+    """Execute every numbered notebook (or those whose stem starts with one of ``only``): in order, or ``jobs``
+    at a time (longest first, see the module docstring)."""
+    if jobs < 1:
+        raise ValueError(f"jobs={jobs} must be at least 1")
     force = force or os.environ.get("FORCE", "") not in ("", "0")
     selected = [nb for nb in notebooks() if not only or any(nb.stem.startswith(o) for o in only)]
     if not selected:
@@ -198,8 +237,68 @@ def run(profile: str = "cpu", only: list[str] | None = None, force: bool = False
     where = layout(profile, build_root)
     for folder in (where.notebooks, where.figures, where.results):
         check_writable(folder)
-    return [execute(nb, profile, force=force, build_root=build_root) for nb in selected]
+    if jobs == 1 or len(selected) == 1:
+        return [execute(nb, profile, force=force, build_root=build_root) for nb in selected]
+    threads = max(1, (os.cpu_count() or 1) // min(jobs, len(selected)))
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
+    codes = _run_parallel(schedule(selected, where), jobs,
+                          lambda notebook: _execute_apart(notebook, profile, force, build_root, env))
+    failed = [f"{nb.stem} ({'not run: it reads a failed notebook' if code is None else f'exit {code}'})"
+              for nb, code in codes.items() if code != 0]
+    if failed:
+        raise NotebookError(f"notebook(s) failed: {', '.join(failed)}; their errors are printed above")
+    return [where.notebooks / nb.name for nb in selected]
 
+
+def schedule(selected: list[Path], where: Layout) -> list[Path]:
+    """``selected`` longest first by their last recorded execution seconds (never executed: first), each
+    notebook's :data:`READS` moved just ahead of it."""
+    def cost(notebook: Path) -> float:
+        seconds = recorded_seconds(where.notebooks / notebook.name)
+        return float("inf") if seconds is None else seconds
+
+    by_number = {nb.stem[:2]: nb for nb in selected}
+    queue: list[Path] = []
+    for notebook in sorted(selected, key=cost, reverse=True):
+        for needed in (*(by_number[n] for n in READS.get(notebook.stem[:2], ()) if n in by_number), notebook):
+            if needed not in queue:
+                queue.append(needed)
+    return queue
+
+
+def _run_parallel(queue: list[Path], jobs: int, execute_one) -> dict[Path, int | None]:
+    """Run ``execute_one(notebook)`` → exit code on ``jobs`` threads, in ``queue`` order, each notebook once the
+    notebooks it reads have finished → notebook → exit code (``None``: not run, a notebook it reads failed)."""
+    selected = {nb.stem[:2] for nb in queue}
+    codes: dict[Path, int | None] = {}
+    pending, running = list(queue), {}
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        while pending or running:
+            finished = {nb.stem[:2]: code for nb, code in codes.items()}
+            for notebook in list(pending):
+                reads = [n for n in READS.get(notebook.stem[:2], ()) if n in selected]
+                if any(n in finished and finished[n] != 0 for n in reads):
+                    pending.remove(notebook)
+                    codes[notebook] = None
+                elif len(running) < jobs and all(n in finished for n in reads):
+                    pending.remove(notebook)
+                    running[pool.submit(execute_one, notebook)] = notebook
+            if pending and not running:
+                raise NotebookError(f"cannot order {', '.join(nb.stem for nb in pending)}: READS forms a cycle")
+            if running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    codes[running.pop(future)] = future.result()
+    return codes
+
+
+def _execute_apart(notebook: Path, profile: str, force: bool, build_root: Path | None, env: dict) -> int:
+    """Execute one notebook in its own ``python -m crosskv figures --only`` process → its exit code."""
+    command = [sys.executable, "-m", "crosskv", "figures", "--profile", profile, "--only", notebook.stem]
+    command += ["--force"] if force else []
+    command += ["--build-root", str(build_root)] if build_root else []
+    log.info("executing %s in its own process (%s torch threads)", notebook.name, env["OMP_NUM_THREADS"])
+    return subprocess.run(command, env=env, check=False).returncode
 
 
 def configure_cli(parser) -> None:
@@ -207,11 +306,20 @@ def configure_cli(parser) -> None:
     parser.add_argument("--profile", default="cpu", choices=PROFILES)
     parser.add_argument("--only", nargs="*", help="notebook number prefixes, e.g. 01 03")
     parser.add_argument("--force", action="store_true", help="re-execute even when inputs are unchanged (or FORCE=1)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="notebooks executed at once, each in its own process with cores/jobs threads (default 1)")
+    parser.add_argument("--build-root", type=Path, default=None,
+                        help="where the smoke and gpu profiles write (default: build/ in the project)")
 
 
 def run_cli(args) -> int:
-    """``python -m crosskv figures [--profile cpu] [--only 02 ...] [--force]``."""
+    """``python -m crosskv figures [--profile cpu] [--only 02 ...] [--force] [--jobs N] [--build-root DIR]``."""
     logging.getLogger("crosskv").setLevel(logging.INFO)
-    for path in run(args.profile, args.only, args.force):
+    try:
+        paths = run(args.profile, args.only, args.force, args.build_root, args.jobs)
+    except NotebookError as err:
+        print(f"crosskv figures: error: {err}", file=sys.stderr)
+        return 1
+    for path in paths:
         log.info("done: %s", path)
     return 0

@@ -37,8 +37,9 @@ class MethodConfig:
     # forward, so the prefill equals the unmodified model's and crosskv.run.harness.evaluate_grid may share it
     plain_prefill: ClassVar[bool] = False
     # True when a one-token query block attends differently from a longer one (selective reconstruction chooses
-    # tokens only at decode steps): the harness then teacher-forces a gold answer one token per forward, as
-    # greedy generation feeds it, so gold_loglik / gold_match measure the decode path
+    # tokens only at decode steps): the harness then teacher-forces a gold answer or a continuation inside the
+    # cache's decode_steps(), which reads the block as that many decode steps, so gold_loglik / gold_match /
+    # ppl_cont measure the decode path
     stepwise_decode: ClassVar[bool] = False
 
     def bind(self, model, tokenizer) -> "Runner":

@@ -26,8 +26,11 @@ over their concatenated scores), through the explicit channel of :mod:`crosskv.c
 (a :class:`SelectivePrefix`: ``-inf`` scores off the chosen tokens). With ``top_k + sinks + window ≥
 T_c`` every token is chosen and the output equals the base's factored attention. Query blocks of
 more than one token (the question append, strict prefill) attend exactly over the whole factored
-prefix, as the base does: selection is a decode-step device. With padded batches the scorer may
-spend picks on padding (the mask still gives them zero weight).
+prefix, as the base does: selection is a decode-step device. A block appended inside
+:meth:`SelectiveCache.decode_steps` (teacher forcing: perplexity, gold answers, lm-eval) is read as that
+many decode steps in one forward: each query chooses its own tokens and attends over them and the
+causal tail, as it would one token at a time, with every prefix key rebuilt once for the block. With
+padded batches the scorer may spend picks on padding (the mask still gives them zero weight).
 
 The base and its parameters are strings so that ``make_method("selective", base="xkv",
 base_params="group_size=4;kept=0.25", top_k="256")`` works from the command line. Supported bases:
@@ -60,7 +63,7 @@ class Selective(MethodConfig):
     description = ("selective reconstruction: latent-space token scores, exact RoPE rebuild of the top-k prompt "
                    "tokens + sinks + recent window of a low-rank (xKV / Single SVD) cache at each decode step")
 
-    stepwise_decode = True         # selection happens only at one-token decode steps
+    stepwise_decode = True         # selection happens only at decode steps (SelectiveCache.decode_steps for a block)
 
     base: str = "xkv"
     base_params: str = ""          # the base's parameters, "a=1;b=2"
@@ -93,6 +96,11 @@ class Selective(MethodConfig):
     def strict(self) -> bool:
         """The base's strict mode (compositions refuse eviction with it)."""
         return self.base_config().strict
+
+    @property
+    def plain_prefill(self) -> bool:
+        """The base's: selection changes decode steps only, so a non-strict base compresses a plain prefill."""
+        return self.base_config().plain_prefill
 
     def base_config(self) -> XKV:
         """The base method's config (validates ``base_params``)."""
@@ -183,7 +191,7 @@ def scorer_recall(prefix: "SelectivePrefix", query: torch.Tensor) -> tuple[float
     """
     scale = query.shape[-1] ** -0.5
     exact = head_mass(prefix.base.scores(query), scale)                                    # (B, H_kv, T_c)
-    chosen = prefix.choose(query, scale)
+    chosen = prefix.choose(query, scale)[:, :, 0]                                          # one decode step
     oracle = select_tokens(exact, prefix.top_k, prefix.sinks, prefix.window)
     found = (chosen[..., :, None] == oracle[..., None, :]).any(-2).sum(-1)                 # (B, H_kv)
     middle = min(prefix.top_k, oracle.shape[-1])
@@ -196,15 +204,16 @@ def scorer_recall(prefix: "SelectivePrefix", query: torch.Tensor) -> tuple[float
 
 @dataclass(frozen=True)
 class SelectivePrefix(CompressedPrefix):
-    """A low-rank prefix as one decode step reads it: scored in latent form, the chosen tokens rebuilt exactly.
+    """A low-rank prefix as decode steps read it: scored in latent form, the chosen tokens rebuilt exactly.
 
-    ``base`` the layer's :class:`FactoredPrefix`; ``cos``, ``sin`` ``(1, 1, 1, d)`` RoPE at the query's
-    absolute position (to undo it); ``frequencies`` ``(d,)`` 1 on the dimensions the scorer reads, else 0.
-    Through the channel's two calls: :meth:`scores` returns exact ``q·RoPE(K)ᵀ`` on the chosen tokens
-    and ``-inf`` elsewhere, so the channel's softmax gives the others exactly zero weight;
-    :meth:`apply` takes the tokens of non-zero weight (at most the chosen count ``K``: it takes the ``K``
-    largest, so a chosen token whose weight underflowed to zero may swap for another zero-weight one,
-    which changes nothing) and applies their exactly rebuilt values.
+    ``base`` the layer's :class:`FactoredPrefix`; ``cos``, ``sin`` ``(1, 1, n, d)`` RoPE at the absolute
+    positions of the ``n`` queries (one per decode step; to undo it); ``frequencies`` ``(d,)`` 1 on the
+    dimensions the scorer reads, else 0. Through the channel's two calls: :meth:`scores` returns exact
+    ``q·RoPE(K)ᵀ`` on each query's chosen tokens and ``-inf`` elsewhere, so the channel's softmax gives
+    the others exactly zero weight; :meth:`apply` applies the values of the tokens of non-zero weight.
+    One query (a decode step) rebuilds only its chosen keys and values (:meth:`apply` takes the ``K``
+    largest weights, so a chosen token whose weight underflowed to zero may swap for another zero-weight
+    one, which changes nothing); a block of ``n`` steps rebuilds every key once and masks per query.
     """
 
     base: FactoredPrefix
@@ -220,53 +229,75 @@ class SelectivePrefix(CompressedPrefix):
     def length(self) -> int:
         return self.base.length
 
+    @property
+    def steps(self) -> int:
+        """``n``: decode steps (queries) read in one forward."""
+        return self.cos.shape[-2]
+
     def chosen(self) -> int:
         """``K``: prompt tokens attended per KV head (``T_c`` when sinks, window and top-k cover them)."""
         return select_count(self.length, self.top_k, self.sinks, self.window)
 
     def unrotate(self, query: torch.Tensor) -> torch.Tensor:
-        """``query`` ``(B, H, n, d)`` post-RoPE at the query position → pre-RoPE (the exact inverse)."""
-        half = query.shape[-1] // 2
-        q = query.float()
+        """``query`` ``(B, H, g·n, d)`` post-RoPE, rows ``(g, n)`` → pre-RoPE at each step's position (exact)."""
+        b, h, rows, d = query.shape
+        half = d // 2
+        q = query.float().view(b, h, rows // self.steps, self.steps, d)
+        cos, sin = self.cos.unsqueeze(2), self.sin.unsqueeze(2)                 # (1, 1, 1, n, d)
         rotated = torch.cat([-q[..., half:], q[..., :half]], dim=-1)
-        return ((q * self.cos - rotated * self.sin) / (self.cos ** 2 + self.sin ** 2)).to(query.dtype)
+        return ((q * cos - rotated * sin) / (cos ** 2 + sin ** 2)).to(query.dtype).view(b, h, rows, d)
 
     def choose(self, q: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-        """Indices ``(B, H_kv, K)`` to rebuild for ``q`` ``(B, H_kv, g, d)`` (see :func:`select_tokens`)."""
+        """Indices ``(B, H_kv, n, K)`` to rebuild for ``q`` ``(B, H_kv, g·n, d)`` (see :func:`select_tokens`)."""
         b, h_kv = q.shape[:2]
+        n = self.steps
         if self.chosen() == self.length:
-            mass = q.new_zeros(b, h_kv, self.length)  # every token is kept; no scoring needed
+            mass = q.new_zeros(b, h_kv * n, self.length)  # every token is kept; no scoring needed
         else:
             query_pre = self.unrotate(q) * self.frequencies.to(q.dtype)
-            mass = head_mass(latent_scores(query_pre, self.base.basis_k, self.base.factor_k, self.score_rank), scale)
-        return select_tokens(mass, self.top_k, self.sinks, self.window)
+            g = q.shape[2] // n
+            scores = latent_scores(query_pre, self.base.basis_k, self.base.factor_k, self.score_rank)
+            scores = scores.view(b, h_kv, g, n, -1).transpose(2, 3)                        # (B, H_kv, n, g, T_c)
+            mass = head_mass(scores, scale).reshape(b, h_kv * n, -1)                      # (B, H_kv·n, T_c)
+        return select_tokens(mass, self.top_k, self.sinks, self.window).view(b, h_kv, n, -1)
 
     def scores(self, q: torch.Tensor) -> torch.Tensor:
-        """``q`` ``(B, H_kv, g, d)`` (one query token) → ``(B, H_kv, g, T_c)`` float32, ``-inf`` off the chosen."""
-        index = self.choose(q, q.shape[-1] ** -0.5)
+        """``q`` ``(B, H_kv, g·n, d)`` → ``(B, H_kv, g·n, T_c)`` float32, ``-inf`` off each query's chosen."""
+        index = self.choose(q, q.shape[-1] ** -0.5)                                   # (B, H_kv, n, K)
+        if self.steps > 1:
+            b, h_kv, rows, _ = q.shape
+            exact = self.base.scores(q).view(b, h_kv, rows // self.steps, self.steps, -1)
+            allowed = torch.zeros(b, h_kv, self.steps, self.length, dtype=torch.bool, device=q.device)
+            allowed.scatter_(-1, index, True)
+            return exact.masked_fill(~allowed[:, :, None], float("-inf")).view(b, h_kv, rows, -1)
+        index = index[:, :, 0]
         keys, _ = rebuild_selected(self.base, index, values=False)
         exact = (q @ keys.to(q.dtype).transpose(-1, -2)).float()                      # (B, H_kv, g, K)
         out = exact.new_full((*q.shape[:-1], self.length), float("-inf"))
         return out.scatter_(-1, index[..., None, :].expand_as(exact), exact)
 
     def apply(self, probs: torch.Tensor) -> torch.Tensor:
-        """``probs`` ``(B, H_kv, g, T_c)``, zero off the chosen tokens → ``(B, H_kv, g, d)``."""
+        """``probs`` ``(B, H_kv, g·n, T_c)``, zero off each query's chosen tokens → ``(B, H_kv, g·n, d)``."""
+        if self.steps > 1:
+            return self.base.apply(probs)
         index = probs.float().sum(-2).topk(self.chosen(), dim=-1, sorted=False).indices   # (B, H_kv, K)
         _, values = rebuild_selected(self.base, index, keys=False)
         return probs.gather(-1, index[..., None, :].expand(*probs.shape[:-1], -1)) @ values.to(probs.dtype)
 
 
 class SelectiveLayer(LowRankLayer):
-    """A low-rank layer that, for a one-token append (a decode step), hands attention a :class:`SelectivePrefix`."""
+    """A low-rank layer that, for decode steps (a one-token append, or a block inside
+    :meth:`SelectiveCache.decode_steps`), hands attention a :class:`SelectivePrefix`."""
 
     def update(self, key_states, value_states, cache_kwargs=None):
-        self.stepping = key_states.shape[-2] == 1
+        self.appended = key_states.shape[-2]
         return super().update(key_states, value_states, cache_kwargs)
 
     def attend_kv(self):
         keys, values = super().attend_kv()
-        if isinstance(keys, CompressedKV) and self.stepping:
-            prefix = self.cache.selective_prefix(keys.prefix, self.get_seq_length() - 1)
+        if isinstance(keys, CompressedKV) and (self.appended == 1 or self.cache.stepping):
+            first = self.get_seq_length() - self.appended
+            prefix = self.cache.selective_prefix(keys.prefix, first, self.appended)
             keys, values = compressed_kv(prefix, keys.keys, keys.values, self.layer_idx)
         if self is self.cache.last_lowrank:
             self.cache.release_step()
@@ -280,19 +311,31 @@ class SelectiveCache(LowRankCache):
         super().__init__(base, shape, rotary)
         self.selective = config
         self.frequencies = frequencies  # the runner's (d,) mask, made at bind: not the cache's bytes
-        self._step: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self.stepping = False
+        self._step: tuple[tuple[int, int], torch.Tensor, torch.Tensor] | None = None
         for group in self.groups:
             for index in group.layers:
                 self.layers[index] = SelectiveLayer(self, group)
                 self.layers[index].layer_idx = index  # named in the channel's errors
 
-    def selective_prefix(self, base: FactoredPrefix, position: int) -> SelectivePrefix:
-        """``base`` wrapped for a query at absolute ``position``; RoPE there is made once per step and
-        shared by every layer, then released after the last one (nothing is held between steps)."""
-        if self._step is None or self._step[0] != position:
+    @contextlib.contextmanager
+    def decode_steps(self) -> Iterator[None]:
+        """Inside, a block of ``n`` appended tokens is read as ``n`` decode steps (each query selects its own
+        prompt tokens) in one forward: teacher forcing gets what one token per forward would give."""
+        self.stepping = True
+        try:
+            yield
+        finally:
+            self.stepping = False
+
+    def selective_prefix(self, base: FactoredPrefix, first: int, steps: int = 1) -> SelectivePrefix:
+        """``base`` wrapped for queries at absolute positions ``first…first+steps−1``; RoPE there is made once
+        per forward and shared by every layer, then released after the last one (nothing is held between steps)."""
+        if self._step is None or self._step[0] != (first, steps):
             device = base.basis_k.device
-            cos, sin = self.rotary.cos_sin(torch.tensor([position], device=device), torch.empty(0, device=device))
-            self._step = position, cos, sin
+            positions = torch.arange(first, first + steps, device=device)
+            cos, sin = self.rotary.cos_sin(positions, torch.empty(0, device=device))
+            self._step = (first, steps), cos, sin
         c = self.selective
         return SelectivePrefix(base, c.top_k, c.sinks, c.window, c.score_rank, self._step[1], self._step[2],
                                self.frequencies.to(base.basis_k.device))

@@ -19,7 +19,9 @@ decoding would). Paired across configurations on the same samples; cheap (one pa
 
 **One prefill, many caches:** :func:`evaluate_grid` runs several configurations on one task; those whose
 ``MethodConfig.plain_prefill`` holds share one plain prefill per sample (:class:`Prefill`), each compressing its
-own copy (kvpress presses replay their hooks on it). Records equal separate :func:`evaluate` runs.
+own copy (kvpress presses replay their hooks on it), and the copies' low-rank factorisations share their Gram
+matrices' eigendecompositions (:func:`crosskv.core.lowrank.shared_eigendecompositions`: xKV and Single SVD at
+several ranks decompose each group once). Records equal separate :func:`evaluate` runs.
 
 **Like for like:** only the context part is compressed. kvpress presses compress during the
 context prefill and never see the question (kvpress's own default); crosskv's methods compress
@@ -49,6 +51,7 @@ rank returns the merged record and only rank 0 writes it.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import resource
@@ -62,6 +65,7 @@ from transformers import DynamicCache
 
 from crosskv.core import capture
 from crosskv.core import fingerprint
+from crosskv.core import lowrank
 from crosskv.run import results
 from crosskv.cache.census import RunCensus
 from crosskv.cache.storage import kv_bytes
@@ -190,12 +194,11 @@ def uneven(cache) -> bool:
     return len({layer.get_mask_sizes(one)[0] for layer in cache.layers if not getattr(layer, "is_sliding", False)}) > 1
 
 
-def feed(model, cache, ids: list[int], start: int, device, hidden: bool = False, every: bool = False,
-         stepwise: bool = False):
+def feed(model, cache, ids: list[int], start: int, device, hidden: bool = False, every: bool = False):
     """Append ``ids`` at absolute positions ``start…`` → last logits ``(vocab,)``, every position's logits
-    ``(T, vocab)`` (``every``) or all hidden states ``(T, D)`` (``hidden``). One token per forward when
-    ``stepwise`` or the cache's layers hold different lengths; else one forward."""
-    chunks = [ids[i:i + 1] for i in range(len(ids))] if stepwise or uneven(cache) else [ids]
+    ``(T, vocab)`` (``every``) or all hidden states ``(T, D)`` (``hidden``). One token per forward when the
+    cache's layers hold different lengths; else one forward."""
+    chunks = [ids[i:i + 1] for i in range(len(ids))] if uneven(cache) else [ids]
     outs, pos = [], start
     for chunk in chunks:
         kwargs = dict(input_ids=_ids(chunk, device), past_key_values=cache, use_cache=True,
@@ -371,14 +374,15 @@ def force(model, cache, question: list[int], answer: list[int], start: int, devi
           hidden: bool = False) -> torch.Tensor:
     """Teacher-force ``question + answer`` from position ``start`` → every position's logits ``(Q+M, vocab)``
     (hidden states ``(Q+M, D)`` with ``hidden``). The question goes in one block (as generation feeds it); the
-    answer in one block too, or one token per forward with ``stepwise`` (a method whose decode step differs from
-    a block forward, :attr:`~crosskv.methods.MethodConfig.stepwise_decode`: selective reconstruction)."""
+    answer in one block too — with ``stepwise`` (a method whose decode step differs from a block forward,
+    :attr:`~crosskv.methods.MethodConfig.stepwise_decode`: selective reconstruction) inside the cache's
+    ``decode_steps()``, which reads the block as that many decode steps."""
     if not stepwise:
         return feed(model, cache, question + answer, start, device, hidden=hidden, every=not hidden)
     parts = [feed(model, cache, question, start, device, hidden=hidden, every=not hidden)] if question else []
     if answer:
-        parts.append(feed(model, cache, answer, start + len(question), device, hidden=hidden, every=not hidden,
-                          stepwise=True))
+        with cache.decode_steps():
+            parts.append(feed(model, cache, answer, start + len(question), device, hidden=hidden, every=not hidden))
     return torch.cat(parts)
 
 
@@ -418,7 +422,7 @@ def _nll(model, hidden: torch.Tensor, targets: torch.Tensor) -> float:
 @torch.no_grad()
 def run_perplexity(runner: Runner, sample: Sample, shared: Prefill | None = None) -> dict[str, Any]:
     """``ppl``: NLL of the window under the method's prefill; ``ppl_cont`` (question_ids = continuation): NLL
-    of the continuation fed teacher-forced through the compressed cache (one token per forward for a method
+    of the continuation fed teacher-forced through the compressed cache (read as decode steps for a method
     whose decode step differs, :func:`force`). ``shared``: a plain prefill to replay."""
     model = runner.model
     device = next(model.parameters()).device
@@ -640,11 +644,12 @@ def _run_grid(model, tokenizer, todo: dict[str, tuple[MethodConfig, dict[str, An
             shared = plain_prefill(model, sample.context_ids, hidden=spec.kind != "generate", attention=replays)
             for label in plain:
                 seconds[label] += shared.seconds / shared_by
-        for label, runner in runners.items():
-            t0 = time.perf_counter()
-            share = shared if label in plain else None
-            details[label].append(_run_sample(runner, task, sample, stops, generate_samples, share))
-            seconds[label] += time.perf_counter() - t0  # the shared forward is counted above, once
+        with lowrank.shared_eigendecompositions() if shared is not None else contextlib.nullcontext():
+            for label, runner in runners.items():
+                t0 = time.perf_counter()
+                share = shared if label in plain else None
+                details[label].append(_run_sample(runner, task, sample, stops, generate_samples, share))
+                seconds[label] += time.perf_counter() - t0  # the shared forward is counted above, once
     peak_bytes, scope = peak.read(), "grid" if len(todo) > 1 else "run"
     out = {}
     for label, (config, ident, key) in todo.items():
