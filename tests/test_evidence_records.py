@@ -31,6 +31,20 @@ def test_score_rows_add_a_pooled_mix_row_with_interval_and_n():
     assert set(rows.task) == {"a", "b", "mix"}
 
 
+def test_score_rows_read_the_metric_asked_for_and_perplexity_as_perplexity():
+    gold = record("a", [None, None, None], kept_held=0.3)
+    for d, g in zip(gold["details"], [1, 0, 1]):
+        d["gold_match"] = g
+    ppl = {"method": "m", "task": "ppl_cont", "context": 64, "seed": 0, "metric": "perplexity",
+           "higher_is_better": False, "kept": 0.3, "details": [{"index": i, "nll": 2.0, "scored_tokens": 4}
+                                                                for i in range(3)]}
+    rows = evidence.score_rows({"x": [gold, gold | {"task": "b"}, ppl]}, metric="gold_match").set_index("task")
+    assert rows.loc["mix", "score"] == pytest.approx(2 / 3) and rows.loc["mix", "n"] == 6
+    assert rows.loc["ppl_cont", "score"] == pytest.approx(stats.interval(ppl).estimate)
+    with pytest.raises(ValueError, match="has no 'score' values"):
+        evidence.score_rows({"x": [gold]})  # nothing decoded: exact match by generation has no samples
+
+
 def test_pooled_records_pair_across_methods():
     a = stats.pool([record("a", [1] * 12), record("b", [1] * 12)])
     b = stats.pool([record("a", [0] * 12), record("b", [0] * 12)])

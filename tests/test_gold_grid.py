@@ -9,8 +9,10 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from crosskv.core import capture
 from crosskv.methods import make_method
-from crosskv.run import harness
+from crosskv.methods.kvsharer import SharingStrategy
+from crosskv.run import harness, prefix_replay
 from crosskv.tasks import make_task
 
 @pytest.fixture(scope="module")
@@ -142,6 +144,61 @@ def test_grid_shares_perplexity_prefills_too(tiny_model):
     grid = harness.evaluate_grid(model, tok, methods, "ppl_cont", **common)
     for label, config in methods.items():
         _same_record(grid[label], harness.evaluate(model, tok, config, "ppl_cont", **common))
+
+
+@pytest.fixture
+def sharing(tmp_path):
+    """KVSharer and the KVSharer + xKV hybrid on the tiny model: layer 1 reads layer 0 (first consumer: 1)."""
+    strategy = str(SharingStrategy({1: 0}, num_layers=2).save(tmp_path / "s.json"))
+    return {"kvsharer": make_method("kvsharer", strategy=strategy),
+            "hybrid": make_method("kvsharer_xkv", strategy=strategy, shared_layers=None, group_size=1, kept=0.5)}
+
+
+@pytest.mark.parametrize("task, options", [("niah_single_2", dict(context=160, generate_samples=1)),
+                                           ("ppl_cont", dict(context=96, continuation=8))])
+def test_grid_replays_the_layers_below_the_first_consumer(tiny_model, sharing, task, options):
+    """KVSharer and its hybrid share the grid's plain prefill below their first consumer (layer 0 is not run
+    again) and their records equal their own prefill's."""
+    model, tok = tiny_model
+    methods = {"full": make_method("full"), **sharing}
+    common = dict(samples=2, progress=False, store=False, **options)
+    lengths = []  # tokens of each forward through layer 0
+    hook = capture.decoder_layers(model)[0].register_forward_hook(lambda m, args, out: lengths.append(out.shape[1]))
+    try:
+        grid = harness.evaluate_grid(model, tok, methods, task, **common)
+    finally:
+        hook.remove()
+    assert [grid[k]["prefill_shared"] for k in methods] == [3, 3, 3]
+    assert sum(n >= 64 for n in lengths) == 2  # one context forward per sample (appended blocks are shorter)
+    for label, config in methods.items():
+        _same_record(grid[label], harness.evaluate(model, tok, config, task, **common))
+
+
+def test_a_lone_replaying_configuration_runs_its_own_prefill(tiny_model, sharing):
+    """One KVSharer configuration alone saves less than the plain forward costs: no shared prefill."""
+    model, tok = tiny_model
+    grid = harness.evaluate_grid(model, tok, {"kvsharer": sharing["kvsharer"]}, "niah_single_2", context=128,
+                                 samples=1, progress=False, store=False, generate_samples=0)
+    assert grid["kvsharer"]["prefill_shared"] == 1
+
+
+def test_sharers_rule():
+    assert harness._sharers(["a"], {}, 30) == []  # one plain configuration: its own forward is the plain one
+    assert harness._sharers(["a"], {"k": 11}, 30) == ["a", "k"]
+    assert harness._sharers([], {"k": 11, "m": 15}, 30) == []  # 26/30 of a prefill saved < one plain forward
+    assert harness._sharers([], {"k": 19, "m": 25}, 30) == ["k", "m"]
+    assert harness._sharers(["a", "b"], {}, 30) == ["a", "b"]
+
+
+def test_replayed_layers_refuse_a_bad_count_and_restore_the_model(tiny_model):
+    model, _ = tiny_model
+    before = list(capture.decoder_layers(model))
+    with pytest.raises(ValueError, match="cannot replay 3 layers of a 2-layer decoder"):
+        with prefix_replay.replayed_layers(model, 3, [], [], torch.zeros(1)):
+            pass
+    with prefix_replay.replayed_layers(model, 1, [None], [None], torch.zeros(1)):
+        assert isinstance(capture.decoder_layers(model)[0], prefix_replay.ReplayedLayer)
+    assert capture.decoder_layers(model) == before
 
 
 def test_grid_seconds_count_a_share_of_each_shared_prefill(tiny_model, monkeypatch):

@@ -29,23 +29,24 @@ def kept_source(records: Sequence[dict[str, Any]]) -> str:
     return "held" if all(r.get("kept_held") is not None for r in records) else "reported"
 
 
-def _row(label: str, task: str, record: dict[str, Any]) -> dict[str, Any]:
-    iv = stats.interval(record)
+def _row(label: str, task: str, record: dict[str, Any], metric: str = "score") -> dict[str, Any]:
+    iv = stats.interval(record, metric="score" if stats.is_perplexity(record) else metric)
     return {"label": label, "task": task, "kept": held_kept(record), "score": iv.estimate, "score_lo": iv.lo,
             "score_hi": iv.hi, "n": iv.n}
 
 
-def score_rows(runs: Mapping[str, Sequence[dict[str, Any]]], mix: str = "mix") -> pd.DataFrame:
+def score_rows(runs: Mapping[str, Sequence[dict[str, Any]]], mix: str = "mix", metric: str = "score") -> pd.DataFrame:
     """Rows ``label, task, kept (held), score, score_lo, score_hi, n`` for every record of
     ``runs`` (label → records of one method, one per task), plus a ``task == mix`` row per label pooling
     its generation tasks' samples (:func:`crosskv.evidence.stats.pool`; the mix average when every task has
-    the same sample count)."""
+    the same sample count). ``score`` is the generation runs' ``metric`` (``score``: exact match by generation;
+    ``gold_match`` / ``gold_loglik``: the teacher-forced gold answer) and the perplexity runs' perplexity."""
     rows = []
     for label, records in runs.items():
-        rows += [_row(label, r["task"], r) for r in records]
+        rows += [_row(label, r["task"], r, metric) for r in records]
         generation = [r for r in records if not stats.is_perplexity(r)]
         if len(generation) > 1:
-            rows.append(_row(label, mix, stats.pool(generation, mix)))
+            rows.append(_row(label, mix, stats.pool(generation, mix), metric))
     return pd.DataFrame(rows)
 
 

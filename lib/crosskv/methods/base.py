@@ -71,6 +71,13 @@ class Runner:
         """Context active while the compressible prompt part runs through the model."""
         yield
 
+    def plain_layers(self) -> int:
+        """How many leading decoder layers run in this method's prefill exactly as in the unmodified model (their
+        inputs, K/V and outputs equal a plain prefill's), for a method whose prefill is not plain
+        (``config.plain_prefill`` false): :func:`crosskv.run.harness.evaluate_grid` then replays those layers from
+        the grid's shared plain prefill (:mod:`crosskv.run.prefix_replay`). 0 (the default): none."""
+        return 0
+
     def record_fields(self) -> dict[str, Any]:
         """Facts about the bound configuration that every run's record carries (e.g. CommonKV's
         ``latent_wider_than_kv``); none by default."""

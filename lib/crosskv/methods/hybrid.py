@@ -96,6 +96,10 @@ class SharedXKVRunner(LowRankRunner):
         weights, which a deployment can drop (consumer layers read their producer's cache)."""
         return state_bytes(self) - self.dropped_bytes
 
+    def plain_layers(self) -> int:
+        """The layers below the first consumer (xKV compresses only after the prefill)."""
+        return self.strategy.first_consumer
+
     def new_cache(self) -> LowRankCache:
         cache = LowRankCache(self.config, self.shape, self.rotary)
         for consumer, producer in self.strategy.mapping.items():

@@ -90,6 +90,12 @@ class SharingStrategy:
         return [i for i in range(self.num_layers) if i not in self.mapping]
 
     @property
+    def first_consumer(self) -> int:
+        """The lowest consumer layer (``num_layers`` when there is none): every layer below it runs as in the
+        unmodified model."""
+        return min(self.mapping, default=self.num_layers)
+
+    @property
     def layers_kept(self) -> float:
         """Fraction of layers that store K/V: ``(L - C) / L`` (not the glossary's byte ``kept``)."""
         return len(self.producers) / self.num_layers
@@ -386,6 +392,10 @@ class KVSharerRunner(Runner):
         finally:
             for attn, name, original in reversed(replaced):
                 setattr(attn, name, original)
+
+    def plain_layers(self) -> int:
+        """The layers below the first consumer: the sharing changes nothing before it."""
+        return self.strategy.first_consumer
 
     def new_cache(self) -> SharingCache:
         return SharingCache(self.model.config, self.strategy.mapping)

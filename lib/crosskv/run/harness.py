@@ -19,7 +19,8 @@ decoding would). Paired across configurations on the same samples; cheap (one pa
 
 **One prefill, many caches:** :func:`evaluate_grid` runs several configurations on one task; those whose
 ``MethodConfig.plain_prefill`` holds share one plain prefill per sample (:class:`Prefill`), each compressing its
-own copy (kvpress presses replay their hooks on it), and the copies' low-rank factorisations share their Gram
+own copy (kvpress presses replay their hooks on it; KVSharer and its hybrid replay the layers below their
+first consumer from it and run the rest), and the copies' low-rank factorisations share their Gram
 matrices' eigendecompositions (:func:`crosskv.core.lowrank.shared_eigendecompositions`: xKV and Single SVD at
 several ranks decompose each group once). Records equal separate :func:`evaluate` runs.
 
@@ -57,7 +58,7 @@ import math
 import resource
 import time
 from datetime import datetime, timezone
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
@@ -67,6 +68,7 @@ from crosskv.core import capture
 from crosskv.core import fingerprint
 from crosskv.core import lowrank
 from crosskv.run import results
+from crosskv.run.prefix_replay import replayed_layers
 from crosskv.cache.census import RunCensus
 from crosskv.cache.storage import kv_bytes
 from crosskv.methods import MethodConfig, Runner, make_method
@@ -220,7 +222,9 @@ class Prefill:
 
     ``keys``/``values``: per layer ``(1, H_kv, T, d)`` (post-RoPE keys, as the cache stores them);
     ``logits``: the last position's ``(vocab,)`` (generation tasks) or ``None``; ``hidden``: every position's
-    final hidden state ``(T, D)`` (perplexity tasks) or ``None``; ``seconds``: the context forward's time."""
+    final hidden state ``(T, D)`` (perplexity tasks) or ``None``; ``seconds``: the context forward's time;
+    ``outputs``: decoder layer index → that layer's output ``(1, T, D)``, for the layers asked for (the last
+    plain layer of each runner that replays its first layers, :meth:`crosskv.methods.Runner.plain_layers`)."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
@@ -228,12 +232,15 @@ class Prefill:
     hidden: torch.Tensor | None
     seconds: float
     attention: list[dict[str, Any]] | None = None  # per layer: the attention module's forward kwargs and weights
+    outputs: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 @torch.no_grad()
-def plain_prefill(model, ids: list[int], hidden: bool = False, attention: bool = False) -> Prefill:
+def plain_prefill(model, ids: list[int], hidden: bool = False, attention: bool = False,
+                  outputs_of: Iterable[int] = ()) -> Prefill:
     """Run the context ``ids`` through the unmodified model into a ``DynamicCache`` → :class:`Prefill`;
-    ``attention``: also keep what each attention layer's forward hooks see (for runners that ``replay``)."""
+    ``attention``: also keep what each attention layer's forward hooks see (for runners that ``replay``);
+    ``outputs_of``: decoder layer indices whose outputs to keep."""
     device = next(model.parameters()).device
     cache = DynamicCache(config=model.config)
     kwargs = dict(input_ids=_ids(ids, device), past_key_values=cache, use_cache=True,
@@ -244,7 +251,16 @@ def plain_prefill(model, ids: list[int], hidden: bool = False, attention: bool =
         seen.append({"kwargs": {k: v for k, v in module_kwargs.items() if k != "past_key_values"},
                      "weights": output[1]})
 
+    outputs: dict[int, torch.Tensor] = {}
+
+    def keep_output(index):
+        def hook(module, args, output):
+            outputs[index] = output
+        return hook
+
     hooks = [m.register_forward_hook(keep, with_kwargs=True) for m in capture.attention_modules(model)] if attention else []
+    layers = capture.decoder_layers(model)
+    hooks += [layers[i].register_forward_hook(keep_output(i)) for i in sorted(set(outputs_of))]
     t0 = time.perf_counter()
     try:
         if hidden:
@@ -260,7 +276,7 @@ def plain_prefill(model, ids: list[int], hidden: bool = False, attention: bool =
         raise ValueError(f"{model_name(model)} has sliding-window layers: a shared prefill would replay truncated "
                          "layers; run these methods with evaluate, one at a time")
     return Prefill([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers], logits, out,
-                   seconds, seen if attention else None)
+                   seconds, seen if attention else None, outputs)
 
 
 def _replay(cache, shared: Prefill) -> None:
@@ -272,9 +288,12 @@ def _replay(cache, shared: Prefill) -> None:
 def _context(runner: Runner, cache, ids: list[int], device, hidden: bool, shared: Prefill | None):
     """The context into ``cache`` under the method's prefill → last logits ``(vocab,)`` or hidden states ``(T, D)``.
     With ``shared``, a copy of that plain prefill stands in for the forward; a runner with a ``replay`` (the
-    kvpress presses) then applies its prefill hooks to the copy, layer by layer, with what they would have seen."""
+    kvpress presses) then applies its prefill hooks to the copy, layer by layer, with what they would have seen.
+    A runner whose prefill is not plain gets ``shared`` only for its first :meth:`~Runner.plain_layers`, which are
+    replayed from it (:func:`crosskv.run.prefix_replay.replayed_layers`); the layers above run."""
     model = runner.model
-    if shared is not None:
+    count = runner.plain_layers() if shared is not None else 0
+    if shared is not None and not count:
         if hasattr(runner, "replay"):
             _replay(cache, shared)
             runner.replay(cache, shared.attention)
@@ -284,7 +303,9 @@ def _context(runner: Runner, cache, ids: list[int], device, hidden: bool, shared
         return shared.hidden if hidden else shared.logits
     kwargs = dict(input_ids=_ids(ids, device), past_key_values=cache, use_cache=True,
                   position_ids=_positions(0, len(ids), device))
-    with runner.prefill(cache):
+    lower = (replayed_layers(model, count, shared.keys, shared.values, shared.outputs[count - 1]) if count
+             else contextlib.nullcontext())
+    with runner.prefill(cache), lower:
         if hidden:
             return capture.decoder(model)(**kwargs).last_hidden_state[0]
         return model(**kwargs, logits_to_keep=1).logits[0, -1]
@@ -586,7 +607,10 @@ def evaluate_grid(model, tokenizer, methods: dict[str, MethodConfig], task: Task
     Configurations whose :attr:`~crosskv.methods.MethodConfig.plain_prefill` is true (they compress a plain
     prefill: eviction-free compositions, Single SVD / xKV non-strict, MiniCache, quantization) share one
     prefill per sample: the context runs once through the unmodified model and each configuration compresses
-    its own copy (:class:`Prefill`). The others run their own prefill. Every record is stored under its own
+    its own copy (:class:`Prefill`). A configuration whose prefill departs from the model's only from some layer
+    up (KVSharer and its hybrid from the first consumer: :meth:`~crosskv.methods.Runner.plain_layers`) replays
+    the layers below from that prefill and runs the rest, when that saves work (:func:`_sharers`). The others
+    run their own prefill. Every record is stored under its own
     key, with the same details, scores and bytes as a separate :func:`evaluate` call; its ``prefill_shared``
     says how many configurations shared each prefill (1: its own), ``seconds`` counts its own work plus its
     share of the shared prefills, and ``peak_mem_scope`` is ``"grid"`` when several configurations ran
@@ -617,6 +641,14 @@ def evaluate_grid(model, tokenizer, methods: dict[str, MethodConfig], task: Task
     return {label: records[label] for label in methods}
 
 
+def _sharers(plain: list[str], lower: dict[str, int], layers: int) -> list[str]:
+    """The configurations that share a grid's plain prefill: every plain-prefill one and every one that replays
+    its first ``lower[label]`` layers from it — when that saves work (the plain forward costs one prefill; each
+    plain configuration saves one, each replaying one the fraction ``lower / layers`` of one); else none."""
+    saved = len(plain) + sum(count / layers for count in lower.values())
+    return [*plain, *lower] if saved > 1 else []
+
+
 def _run_grid(model, tokenizer, todo: dict[str, tuple[MethodConfig, dict[str, Any], str]], task: TaskConfig,
               generate_samples: int | None, store: bool, results_dir, progress: bool, rank: int,
               world: int) -> dict[str, dict[str, Any]]:
@@ -628,8 +660,12 @@ def _run_grid(model, tokenizer, todo: dict[str, tuple[MethodConfig, dict[str, An
     _check_length(model, task, samples_)
     runners = {label: bind(model, tokenizer, config) for label, (config, _, _) in todo.items()}
     plain = [label for label, (config, _, _) in todo.items() if config.plain_prefill]
-    shared_by = len(plain) if len(plain) > 1 else 1
+    lower = {label: runners[label].plain_layers() for label in todo if label not in plain}
+    lower = {label: count for label, count in lower.items() if count}  # replay their first layers
+    sharers = _sharers(plain, lower, len(capture.decoder_layers(model)))
+    shared_by = len(sharers) if sharers else 1
     replays = any(hasattr(runners[label], "replay") for label in plain)
+    outputs_of = {lower[label] - 1 for label in sharers if label in lower}
     device = next(model.parameters()).device
     peak = PeakMemory(device)
     peak.reset()
@@ -640,14 +676,15 @@ def _run_grid(model, tokenizer, todo: dict[str, tuple[MethodConfig, dict[str, An
     label_ = f"{names if len(todo) == 1 else f'{len(todo)} methods'} · {task.name} · {task.context}"
     for sample in progress_bar(samples_, enabled=progress and rank == 0, desc=label_, leave=False):
         shared = None
-        if shared_by > 1:
-            shared = plain_prefill(model, sample.context_ids, hidden=spec.kind != "generate", attention=replays)
-            for label in plain:
+        if sharers:
+            shared = plain_prefill(model, sample.context_ids, hidden=spec.kind != "generate", attention=replays,
+                                   outputs_of=outputs_of)
+            for label in sharers:
                 seconds[label] += shared.seconds / shared_by
         with lowrank.shared_eigendecompositions() if shared is not None else contextlib.nullcontext():
             for label, runner in runners.items():
                 t0 = time.perf_counter()
-                share = shared if label in plain else None
+                share = shared if label in sharers else None
                 details[label].append(_run_sample(runner, task, sample, stops, generate_samples, share))
                 seconds[label] += time.perf_counter() - t0  # the shared forward is counted above, once
     peak_bytes, scope = peak.read(), "grid" if len(todo) > 1 else "run"
@@ -659,7 +696,7 @@ def _run_grid(model, tokenizer, todo: dict[str, tuple[MethodConfig, dict[str, An
                   "context": task.context, "samples": len(merged), "seed": task.seed,
                   "options": dict(task.options), **runner.record_fields(), **summarize(task, merged),
                   "generate_samples": generate_samples, "quant_storage": getattr(runner, "quant_storage", None),
-                  "prefill_shared": shared_by if label in plain else 1,
+                  "prefill_shared": shared_by if label in sharers else 1,
                   "peak_mem_bytes": peak_all, "peak_mem_kind": peak.kind, "peak_mem_scope": scope,
                   "method_bytes": runner.method_bytes(), "seconds": seconds[label], "device": str(device),
                   "machine": results.machine_name(device.type), "world_size": world,
