@@ -124,6 +124,41 @@ def test_a_notebook_claims_only_its_own_figures(tmp_path):
     assert sorted(figures._listing(tmp_path, "03")) == ["fig_03_x.png", "tab_03_y.csv"]
 
 
+def test_a_kernel_that_dies_while_starting_is_started_again(monkeypatch, tmp_path):
+    import papermill
+
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(args)
+        if len(calls) < figures.KERNEL_STARTS:
+            raise RuntimeError(figures.KERNEL_DIED)
+
+    monkeypatch.setattr(papermill, "execute_notebook", flaky)
+    monkeypatch.setattr(figures.time, "sleep", lambda seconds: None)
+    figures._papermill(Path("01_x.ipynb"), tmp_path / "out.ipynb", {})
+    assert len(calls) == figures.KERNEL_STARTS
+    def dying(*args, **kwargs):
+        calls.append(args)
+        raise RuntimeError(figures.KERNEL_DIED)
+
+    calls.clear()
+    monkeypatch.setattr(papermill, "execute_notebook", dying)
+    with pytest.raises(RuntimeError, match="Kernel died"):  # the last attempt's failure is raised
+        figures._papermill(Path("01_x.ipynb"), tmp_path / "out.ipynb", {})
+    assert len(calls) == figures.KERNEL_STARTS
+
+    def broken(*args, **kwargs):
+        calls.append(args)
+        raise RuntimeError("a cell failed")
+
+    calls.clear()
+    monkeypatch.setattr(papermill, "execute_notebook", broken)
+    with pytest.raises(RuntimeError, match="a cell failed"):  # any other error: no second attempt
+        figures._papermill(Path("01_x.ipynb"), tmp_path / "out.ipynb", {})
+    assert len(calls) == 1
+
+
 def test_jobs_below_one_are_refused():
     with pytest.raises(ValueError, match="jobs=0 must be at least 1"):
         figures.run("smoke", jobs=0)

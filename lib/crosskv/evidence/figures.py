@@ -19,7 +19,8 @@ process whose kernel gets ``cores // min(jobs, notebooks)`` torch threads (``OMP
 first by their last recorded ``seconds`` (never executed: first), except that a notebook that reads
 another's tables (:data:`READS`) starts only once that one has finished (and it is moved ahead of it in
 the queue). Otherwise the notebooks share only the results store, whose records are written atomically,
-so a configuration two notebooks need is at worst computed twice.
+so a configuration two notebooks need is at worst computed twice. A kernel that dies while starting (two
+started at once can pick the same TCP port) is started again (:data:`KERNEL_STARTS`).
 """
 from __future__ import annotations
 
@@ -187,11 +188,32 @@ def check_writable(folder: Path) -> None:
         raise ValueError(f"output folder {folder}: {existing} is not writable")
 
 
+KERNEL_STARTS = 3  # attempts at starting a notebook's kernel
+KERNEL_DIED = "Kernel died before replying to kernel_info"
+
+
+def _papermill(notebook: Path, target: Path, parameters: dict) -> None:
+    """``papermill.execute_notebook``, tried again (up to :data:`KERNEL_STARTS` times) when the kernel dies before
+    it answers: two notebooks started at the same moment (``--jobs``) can pick the same free TCP port for their
+    kernels ("Address already in use"). No cell has run then; any other error is raised at once."""
+    import papermill
+
+    for attempt in range(1, KERNEL_STARTS + 1):
+        try:
+            papermill.execute_notebook(str(notebook), str(target), parameters=parameters, kernel_name="python3",
+                                       cwd=str(NOTEBOOKS_DIR), progress_bar=False, log_output=False)
+            return
+        except RuntimeError as err:
+            if KERNEL_DIED not in str(err) or attempt == KERNEL_STARTS:
+                raise
+            log.warning("%s: its kernel died while starting (%s); starting another (%d of %d)", notebook.name, err,
+                        attempt + 1, KERNEL_STARTS)
+            time.sleep(attempt)
+
+
 def execute(notebook: Path, profile: str = "cpu", force: bool = False, build_root: Path | None = None,
             extra: dict | None = None) -> Path:
     """Execute one notebook under ``profile``; returns the executed notebook's path (skipped if up to date)."""
-    import papermill
-
     where = layout(profile, build_root)
     parameters = checked_parameters(notebook, profile, extra)
     parameters.update(figures_dir=str(where.figures), results_dir=str(where.results))
@@ -208,8 +230,7 @@ def execute(notebook: Path, profile: str = "cpu", force: bool = False, build_roo
     os.environ["CROSSKV_PROFILE"] = profile  # the kernel inherits it: the notebook's provenance line names it
     log.info("executing %s (profile %s, SOURCE_DATE_EPOCH=%s)", notebook.name, profile, env_seed)
     started = time.perf_counter()
-    papermill.execute_notebook(str(notebook), str(target), parameters=parameters, kernel_name="python3",
-                               cwd=str(NOTEBOOKS_DIR), progress_bar=False, log_output=False)
+    _papermill(notebook, target, parameters)
     seconds = time.perf_counter() - started
     after = _listing(where.figures, number)
     outputs = [name for name, mtime in after.items() if before.get(name) != mtime]
