@@ -56,16 +56,14 @@ def minicache_bytes(config, shape: KVShape, tokens: int, retained_k: int, retain
 
 
 def commonkv_bytes(ranks: list[int], group_sizes: list[int], tokens: int, merged: list[int], batch: int = 1,
-                   float_bytes: int = 2, index_bytes: int = 4, rope_rows: int = 0, head_dim: int = 0) -> int:
+                   float_bytes: int = 2, index_bytes: int = 4) -> int:
     """A ``commonkv`` latent cache after ``tokens`` tokens (prompt + appended, all stored as latents).
 
     A group of G layers with rank r_g and M_g merged tokens holds G·(T − M_g) per-layer latents and
     M_g group latents (each merged entry stored once), each ``B·r_g`` elements with one int32 position:
-    ``(G·T − (G − 1)·M_g)·(B·r_g·float_bytes + index_bytes)``; plus the cache's RoPE cos/sin tables,
-    ``2·rope_rows·head_dim`` values (``rope_rows``: the highest position whose key was rebuilt, + 1, rounded up
-    to a block of 64; 0 when no key was rebuilt).
+    ``(G·T − (G − 1)·M_g)·(B·r_g·float_bytes + index_bytes)`` (RoPE tables live one forward: none held).
     """
-    total = 2 * (-(-rope_rows // 64) * 64) * head_dim * float_bytes
+    total = 0
     for rank, size, count in zip(ranks, group_sizes, merged):
         total += (size * tokens - (size - 1) * count) * (batch * rank * float_bytes + index_bytes)
     return total

@@ -58,18 +58,25 @@ def drive(model, method, context: torch.Tensor, question: torch.Tensor, decode_s
     """Run ``method`` as the harness does: prefill ``context`` (1, T), compress, append ``question`` (1, Q),
     greedy-decode ``decode_steps`` tokens. Returns (logits per step, cache)."""
     runner = method.bind(model, tokenizer)
-    logits = []
     with runner.applied(), torch.no_grad():
         cache = runner.new_cache()
-        with runner.prefill(cache):
-            model(context, past_key_values=cache)
-        runner.compress(cache)
-        out = model(question, past_key_values=cache).logits
-        logits.append(out)
-        for _ in range(decode_steps):
-            out = model(out[:, -1:].argmax(-1), past_key_values=cache).logits
-            logits.append(out)
+        logits = drive_cache(model, runner, cache, context, question, decode_steps)
     return logits, cache
+
+
+def drive_cache(model, runner, cache, context: torch.Tensor, question: torch.Tensor,
+                decode_steps: int = 2) -> list[torch.Tensor]:
+    """:func:`drive`'s steps on a given ``cache`` (call inside ``runner.applied()`` and ``torch.no_grad()``):
+    the logits per step."""
+    with runner.prefill(cache):
+        model(context, past_key_values=cache)
+    runner.compress(cache)
+    out = model(question, past_key_values=cache).logits
+    logits = [out]
+    for _ in range(decode_steps):
+        out = model(out[:, -1:].argmax(-1), past_key_values=cache).logits
+        logits.append(out)
+    return logits
 
 
 @pytest.fixture(scope="session")
@@ -96,6 +103,15 @@ def tokenizer():
     from crosskv.core import assets
 
     return AutoTokenizer.from_pretrained(str(assets.require(assets.embedded_model_dir(), "embedded model")))
+
+
+@pytest.fixture(scope="session")
+def random_tiny():
+    """``load_model("random:tiny")`` in float32 on the CPU (4 layers, GQA 4/2 heads, head_dim 16; seeded random
+    weights) → (model, tokenizer), built once per session."""
+    import crosskv
+
+    return crosskv.load_model("random:tiny", device="cpu", dtype=torch.float32)
 
 
 @pytest.fixture(scope="session")

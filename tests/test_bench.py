@@ -8,15 +8,15 @@ import torch
 
 from conftest import drive
 from crosskv.core.fingerprint import code_fingerprint
-from crosskv.run.bench import COLUMNS, bench, parse_method, rebuild_gemms
+from crosskv.run.bench import COLUMNS, bench, measure, parse_method, rebuild_gemms
 from crosskv.core.capture import kv_shape
 from crosskv.methods import make_method
 from crosskv.core.models import RANDOM_SHAPES, load_model, random_config
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return load_model("random:tiny", device="cpu", dtype=torch.float32)
+def tiny(random_tiny):
+    return random_tiny
 
 
 def test_random_model_is_seeded_and_fits_the_tokenizer(tiny):
@@ -81,6 +81,24 @@ def test_bench_rows_columns_and_ratios(tiny):
     assert table[table["method"].str.contains("reconstruct")]["rebuild_gmac"].isna().all()
     assert (table["decode_tok_s"] > 0).all() and (table["peak_mem_mb"] > 0).all()
     assert (table["code"] == code_fingerprint()).all() and table["commit"].str.len().min() >= 40  # traceable rows
+
+
+def test_held_bytes_are_the_census_not_the_methods_accounting(tiny):
+    """``held_bytes`` counts what the census finds: a runner whose cache keeps a tensor its ``stored_tensors``
+    does not list (here 1000 float32 scratch values) is charged for it; a plain cache is its 2·L·H_kv·T·d floats."""
+    from crosskv.methods import Runner
+
+    class Hoarding(Runner):
+        def compress(self, cache):
+            cache.scratch = torch.ones(1000)  # held between steps, absent from kv_bytes
+
+    model, tokenizer = tiny
+    shape = kv_shape(model)
+    generator = torch.Generator().manual_seed(0)
+    context, question = torch.randint(100, 20000, (1, 40), generator=generator), torch.tensor([[5, 6, 7]])
+    plain = 2 * shape.layers * shape.kv_heads * 40 * shape.head_dim * 4
+    assert measure(Runner(make_method("full"), model, tokenizer), context, question, 1)["held_bytes"] == plain
+    assert measure(Hoarding(make_method("full"), model, tokenizer), context, question, 1)["held_bytes"] == plain + 4000
 
 
 def test_rebuild_floor_counts_every_layer_in_range(tiny):
@@ -157,3 +175,11 @@ def test_the_gpu_script_runs_every_stage_on_a_tiny_model(tmp_path):
     compiled = pd.read_csv(tmp_path / "bench_short_compiled.csv")
     assert set(compiled["mode"]) == {"compiled"} and compiled["decode_tok_s"].notna().all()
     assert len(pd.read_csv(tmp_path / "bench_short_eager.csv")) == 6
+
+
+def test_bench_names_the_attention_path_it_took(random_tiny):
+    """On CPU (no kernel forced) every decode takes the eager path, and the table says so."""
+    model, tokenizer = random_tiny
+    table = bench(model, tokenizer, methods=["full", "xkv:group_size=2,kept=0.5"], contexts=(64,), repeats=1,
+                        warmup=0, decode_tokens=2, progress=False)
+    assert set(table["path"]) == {"eager"}

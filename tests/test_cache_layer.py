@@ -8,8 +8,8 @@ from transformers.cache_utils import DynamicLayer
 from crosskv.cache.eviction import EvictedLayer
 from crosskv.cache.layer import HeldLayer
 from crosskv.cache.prefix import PrefixLayer
-from crosskv.cache.quant import KiviLayer, QuantSpec
-from crosskv.methods.commonkv_cache import CommonKVLayer
+from crosskv.cache.quant import KiviLayer, QuantSpec, is_plain
+from crosskv.methods.commonkv.cache import CommonKVLayer
 from crosskv.methods.kvsharer import SharedLayer
 from crosskv.methods.minicache import MergedLayer
 
@@ -72,6 +72,32 @@ def test_reset_forgets_everything():
         layer.reset()
         assert layer.get_seq_length() == layer.held() == 0
         assert list(getattr(layer, "stored", lambda: iter(()))()) == []
+
+
+def test_kivi_drops_its_appended_stream_back_to_the_context_byte_for_byte():
+    kivi = _kinds()["kivi"]  # context of 40: 32 coded, 8 float rows
+    kivi.layer_idx = 5
+    compressed = [t.clone() for t in kivi.stored()]
+    for _ in range(2):
+        kivi.update(torch.randn(2, 3, 20, 8), torch.randn(2, 3, 20, 8))
+        kivi.update(torch.randn(2, 3, 1, 8), torch.randn(2, 3, 1, 8))  # the 8 tokens read as codes are stored so
+        assert kivi.appended_coded() == 8 and kivi.tail_len() == 13
+        with pytest.raises(ValueError, match="KiviLayer of layer 5 to 43 tokens: its context holds 40 tokens and "
+                                             "the first 48 of the 61 seen are quantized"):
+            kivi.crop(43)
+        kivi.crop(40)
+        stored = list(kivi.stored())
+        assert kivi.held() == kivi.get_seq_length() == 40 and len(stored) == len(compressed)
+        assert all(torch.equal(a, b) and a.untyped_storage().nbytes() == a.numel() * a.element_size()
+                   for a, b in zip(stored, compressed))
+
+
+def test_kivi_after_reset_holds_plain_rows_until_quantized_again():
+    kivi = _kinds()["kivi"]
+    kivi.reset()
+    assert is_plain(kivi)
+    keys, _ = kivi.update(torch.randn(2, 3, 30, 8), torch.randn(2, 3, 30, 8))
+    assert isinstance(keys, torch.Tensor) and keys.shape[-2] == 30  # no codes: attention reads plain K/V
 
 
 def test_compressed_prefix_refuses_reorder_and_reset_naming_the_layer():

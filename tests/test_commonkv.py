@@ -6,13 +6,16 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, Qwen2Config
 
 import accounting
+from conftest import drive_cache
+from crosskv.cache.census import held_bytes
 from crosskv.core import budget
 from crosskv.core.capture import attention_modules, kv_shape
 from crosskv.cache.storage import kv_bytes
-from crosskv.methods import commonkv, commonkv_calibration, make_method
-from crosskv.methods.commonkv_cache import CommonKVCache, merge_groups
-from crosskv.methods.commonkv_calibration import cached_measurement, key_noise_sensitivity, value_fisher
-from crosskv.methods.commonkv_weights import LatentKeyProj
+from crosskv.methods import commonkv, make_method
+from crosskv.methods.commonkv import calibration as commonkv_calibration
+from crosskv.methods.commonkv.cache import CommonKVCache, merge_groups
+from crosskv.methods.commonkv.calibration import cached_measurement, key_noise_sensitivity, value_fisher
+from crosskv.methods.commonkv.weights import LatentKeyProj
 
 
 def tiny_model(arch: str, layers: int = 6):
@@ -114,9 +117,9 @@ def test_merge_drops_bytes_and_matches_accounting():
     candidates = 64 - 4 - 8
     assert sum(counts) == 2 * candidates - round(0.4 * 2 * candidates)  # global bottom-k over both groups
     sizes = [len(g) for g in runner.groups]
-    expected = accounting.commonkv_bytes(runner.ranks, sizes, 70, counts, float_bytes=4, rope_rows=69, head_dim=16)
+    expected = accounting.commonkv_bytes(runner.ranks, sizes, 70, counts, float_bytes=4)
     assert kv_bytes(cache) == expected
-    unmerged = accounting.commonkv_bytes(runner.ranks, sizes, 70, [0, 0], float_bytes=4, rope_rows=69, head_dim=16)
+    unmerged = accounting.commonkv_bytes(runner.ranks, sizes, 70, [0, 0], float_bytes=4)
     assert kv_bytes(cache) < unmerged
     for store, count in zip(cache.stores, counts):  # merged entries stored once per group
         assert store.lat.shape == (1, count, 48)
@@ -202,7 +205,7 @@ def test_embedded_model_full_rank_exact_and_merge_saves(model32):
     assert torch.allclose(got, ref, atol=2e-4), (got - ref).abs().max()
     full = accounting.full_bytes(kv_shape(model), 200, float_bytes=4)
     assert kv_bytes(cache) == accounting.commonkv_bytes(runner.ranks, [len(g) for g in runner.groups], 200,
-                                                        [0] * 8, float_bytes=4, rope_rows=199, head_dim=64)
+                                                        [0] * 8, float_bytes=4)
     assert kv_bytes(cache) > full  # an unmerged full-rank latent (576) is wider than one layer's K+V (384)
 
 
@@ -324,7 +327,7 @@ def test_embedded_default_holds_less_than_a_plain_cache(model32):
 
 def test_token_and_input_cosines_per_group():
     from crosskv.core.capture import capture, decoder_layers
-    from crosskv.methods.commonkv_analysis import group_cosines, input_cosines, prompt_latents, token_cosines
+    from crosskv.methods.commonkv.analysis import group_cosines, input_cosines, prompt_latents, token_cosines
 
     model = tiny_model("llama", layers=5)  # groups of 4: [0..3], [4]
     runner = make_method("commonkv", unmerged_ratio="1", weights="uniform").bind(model)
@@ -345,7 +348,7 @@ def test_token_and_input_cosines_per_group():
 
 def test_decode_hands_latent_values_to_attention_and_long_chunks_rebuild():
     from crosskv.cache.attention import CompressedKV
-    from crosskv.methods.commonkv_attention import LatentPrefix
+    from crosskv.methods.commonkv.attention import LatentPrefix
 
     model = tiny_model("qwen2")
     runner = make_method("commonkv", rank="48", unmerged_ratio="0", weights="uniform", recent_tokens="4").bind(model)
@@ -370,7 +373,7 @@ def test_decode_hands_latent_values_to_attention_and_long_chunks_rebuild():
 
 
 def test_latent_values_equal_rebuilt_values():
-    from crosskv.methods.commonkv_attention import LatentPrefix
+    from crosskv.methods.commonkv.attention import LatentPrefix
 
     model = tiny_model("qwen2")
     runner = make_method("commonkv", rank="48", unmerged_ratio="0", weights="uniform", recent_tokens="4").bind(model)
@@ -402,19 +405,19 @@ def test_compressed_layer_under_another_attention_raises():
     assert model.config._attn_implementation == "sdpa"
 
 
-def test_rope_table_equals_the_models_rotary_and_is_counted():
-    from crosskv.core.capture import Rotary
-    from crosskv.methods.commonkv_cache import RopeTable
-
+def test_rope_tables_equal_the_models_rotary_and_are_released_after_each_forward():
+    """Keys are rebuilt with the model's own RoPE from tables of one forward: none outlives it."""
     model = tiny_model("llama")
-    rotary = Rotary(model)
-    table = RopeTable(rotary, block=8)
+    tokens = ids(40)
+    runner = make_method("commonkv", rank="40", unmerged_ratio="1").bind(model)
+    _, cache = run(runner, model, tokens, 32)
+    assert len(cache.rope) == 0 and not list(cache.rope.tensors())
+    layer = cache.layers[0]
     positions = torch.tensor([17, 3, 0, 9], dtype=torch.int32)
-    like = torch.zeros(1, dtype=torch.bfloat16)
-    cos, sin = table.lookup(positions, 18, like)
-    ref_cos, ref_sin = (t[0, 0] for t in rotary.cos_sin(positions.long(), like))
-    assert cos.dtype == torch.bfloat16 and torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin)
-    assert [t.shape for t in table.tensors()] == [(24, 16), (24, 16)]  # grown in blocks of 8 past position 17
+    lat = torch.randn(1, 4, layer.proj.up_k.in_features)
+    keys = layer.proj.up_k(lat).view(1, 4, layer.shape.kv_heads, layer.shape.head_dim).transpose(1, 2)
+    got = layer.rebuild_keys([(lat, positions)], 18)[0]
+    assert torch.allclose(got, runner.rotary.rotate(keys, positions.long()), atol=1e-6)
 
 
 def test_rotate_keeps_the_dtype_and_matches_the_model():
@@ -496,3 +499,25 @@ def test_crop_cuts_only_latents_appended_after_the_merge_and_reorder_is_refused(
             cache.reorder_cache(torch.tensor([0]))
         layer.reset()
         assert layer.get_seq_length() == layer.held() - len(layer.store) == 0 and list(layer.stored()) == []
+
+
+@pytest.mark.parametrize("attend", ["rebuild", "buffer"])
+def test_reset_forgets_merged_entries(attend):
+    """After ``reset`` (the groups' merged latents included) a second prompt scores as on a fresh cache."""
+    model = tiny_model("llama")
+    runner = make_method("commonkv", unmerged_ratio="0.2", sink_tokens="2", recent_tokens="4", weights="uniform",
+                         attend=attend).bind(model)
+    first, second = ids(54, seed=2), ids(36, seed=3)
+    with runner.applied(), torch.no_grad():
+        cache = runner.new_cache()
+        drive_cache(model, runner, cache, first[:, :48], first[:, 48:])
+        assert sum(runner.merged_counts) > 0
+        cache.reset()
+        assert cache.get_seq_length() == 0 and held_bytes(cache) == kv_bytes(cache) == 0
+        again = drive_cache(model, runner, cache, second[:, :30], second[:, 30:])
+        assert held_bytes(cache) == kv_bytes(cache) > 0
+        fresh_cache = runner.new_cache()
+        fresh = drive_cache(model, runner, fresh_cache, second[:, :30], second[:, 30:])
+    assert sum(runner.merged_counts) > 0 and kv_bytes(cache) == kv_bytes(fresh_cache)
+    for a, b in zip(again, fresh):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)

@@ -1,6 +1,8 @@
 """Composition: evict (kvpress scores) → cross-layer method → quantize, in that order; positions stay absolute."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -146,6 +148,22 @@ def test_token_sets_pool_scores_and_mean_budget_per_unit():
     with pytest.raises(ValueError, match="unscored"):
         token_sets(scores, {0: 1, 1: 1, 2: 1}, [(0, 1, 3)])
 
+
+
+@pytest.mark.parametrize("evict", ["snapkv", "knorm"])
+def test_eviction_refuses_a_batch_of_different_rows_naming_the_press(evict):
+    """One token set serves the whole batch: two different rows are refused by name; identical rows (the bench's
+    batches) give each row what one sequence gives."""
+    model = tiny_model("llama", layers=2)
+    config = make_method("compose", base="full", evict=evict, evict_ratio="0.5", window_size="4")
+    runner = config.bind(model)
+    two = torch.cat([ids(40, seed=1), ids(40, seed=2)])
+    with pytest.raises(ValueError, match=f"evict='{evict}'.*batch of 2 different sequences"):
+        run(runner, model, two, 36)
+    same = ids(40, seed=1)
+    batched, _ = run(runner, model, same.expand(2, -1), 36)
+    alone, _ = run(runner, model, same, 36)
+    assert torch.allclose(batched[0], alone[0], atol=1e-5) and torch.equal(batched[0], batched[1])
 
 # ----------------------------------------------------------------------------- brute-force references (embedded model)
 
@@ -326,7 +344,7 @@ def test_composition_matrix_lists_every_base_evict_bits_and_agrees_with_config()
         if row["supported"]:
             make_method("compose", **params)
         else:
-            with pytest.raises(ValueError):
+            with pytest.raises(ValueError, match=re.escape(row["rule"])):
                 make_method("compose", **params)
     xkv = next(r for r in rows if (r["base"], r["evict"], r["bits"]) == ("xkv", "pyramidkv", 2))
     assert xkv["supported"] and "one token set per group" in xkv["rule"]

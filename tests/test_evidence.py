@@ -53,6 +53,28 @@ def interval_problems(df: pd.DataFrame, name: str) -> list[str]:
     return problems
 
 
+def decision_problems(df: pd.DataFrame, name: str, alpha: float = 0.05) -> list[str]:
+    """Why a decision table (a ``decision`` column, :func:`crosskv.evidence.frontier.best_at_budget`) calls a winner
+    its own test does not support: every ``winner`` row needs a Holm-adjusted p below ``alpha``."""
+    if "decision" not in df.columns:
+        return []
+    winners = df[df["decision"] == "winner"]
+    bad = winners[~(winners["p_holm"] < alpha)]
+    return [f"{name}: winner {r['leader']} at budget {r['budget']} has p_holm {r['p_holm']} (needs < {alpha})"
+            for _, r in bad.iterrows()]
+
+
+def pooled_problems(df: pd.DataFrame, name: str, band: tuple[float, float] = (0.25, 0.9)) -> list[str]:
+    """Why a tidy table pools a task where the full cache sits at the floor or ceiling: every ``pooled`` task's
+    full-cache gold_match must lie in ``band``."""
+    if "pooled" not in df.columns or "metric" not in df.columns:
+        return []
+    full = df[(df["family"] == "full") & (df["metric"] == "gold_match") & (df["pooled"] == True)]  # noqa: E712
+    bad = full[(full["score"] < band[0]) | (full["score"] > band[1])]
+    return [f"{name}: task {r['task']} is pooled with full gold_match {r['score']:.3g} outside {band}"
+            for _, r in bad.iterrows()]
+
+
 def check_executed(executed: Path, figures_dir: Path) -> None:
     """Assert the evidence rules on one executed notebook whose files are in ``figures_dir``."""
     number = Path(executed).name[:2]  # a notebook writes only its own fig_NN_*; notebooks run in parallel share
@@ -63,7 +85,8 @@ def check_executed(executed: Path, figures_dir: Path) -> None:
     problems = []
     for name in figures.written_files(executed):
         if name.startswith("tab_") and name.endswith(".csv"):
-            problems += interval_problems(pd.read_csv(Path(figures_dir) / name), name)
+            table = pd.read_csv(Path(figures_dir) / name)
+            problems += interval_problems(table, name) + decision_problems(table, name) + pooled_problems(table, name)
     assert not problems, "\n".join(problems)
 
 
@@ -82,3 +105,18 @@ def test_interval_rule_catches_a_bare_score_table():
     assert interval_problems(outside, "t")
     no_n = bare.assign(score_lo=0.4, score_hi=0.6)
     assert interval_problems(no_n, "t")
+
+
+def test_decision_rule_catches_an_unsupported_winner():
+    rows = pd.DataFrame({"decision": ["winner", "no decision", "winner"], "leader": ["a", "b", "c"],
+                         "budget": [0.5, 0.25, 0.125], "p_holm": [0.01, 0.3, 0.05]})
+    assert decision_problems(rows, "t") == ["t: winner c at budget 0.125 has p_holm 0.05 (needs < 0.05)"]
+    assert decision_problems(rows.iloc[:2], "t") == []
+
+
+def test_pooled_rule_catches_a_floor_task_in_the_mix():
+    tidy = pd.DataFrame({"family": ["full", "full", "full", "xKV G=4"], "metric": "gold_match",
+                         "task": ["fwe", "niah_multikey_1", "niah_single_2", "fwe"],
+                         "score": [0.0, 0.36, 1.0, 0.0], "pooled": [True, True, False, True]})
+    assert pooled_problems(tidy, "t") == ["t: task fwe is pooled with full gold_match 0 outside (0.25, 0.9)"]
+    assert pooled_problems(tidy.assign(pooled=[False, True, False, False]), "t") == []

@@ -173,6 +173,38 @@ def test_smoke_layout_never_targets_committed_figures(tmp_path):
     assert figures.layout("smoke", tmp_path).figures != figures.layout("cpu").figures
 
 
+def test_shrink_file_holds_only_sizes_and_known_parameters():
+    shrink = figures.load_shrink()
+    gpu = figures.load_profile("gpu")
+    for notebook in figures.notebooks():
+        declared = figures.declared_parameters(notebook)
+        unknown = set(shrink.get(notebook.stem, {})) - set(declared)
+        assert not unknown, f"gpu-shrink.yaml sets undeclared parameters of {notebook.name}: {sorted(unknown)}"
+        assert notebook.stem in gpu and notebook.stem in shrink, f"{notebook.name} is missing from a gpu parameter file"
+
+
+def test_shrink_refuses_a_list_of_names(tmp_path, monkeypatch):
+    bad = tmp_path / "gpu-shrink.yaml"
+    bad.write_text("05_frontier:\n  tasks: [niah_single_2]\n")
+    monkeypatch.setattr(figures, "SHRINK_FILE", bad)
+    with pytest.raises(ValueError, match=r"05_frontier.tasks=\['niah_single_2'\] is not a size"):
+        figures.load_shrink()
+
+
+def test_shrink_applies_to_the_gpu_profile_only():
+    with pytest.raises(ValueError, match="--shrink applies to the gpu profile, not 'cpu'"):
+        figures.run("cpu", shrink_model="random:tiny")
+
+
+def test_shrunk_run_keeps_the_gpu_paths_and_writes_apart(tmp_path):
+    notebook = figures.notebooks()[-1]
+    parameters = figures.checked_parameters(notebook, "gpu", figures.shrunk_parameters(notebook, "random:tiny"))
+    gpu = figures.load_profile("gpu")[notebook.stem]
+    assert parameters["model"] == "random:tiny"
+    assert parameters["tasks"] == gpu["tasks"]  # names and paths stay the gpu profile's
+    assert figures.layout("gpu", tmp_path, shrunk=True).figures.is_relative_to(tmp_path)
+
+
 def test_savefig_is_byte_stable(tmp_path):
     plotting.style()
     digests = []

@@ -73,3 +73,33 @@ def test_refusals(strategy_file):
         make_method("kvsharer_xkv", start_layer=2)
     with pytest.raises(ValueError, match="criterion='x'"):
         make_method("kvsharer_xkv", criterion="x")
+
+
+def test_census_equals_kv_bytes_after_every_step_with_a_consumer_after_the_last_group(tmp_path):
+    """Layer 3 (a consumer of layer 0) runs after the last producer group (1, 2) and reads its producer's
+    factored prefix: the forward's RoPE tables are released after the last layer, so nothing beyond the
+    cache's own tensors is held between steps."""
+    import crosskv
+    from crosskv.cache.census import RunCensus
+
+    model, tok = crosskv.load_model("random:tiny", device="cpu", dtype=torch.float32)
+    path = SharingStrategy(mapping={3: 0}, num_layers=4).save(tmp_path / "s.json")
+    runner = make_method("kvsharer_xkv", strategy=str(path), shared_layers=None, group_size=2,
+                         kept=0.5).bind(model, tok)
+    generator = torch.Generator().manual_seed(0)
+    context, question = torch.randint(100, 1000, (1, 40), generator=generator), torch.randint(100, 1000, (1, 3),
+                                                                                           generator=generator)
+    with runner.applied(), torch.no_grad():
+        census = RunCensus(runner)
+        cache = runner.new_cache()
+        with runner.prefill(cache):
+            model(context, past_key_values=cache)
+        runner.compress(cache)
+        assert isinstance(cache.layers[3], SharedLayer) and cache.groups[-1].layers[-1] < 3
+        out = model(question, past_key_values=cache).logits
+        held = [(census.held(cache), kv_bytes(cache))]
+        for _ in range(3):
+            out = model(out[:, -1:].argmax(-1), past_key_values=cache).logits
+            held.append((census.held(cache), kv_bytes(cache)))
+    assert all(census_bytes == reported for census_bytes, reported in held), held
+    assert held[-1][1] > held[0][1]  # decoded tokens are held exactly

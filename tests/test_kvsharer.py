@@ -8,6 +8,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from conftest import drive_cache
+from crosskv.cache.census import held_bytes
 from crosskv.core.capture import Rotary, attention_modules
 from crosskv.methods import kvsharer as kvs
 from crosskv.methods import kvsharer_search as kss
@@ -301,6 +303,25 @@ def test_search_cli_writes_a_valid_strategy(tmp_path):
                            "--order", "similar", "--out", str(out)]) == 0
     s = kvs.SharingStrategy.load(out)
     assert len(s.mapping) == 1 and s.search["order"] == "similar" and s.num_layers == L
+
+
+def test_reset_forgets_the_first_prompt(tiny_model, tmp_path):
+    """After ``reset`` a second prompt scores as on a fresh cache, and the cache holds what it reports."""
+    model, _ = tiny_model
+    path = kvs.SharingStrategy({1: 0}, 2).save(tmp_path / "strategy.json")
+    runner = make_method("kvsharer", strategy=str(path)).bind(model)
+    tokens = torch.randint(0, 500, (2, 60), generator=torch.Generator().manual_seed(0))
+    with runner.applied(), torch.no_grad():
+        cache = runner.new_cache()
+        drive_cache(model, runner, cache, tokens[:1, :48], tokens[:1, 48:54])
+        cache.reset()
+        assert cache.get_seq_length() == 0 and held_bytes(cache) == kv_bytes(cache) == 0
+        again = drive_cache(model, runner, cache, tokens[1:, :30], tokens[1:, 30:36])
+        assert held_bytes(cache) == kv_bytes(cache) > 0
+        fresh = drive_cache(model, runner, runner.new_cache(), tokens[1:, :30], tokens[1:, 30:36])
+    assert cache.get_seq_length() == 30 + 6 + 2  # context, question, two decoded tokens
+    for a, b in zip(again, fresh):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])

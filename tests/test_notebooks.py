@@ -25,6 +25,16 @@ def test_every_parameter_file_key_is_declared(profile):
         assert not unknown, f"{profile}.yaml sets undeclared parameters of {notebook.name}: {sorted(unknown)}"
 
 
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[nb.stem for nb in NOTEBOOKS])
+def test_notebook_defaults_are_the_cpu_profile(notebook):
+    """Opening a notebook in JupyterLab reproduces the committed (cpu profile) numbers: every parameter the
+    cpu profile sets has that value as the notebook's own default."""
+    declared = figures.declared_parameters(notebook)
+    profile = figures.load_profile("cpu").get(notebook.stem, {})
+    differ = {name: (declared[name], value) for name, value in profile.items() if declared.get(name) != value}
+    assert not differ, f"{notebook.name}: defaults (notebook, cpu profile) differ: {differ}"
+
+
 def test_unknown_parameter_is_rejected(tmp_path):
     if not NOTEBOOKS:
         pytest.skip("no notebooks yet")
@@ -145,3 +155,24 @@ def test_smoke_run_writes_figures_and_finite_results(notebook, smoke_root):
     assert all(c.get("execution_count") is None for c in nb["cells"] if c["cell_type"] == "code")
     # committed figures are never touched by a smoke run
     assert str(where.figures).startswith(str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def shrunk_gpu_root(tmp_path_factory):
+    """Every notebook executed once with every parameter path of the gpu profile, shrunk onto random:tiny
+    (``crosskv figures --profile gpu --model random:tiny --shrink``), two at a time."""
+    root = tmp_path_factory.mktemp("gpu-shrunk")
+    figures.run("gpu", build_root=root, jobs=2, shrink_model="random:tiny")
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[nb.stem for nb in NOTEBOOKS])
+def test_shrunk_gpu_profile_runs_every_notebook(notebook, shrunk_gpu_root):
+    where = figures.layout("gpu", shrunk_gpu_root, shrunk=True)
+    executed = where.notebooks / notebook.name
+    nb = json.loads(executed.read_text())
+    errors = [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
+    assert any(name.endswith(".png") for name in figures.written_files(executed)), f"{notebook.name} wrote no figure"
+    assert str(where.figures).startswith(str(shrunk_gpu_root))

@@ -96,3 +96,27 @@ def test_a_press_run_through_its_own_prefill_leaves_the_model_as_it_was(tiny_mod
         session.prefill(torch.arange(5, 133).unsqueeze(0))
     assert [buffer for buffer, _ in model.named_buffers(remove_duplicate=False)] == before
     assert not any(hasattr(layer.self_attn, "rotary_emb") for layer in model.model.layers)
+
+
+def test_crosskv_attention_is_reclaimed_from_kvpress_wrapper():
+    """Importing kvpress wraps every registered attention function: building a press (the first kvpress import of
+    a run already inside ``installed``) and ``installed`` itself map ``crosskv`` back to crosskv_attention."""
+    script = textwrap.dedent("""
+        import torch
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        from crosskv.cache.attention import ATTENTION, crosskv_attention, installed
+        from crosskv.core.models import load_model
+        from crosskv.methods import make_method
+
+        make_method("kvpress:knorm").make_press()  # the first kvpress import
+        assert ALL_ATTENTION_FUNCTIONS[ATTENTION] is crosskv_attention
+        import kvpress.attention_patch
+        kvpress.attention_patch.patch_attention_functions()  # what importing kvpress does
+        assert ALL_ATTENTION_FUNCTIONS[ATTENTION] is not crosskv_attention
+        model, _ = load_model("random:tiny", device="cpu", dtype=torch.float32)
+        with installed(model):
+            assert ALL_ATTENTION_FUNCTIONS[model.config._attn_implementation] is crosskv_attention
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.stdout.strip() == "ok", done.stderr[-2000:]

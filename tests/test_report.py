@@ -134,3 +134,101 @@ def test_detectable_effect_on_the_gold_metric_and_on_windows():
     assert "n = 4 windows" in report.detectable(window, other, "ppl")
     with pytest.raises(ValueError, match="not on the same"):
         report.detectable(window, {**other, "details": other["details"][:3]}, "ppl")
+
+
+def test_metric_labels_carry_the_context():
+    assert report.metric_label("ppl", 512) == "ppl@512" and report.metric_label("ppl_cont", 2048) == "ppl_cont@2K"
+    assert report.metric_label("gold_match", 32768) == "gold_match@32K" and report.metric_label("ppl", 1000) == "ppl@1000"
+    assert report.metric_label("ppl_cont", None) == "ppl_cont"  # a mix of contexts: no single context to name
+    with pytest.raises(ValueError, match="positive"):
+        report.context_label(0)
+
+
+def _decisions():
+    def row(use, budget, decision, leader, cls, rival=None, **numbers):
+        base = {"use": use, "metric": "gold_loglik@2K" if use == "retrieve" else "ppl_cont@2K", "budget": budget,
+                "decision": decision, "leader": leader, "class_leader": cls, "kept_leader": budget * 0.98,
+                "n_select": 50, "n_confirm": 50 if rival else None, "rivals": 3 if rival else None,
+                "beaten": (3 if decision == "winner" else 2) if rival else None}
+        if rival:
+            base.update(rival=rival, class_rival="eviction", kept_rival=budget * 0.99, leader_estimate=-0.7,
+                        rival_estimate=-0.8, diff=0.1, ci_low=0.05, ci_high=0.15, p=0.001, p_holm=0.004, **numbers)
+        return base
+    return pd.DataFrame([
+        row("retrieve", 0.5, "winner", "xKV G=4 · kept=0.5", "cross-layer", "SnapKV · ratio=0.5"),
+        row("retrieve", 0.05, "only candidate", "xKV G=4 · kept=0.05", "cross-layer"),
+        row("continue", 0.5, "winner", "SnapKV · ratio=0.5", "eviction", "xKV G=4 · kept=0.5"),
+        row("continue", 0.05, "only candidate", "xKV G=4 · kept=0.05", "cross-layer"),
+    ])
+
+
+def test_uses_answer_states_both_uses_and_where_they_disagree():
+    decisions = _decisions()
+    answer = report.uses_answer(decisions)
+    assert answer.index("**Retrieve**") < answer.index("**Continue**")
+    assert "**xKV G=4 · kept=0.5** (kept 0.490), ahead of all 3 rivals" in answer
+    assert "difference +0.1 [+0.05, +0.15], Holm p = 0.004" in answer and "gold_loglik@2K" in answer
+    assert "The uses disagree at 1 of 2 budgets" in answer and "retrieve → xKV G=4 · kept=0.5 (cross-layer, decided)" in answer
+    assert report.MECHANISMS["eviction"] in answer and report.MECHANISMS["cross-layer"] in answer
+    same = decisions.assign(leader=decisions["leader"].where(decisions["budget"] != 0.5, "xKV G=4 · kept=0.5"),
+                            class_leader="cross-layer")
+    assert "The uses agree at every budget both reach" in report.uses_answer(same)
+    with pytest.raises(ValueError, match="none of the uses"):
+        report.uses_answer(decisions.assign(use="other"))
+
+
+def test_an_answer_naming_a_configuration_outside_its_table_is_caught():
+    decisions = _decisions()
+    names = ["xKV G=4 · kept=0.5", "xKV G=4 · kept=0.05", "SnapKV · ratio=0.5", "KVSharer · C=8", "KVSharer + xKV G=4"]
+    assert report.answer_names_missing(report.uses_answer(decisions), decisions, names) == []
+    assert report.answer_names_missing("KVSharer · C=8 wins.", decisions, names) == ["KVSharer · C=8"]
+    assert report.answer_names_missing("the KVSharer + xKV G=4 hybrid", decisions) == ["KVSharer + xKV G=4"]
+    assert report.answer_names_missing("xKV G=4 and SnapKV lead.", decisions) == []  # families backed by their rows
+
+
+def test_dodge_spreads_only_series_that_collide():
+    x = plotting.dodge([0.25, 0.25, 0.5, 0.9], ["a", "b", "a", "a"])
+    assert x[0] < 0.25 < x[1] and x[2] == pytest.approx(0.5) and x[3] == pytest.approx(0.9)
+    assert abs(x[1] / x[0] - 1) < 0.05  # a nudge, not a move
+
+
+def test_floor_rows_give_each_family_at_zero_its_own_row():
+    df = pd.DataFrame({"family": ["KVSharer", "CommonKV", "xKV G=4", "MiniCache"], "score": [0.0, 0.0, 0.3, 0.0],
+                       "score_hi": [0.0, 0.0, 0.4, 0.05]})
+    assert plotting.floor_rows(df, 0.05) == {"KVSharer": -0.05, "CommonKV": -0.1}
+    assert plotting.floor_rows(df.iloc[:1], 0.05) == {}
+
+
+def test_charts_keep_legends_titles_and_labels_apart():
+    matplotlib.use("Agg")
+    fig, axes = plt.subplots(1, 3, figsize=(6, 2.5))
+    d = pd.DataFrame({"x": [0, 1, 0, 1], "y": [0.1, 0.9, 0.2, 0.8], "G": ["G=1", "G=1", "G=4", "G=4"]})
+    for ax in axes:
+        plotting.lines(d, "x", "y", hue="G", ax=ax, title="keys (post-RoPE) (mean of 20 sequences)", legend=ax is axes[-1])
+    assert [ax.get_legend() is not None for ax in axes] == [False, False, True]
+    assert "\n" in axes[0].get_title()  # wrapped to its 2-inch panel
+    plt.close(fig)
+    fig, axes = plt.subplots(2, 2, figsize=(6, 5))
+    for ax in axes.flat:
+        plotting.lines(d, "x", "y", hue="G", ax=ax)
+    fig.draw_without_rendering()
+    for ax in axes.flat:  # right in the last column, below in the last row, inside otherwise: never under a panel
+        box = ax.get_legend().get_window_extent()
+        assert not any(box.overlaps(other.get_window_extent()) for other in axes.flat if other is not ax)
+    plt.close(fig)
+    rows = [{"family": "full", "kept": 1.0, "score": 25.0, "score_lo": 22.0, "score_hi": 28.0, "n": 32}]
+    rows += [{"family": f, "kept": k, "score": s, "score_lo": s * 0.9, "score_hi": s * 1.1, "n": 32}
+             for f, k, s in (("CommonKV", 0.556, 203.0), ("KVSharer", 0.55, 127.0), ("xKV G=4", 0.25, 27.0),
+                             ("xKV G=4", 0.5, 26.0), ("SnapKV", 0.25, 25.0), ("SnapKV", 0.5, 24.5))]
+    fig = plotting.frontier(pd.DataFrame(rows).assign(higher_is_better=False, front=False), "ppl_cont@2K")
+    fig.draw_without_rendering()
+    boxes = [t.get_window_extent() for t in fig.axes[0].texts]
+    assert len(boxes) == 2 and not boxes[0].overlaps(boxes[1])  # "203" and "127" readable
+    plt.close(fig)
+    rows = [{"family": "full", "kept": 1.0, "score": 0.34, "score_lo": 0.25, "score_hi": 0.44, "n": 100}]
+    rows += [{"family": f, "kept": k, "score": 0.0, "score_lo": 0.0, "score_hi": 0.0, "n": 100}
+             for f, k in (("KVSharer", 0.75), ("CommonKV", 0.556), ("MiniCache (paper reading)", 0.775))]
+    fig = plotting.frontier(pd.DataFrame(rows).assign(higher_is_better=True, front=False), "gold_match@2K")
+    heights = {round(float(line.get_ydata()[0]), 4) for line in fig.axes[0].lines if len(line.get_ydata()) == 1}
+    assert len(heights) == 3 and max(heights) < 0  # three families at 0, three rows under the axis
+    plt.close(fig)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers.models.llama.modeling_llama import rotate_half
 
 from conftest import drive
 from crosskv.cache.attention import compressed_kv, crosskv_attention
@@ -10,7 +11,7 @@ from crosskv.cache.storage import kv_bytes
 from crosskv.methods import make_method
 from crosskv.methods.selective import (SelectivePrefix, head_mass, latent_scores, low_frequencies, rebuild_selected,
                                        scorer_recall, select_tokens)
-from crosskv.methods.svd import FactoredPrefix, PrefixRope
+from crosskv.methods.svd import FactoredPrefix
 from crosskv.run.harness import bind, feed, force, run_perplexity
 from crosskv.tasks import Sample
 
@@ -19,19 +20,14 @@ class _Module:
     num_key_value_groups = 3
 
 
-def _rotate_half(x):
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def _prefix(b=2, h_kv=3, d=8, prefix=40, r=6, dtype=torch.float32):
     """A random factored prefix and its RoPE tables (``cos``, ``sin`` ``(T_c, d)``)."""
     basis_k, factor_k = torch.randn(b, prefix, r), torch.randn(b, r, h_kv * d)
     basis_v, factor_v = torch.randn(b, prefix, r + 2), torch.randn(b, r + 2, h_kv * d)
     angles = torch.arange(prefix)[:, None] * torch.rand(d // 2)
     cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
-    rope = PrefixRope(cos.T[None, None].contiguous(), sin.T[None, None].contiguous())
-    return FactoredPrefix(*(x.to(dtype) for x in (basis_k, factor_k, basis_v, factor_v)), rope), cos, sin
+    tables = cos.T[None, None], sin.T[None, None]                                      # (1, 1, d, T_c) each
+    return FactoredPrefix(*(x.to(dtype) for x in (basis_k, factor_k, basis_v, factor_v)), *tables), cos, sin
 
 
 def _selective(base, top_k, sinks=2, window=3, d=8, angle=None, frequencies=None):
@@ -69,7 +65,7 @@ def test_rebuilt_tokens_equal_the_rotated_reconstruction():
     prefix, cos, sin = _prefix()
     b, h_kv, d = 2, 3, 8
     pre = (prefix.basis_k @ prefix.factor_k).view(b, -1, h_kv, d).transpose(1, 2)
-    keys = pre * cos + _rotate_half(pre) * sin
+    keys = pre * cos + rotate_half(pre) * sin  # transformers' RoPE
     values = (prefix.basis_v @ prefix.factor_v).view(b, -1, h_kv, d).transpose(1, 2)
     index = torch.randint(0, 40, (b, h_kv, 5))
     got_k, got_v = rebuild_selected(prefix, index)
@@ -122,20 +118,19 @@ def test_unrotate_undoes_rope_at_the_query_position():
     base, _, _ = _prefix()
     prefix = _selective(base, 4, angle=angle)
     pre = torch.randn(1, 3, 3, d)
-    assert torch.allclose(prefix.unrotate(pre * prefix.cos + _rotate_half(pre) * prefix.sin), pre, atol=1e-5)
+    assert torch.allclose(prefix.unrotate(pre * prefix.cos + rotate_half(pre) * prefix.sin), pre, atol=1e-5)
 
 
 def test_recall_is_one_when_rope_is_the_identity_and_lower_with_it():
     torch.manual_seed(5)
     b, h_kv, g, d, t, r = 1, 3, 3, 8, 200, 6
     basis, factor = torch.randn(b, t, r), torch.randn(b, r, h_kv * d)
-    ident = PrefixRope(torch.ones(1, 1, d, t), torch.zeros(1, 1, d, t))
-    flat = FactoredPrefix(basis, factor, basis, factor, ident)
+    flat = FactoredPrefix(basis, factor, basis, factor, torch.ones(1, 1, d, t), torch.zeros(1, 1, d, t))
     q = torch.randn(b, h_kv, g, d)
     assert scorer_recall(_selective(flat, 16), q) == (1.0, 1.0)
     angles = torch.arange(t)[:, None] * torch.logspace(0, -3, d // 2)        # (T, d/2), fast to slow
     cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
-    turned = FactoredPrefix(basis, factor, basis, factor, PrefixRope(cos.T[None, None], sin.T[None, None]))
+    turned = FactoredPrefix(basis, factor, basis, factor, cos.T[None, None], sin.T[None, None])
     recall, mass = scorer_recall(_selective(turned, 16), q)
     assert 0.0 <= recall < 1.0 and 0.0 < mass <= 1.0 + 1e-6
 
@@ -186,7 +181,7 @@ def test_every_token_chosen_decodes_as_the_base_and_holds_its_bytes(model32, pro
     for a, b in zip(got, want):
         assert torch.allclose(a, b, atol=1e-3), (a - b).abs().max()
     assert kv_bytes(cache) == kv_bytes(base_cache)
-    assert cache._step is None  # nothing of the step's selection outlives it
+    assert len(cache.rope) == 0  # no RoPE table of the steps outlives them
 
 
 @pytest.mark.slow
@@ -216,8 +211,8 @@ def test_few_tokens_chosen_changes_decode_but_not_bytes(model32, prompt):
                              decode_steps=2, tokenizer=tokenizer)
     got, cache = drive(model, make_method("selective", base_params=base_params, top_k="8", sinks="2", window="4"),
                        *prompt, decode_steps=2, tokenizer=tokenizer)
-    assert torch.allclose(got[0], want[0], atol=1e-4)        # the question block attends the whole prefix
-    assert not torch.allclose(got[1], want[1], atol=1e-3)    # a decode step attends 14 of 160 prompt tokens
+    for a, b in zip(got, want):  # the question block's queries and each decode step attend 14 of 160 prompt tokens
+        assert not torch.allclose(a, b, atol=1e-3)
     assert kv_bytes(cache) == kv_bytes(base_cache)
 
 
@@ -248,8 +243,8 @@ def test_continuation_perplexity_is_scored_one_decode_step_at_a_time(model32, pr
 
 
 def test_a_block_of_decode_steps_attends_as_one_step_at_a_time():
-    """Inside ``decode_steps`` a block of n queries is n decode steps: each chooses its own prompt tokens and
-    attends over them and the causal tail — the same output as n one-token forwards."""
+    """A block of n queries is n decode steps: each chooses its own prompt tokens and attends over them and
+    the causal tail — the same output as n one-token forwards."""
     torch.manual_seed(5)
     base, _, _ = _prefix()
     b, h_kv, g, d, n = 2, 3, 3, 8, 4
@@ -270,8 +265,8 @@ def test_a_block_of_decode_steps_attends_as_one_step_at_a_time():
 
 @pytest.mark.slow
 def test_a_gold_answer_forced_in_one_block_equals_one_decode_step_per_token(model32, prompt):
-    """The gold-answer path (:func:`harness.force`): question in one block, the answer as decode steps read in
-    one forward — every position's logits equal feeding the answer one token per forward."""
+    """The gold-answer path (:func:`harness.force`): question and answer in one block, read as decode steps —
+    every position's logits equal feeding the answer one token per forward."""
     model, tokenizer = model32
     context, question = prompt[0][0].tolist(), prompt[1][0].tolist()
     answer = prompt[0][0, 10:16].tolist()
@@ -286,7 +281,7 @@ def test_a_gold_answer_forced_in_one_block_equals_one_decode_step_per_token(mode
                 model(torch.tensor([context]), past_key_values=cache)
             runner.compress(cache)
             if block:
-                return force(model, cache, question, answer, len(context), cpu, stepwise=True)
+                return force(model, cache, question, answer, len(context), cpu)
             start = len(context) + len(question)
             return torch.cat([feed(model, cache, question, len(context), cpu, every=True),
                               *(feed(model, cache, [token], start + i, cpu, every=True)
@@ -294,4 +289,41 @@ def test_a_gold_answer_forced_in_one_block_equals_one_decode_step_per_token(mode
 
     got, want = forced(True), forced(False)
     assert got.shape == (len(question) + len(answer), want.shape[-1])
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+
+
+# --- random:tiny (float32): the cache contract through plain model calls ---------------------------
+
+@pytest.fixture(scope="module")
+def tiny32():
+    import crosskv
+
+    return crosskv.load_model("random:tiny", device="cpu", dtype=torch.float32)
+
+
+@pytest.mark.parametrize("method", [
+    make_method("selective", base="xkv", base_params="group_size=2;kept=0.3", top_k="8", sinks="2", window="4"),
+    make_method("selective", base="svd", base_params="kept=0.3", top_k="8", sinks="2", window="4"),
+    make_method("xkv", group_size=2, kept=0.3),
+    make_method("svd", kept=0.3)], ids=["selective-xkv", "selective-svd", "xkv", "svd"])
+def test_a_block_after_compression_equals_one_token_forwards(tiny32, method):
+    """Whoever calls the model (lm-eval, kvpress's pipeline, a user's loop): 40 tokens appended in one plain
+    ``model(...)`` call after compression give the logits of 40 one-token calls."""
+    model, tokenizer = tiny32
+    generator = torch.Generator().manual_seed(0)
+    context, block = torch.randint(100, 1000, (1, 120), generator=generator), torch.randint(100, 1000, (1, 40),
+                                                                                           generator=generator)
+
+    def logits(one_at_a_time: bool) -> torch.Tensor:
+        runner = method.bind(model, tokenizer)
+        with runner.applied(), torch.no_grad():
+            cache = runner.new_cache()
+            with runner.prefill(cache):
+                model(context, past_key_values=cache)
+            runner.compress(cache)
+            if not one_at_a_time:
+                return model(block, past_key_values=cache).logits
+            return torch.cat([model(block[:, i:i + 1], past_key_values=cache).logits for i in range(40)], dim=1)
+
+    got, want = logits(False), logits(True)
     assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()

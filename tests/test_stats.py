@@ -163,3 +163,31 @@ def test_gold_metrics_of_a_record_pair_and_skip_undecoded_samples():
     assert stats.interval(record).n == 2 and stats.interval(record, metric="gold_loglik").n == 4
     with pytest.raises(ValueError, match="not one of"):
         stats.interval(record, metric="bogus")
+
+
+def test_halves_split_each_task_evenly_and_the_same_way_every_time():
+    index = np.concatenate([np.arange(25), stats.POOL_STRIDE + np.arange(10)])
+    first = stats.halves(index)
+    assert first[:25].sum() == 13 and first[25:].sum() == 5  # ⌈m/2⌉ per task: stratified
+    assert first.tolist() == stats.halves(index).tolist()  # fixed
+    assert first[:25].tolist() != [i % 2 == 0 for i in range(25)]  # not the generation order
+    repeated = np.concatenate([index, index[::-1]])  # two configurations' rows: one split per sample
+    assert stats.halves(repeated).tolist() == first.tolist() + first[::-1].tolist()
+    with pytest.raises(ValueError, match="1-d"):
+        stats.halves(np.zeros((2, 2), int))
+
+
+def test_paired_perplexity_matches_the_record_comparison():
+    rng = np.random.default_rng(0)
+    nll_a, nll_b = rng.normal(40, 4, 30), rng.normal(44, 4, 30)
+    tokens = np.full(30, 16.0)
+    a = _run("a", None, "ppl_cont", nll=list(zip(nll_a, tokens)))
+    b = _run("b", None, "ppl_cont", nll=list(zip(nll_b, tokens)))
+    out = stats.paired_perplexity(nll_a, tokens, nll_b, tokens)
+    c = stats.compare(a, b)
+    assert out["diff"] == pytest.approx(c.diff.estimate) and out["low"] == pytest.approx(c.diff.lo)
+    assert out["p"] == pytest.approx(c.p) and out["n"] == 30 and out["verdict"] == c.verdict == "better"
+    finer = stats.paired_perplexity(nll_a, tokens, nll_b, tokens, permutations=19_999)
+    assert finer["p"] < out["p"]  # more sign flips resolve a smaller p
+    with pytest.raises(ValueError, match="positive token count"):
+        stats.paired_perplexity(nll_a, tokens * 0, nll_b, tokens)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from conftest import drive
 from accounting import full_bytes, xkv_bytes
@@ -12,7 +13,7 @@ from crosskv.core.lowrank import (energy_captured, factored_elements, gram_facto
 from crosskv.cache.storage import kv_bytes
 from crosskv.methods import make_method
 from crosskv.cache.attention import compressed_kv, crosskv_attention
-from crosskv.methods.svd import XKV, FactoredPrefix, PrefixRope, ranks_for_kept, scale_rank
+from crosskv.methods.svd import XKV, FactoredPrefix, ranks_for_kept, scale_rank
 
 SMOL = KVShape(layers=30, kv_heads=3, head_dim=64, hidden=576, heads=9)
 
@@ -122,11 +123,6 @@ class _Module:
     num_key_value_groups = 3
 
 
-def _rotate_half(x):
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-4), (torch.bfloat16, 0.1)])
 def test_factored_attention_equals_sdpa_on_the_rebuilt_prefix(dtype, atol):
     torch.manual_seed(0)
@@ -136,11 +132,10 @@ def test_factored_attention_equals_sdpa_on_the_rebuilt_prefix(dtype, atol):
     angles = torch.arange(prefix)[:, None] * torch.rand(d // 2)            # (T_c, d/2)
     cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)  # (T_c, d)
     pre_rope = (basis_k @ factor_k).view(b, prefix, h_kv, d).transpose(1, 2)
-    keys = torch.cat([pre_rope * cos + _rotate_half(pre_rope) * sin, torch.randn(b, h_kv, tail, d)], dim=-2)
+    keys = torch.cat([apply_rotary_pos_emb(pre_rope, pre_rope, cos[None], sin[None])[0], torch.randn(b, h_kv, tail, d)], dim=-2)
     tail_v = torch.randn(b, h_kv, tail, d)
     values = torch.cat([(basis_v @ factor_v).view(b, prefix, h_kv, d).transpose(1, 2), tail_v], dim=-2)
-    rope = PrefixRope(cos.T[None, None].contiguous(), sin.T[None, None].contiguous())
-    factored = FactoredPrefix(*(x.to(dtype) for x in (basis_k, factor_k, basis_v, factor_v)), rope)
+    factored = FactoredPrefix(*(x.to(dtype) for x in (basis_k, factor_k, basis_v, factor_v)), cos.T[None, None], sin.T[None, None])
     causal = torch.ones(1, 1, 2, prefix + tail, dtype=torch.bool).tril(prefix + tail - 2)
     for q_len, mask in ((1, None), (2, causal)):  # decode, and a multi-token append (bottom-right causal)
         query = torch.randn(b, h_kv * g, q_len, d)
@@ -231,20 +226,20 @@ def test_grouped_svd_beats_per_layer_svd_at_equal_bytes(model32):
 
 
 def test_energy_and_error_tables_are_consistent():
-    from crosskv.core.lowrank import energy_table, grouped_error_table
+    from crosskv.evidence.tables import energy_table, grouped_error_units
 
     kv = torch.randn(8, 2, 3, 32, 4)  # (L, N, H, T, d)
     energy = energy_table({"k": kv}, [1, 4])
     for g, part in energy.groupby("group_size"):
         assert part["energy"].is_monotonic_increasing and abs(part["energy"].iloc[-1] - 1) < 1e-5
         assert part["rank"].max() == min(32, g * 12) and part["rank_fraction"].max() == part["rank"].max() / (g * 12)
-    errors = grouped_error_table({"k": kv}, [2, 4], [2, 4])
-    assert len(errors) == (4 + 2) * 2 and (errors["grouped_rank"] >= errors["single_rank"]).all()
+    errors = grouped_error_units({"k": kv}, [2, 4], [2, 4], [32])
+    assert len(errors) == 2 * (4 + 2) * 2 and (errors["grouped_rank"] >= errors["single_rank"]).all()
     assert errors["kept"].between(0, 1).all()
 
 
 def test_grouped_error_units_match_the_per_group_function():
-    from crosskv.core.lowrank import grouped_error_units, grouped_vs_single_error
+    from crosskv.evidence.tables import grouped_error_units
 
     kv = torch.randn(4, 2, 2, 24, 8, generator=torch.Generator().manual_seed(0))  # (L, N, H, T, d)
     units = grouped_error_units({"k": kv}, [2], [3], [16, 24])

@@ -65,7 +65,8 @@ def test_perplexity_is_exp_mean_nll():
 
 def test_make_task_fills_and_coerces_options():
     config = make_task("niah_single_2", 2048, 10, 0, depth="50")
-    assert dict(config.options) == {"depth": 50.0, "max_new_tokens": 128}
+    assert dict(config.options) == {"answer_format": "ruler", "depth": 50.0, "keys": None, "max_new_tokens": 128,
+                                    "values": None}
     assert make_task("niah_single_2").params() == make_task("niah_single_2").params()
     assert make_task("niah_single_2", seed=1).params() != make_task("niah_single_2").params()
 
@@ -142,6 +143,54 @@ def test_default_depths_come_from_the_ruler_grid(tokenizer):
         assert len(depths) == 4 and len(set(depths)) == 4 and set(depths) <= set(ruler.DEPTHS)
         order = sorted(range(4), key=lambda i: depths[i])
         assert sorted(sample.info["positions"]) == [sample.info["positions"][i] for i in order]
+
+
+@pytest.mark.parametrize("name", ["niah_multivalue", "niah_multiquery"])
+def test_answers_are_listed_query_by_query_in_text_order(tokenizer, name):
+    _, samples = build(tokenizer, name, samples=3)
+    for sample in samples:
+        context, question = text_of(tokenizer, sample)
+        if name == "niah_multivalue":
+            assert sample.answers == sorted(sample.answers, key=context.index)
+        else:  # one value per query: the question's order of keys
+            keys = [n.split(" for ")[1].split(" is: ")[0] for n in sample.info["needles"]]
+            value_of = {n.split(" is: ")[1].rstrip("."): k for n, k in zip(sample.info["needles"], keys)}
+            assert sample.answers == sorted(sample.answers, key=lambda v: question.index(value_of[v]))
+
+
+def test_list_answer_format_ends_the_prefix_with_a_bullet(tokenizer):
+    _, (plain,) = build(tokenizer, "niah_multivalue", samples=1)
+    _, (listed,) = build(tokenizer, "niah_multivalue", samples=1, answer_format="list")
+    assert text_of(tokenizer, listed)[1].endswith("provided text are:\n\n*")
+    assert listed.answers == plain.answers
+    assert listed.info["gold_separator"] == "\n* " and plain.info["gold_separator"] == ", "
+
+
+@pytest.mark.parametrize("variant", list(ruler.NIAH_VARIANTS))
+def test_a_variant_builds_its_base_task_with_its_options(tokenizer, variant):
+    base, defaults = ruler.NIAH_VARIANTS[variant]
+    config, samples = build(tokenizer, variant, samples=1)
+    _, expected = build(tokenizer, base, samples=1, **defaults)
+    assert dict(config.options).items() >= defaults.items()
+    assert [(s.context_ids, s.question_ids, s.answers, s.info) for s in samples] == \
+        [(s.context_ids, s.question_ids, s.answers, s.info) for s in expected]
+
+
+def test_keys_option_sets_the_number_of_needles(tokenizer):
+    _, samples = build(tokenizer, "niah_single_2", samples=2, keys=3)
+    for sample in samples:
+        context, _ = text_of(tokenizer, sample)
+        assert len(sample.info["needles"]) == 3 and len(sample.answers) == 1
+        assert all(context.count(needle) == 1 for needle in sample.info["needles"])
+
+
+@pytest.mark.parametrize("options, message", [(dict(answer_format="json"), "answer_format='json' is not one of"),
+                                              (dict(keys=0), "keys=0 is fewer than its 1 queried key(s)"),
+                                              (dict(values=0), "values=0 must be at least 1"),
+                                              (dict(keys=7, values=6), "keys=7 x values=6 needles exceed")])
+def test_bad_niah_options_raise(tokenizer, options, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build(tokenizer, "niah_single_2", samples=1, **options)
 
 
 def test_multiquery_asks_for_every_key(tokenizer):
@@ -245,7 +294,17 @@ def test_task_mix_is_registered_tasks_with_families():
     from crosskv.tasks import get_task
     from crosskv.tasks.mix import FULL_MIX, TASK_MIX, family
 
-    assert set(TASK_MIX) <= set(FULL_MIX)
     assert {family(t) for t in FULL_MIX} >= {"single key", "multi-key", "multi-value", "variable tracking", "aggregation"}
-    for task in FULL_MIX:
+    assert {family(t) for t in TASK_MIX} >= {"single key", "multi-key", "multi-value"}
+    for task in FULL_MIX + TASK_MIX:
         assert get_task(task).kind == "generate"
+
+
+def test_task_mix_is_where_the_full_cache_is_informative():
+    """Every task of the cpu mix has a measured full-cache gold_match in [0.25, 0.9] on at least 25 samples."""
+    from crosskv.tasks.mix import GOLD_MATCH_2K, TASK_MIX
+
+    assert len(TASK_MIX) >= 4
+    for task in TASK_MIX:
+        score, samples = GOLD_MATCH_2K[task]
+        assert 0.25 <= score <= 0.9 and samples >= 25, (task, score, samples)

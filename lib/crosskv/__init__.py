@@ -22,20 +22,37 @@ Glossary (records, tables and code use these words in these senses only):
   **held tokens** — the tokens whose keys/values (or compressed form) a layer still stores and attends
   to (the length in ``get_mask_sizes``): fewer than seen after eviction, none of its own for a KVSharer
   consumer.
+- **compressed context** — what a cache holds once its method has compressed the prompt (``runner.compress``).
+  **The cache contract** (every registered method and every valid composition; proven by
+  ``tests/test_contract.py`` over the registry): (a) a block of n tokens appended after the compressed context gives
+  the logits of n one-token forwards (float32: ≤ 1e-4); (b) the compressed context is immutable: what is appended
+  after it (question, answer, forced gold tokens) lives apart and ``cache.crop(context_length)`` drops it exactly,
+  any number of times; (c) ``cache.reset()`` forgets everything, or raises an error naming the method; (d) batch
+  rows are independent, or a batch of different rows is refused naming the method; (e) every tensor a layer keeps is
+  on its layer's device and owns its storage; (f) held bytes = census = ``kv_bytes`` after the prefill, after
+  compression, after every decode step and after a drop. A combination that cannot keep it is refused by name.
 """
-from crosskv.run.harness import evaluate
-from crosskv.methods import make_method
-from crosskv.core.models import load_model
-from crosskv.run.results import load_records
-from crosskv.run.session import compressed
+import importlib
+
+# public name → the module defining it, imported on first use (PEP 562): ``import crosskv.core.models`` loads
+# no more than that module needs, never the harness, the methods or kvpress
+_PUBLIC = {"evaluate": "crosskv.run.harness", "make_method": "crosskv.methods", "load_model": "crosskv.core.models",
+           "load_records": "crosskv.run.results", "compressed": "crosskv.run.session",
+           "as_press": "crosskv.integrations.kvpress"}
 
 
-def as_press(method):
-    """``method`` as a kvpress press (imports kvpress and registers ``crosskv-text-generation``)."""
-    from crosskv.integrations.kvpress import as_press as adapt
+def __getattr__(name: str):
+    """The public API on first use; ``as_press`` imports kvpress and registers ``crosskv-text-generation``."""
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'crosskv' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value
+    return value
 
-    return adapt(method)
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC])
 
 
-__all__ = ["as_press", "compressed", "evaluate", "load_model", "load_records", "make_method"]
+__all__ = sorted(_PUBLIC)
 __version__ = "0.1.0"

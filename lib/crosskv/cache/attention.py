@@ -68,9 +68,10 @@ class CompressedKV:
     """What a compressed layer's ``update`` returns as keys and as values: its prefix and exact tail.
 
     ``prefix`` precedes the tail; ``keys``/``values`` ``(B, H_kv, t, d)`` (``t`` may be 0); ``layer_idx``
-    names the layer in errors. ``shape`` is the held K shape ``(B, H_kv, T_c + t, d)``, so wrappers that
-    only look at shapes (kvpress's head-masking patch of every registered attention) pass it through; any
-    other tensor use (an attribute, indexing, a torch function) raises :class:`PrefixChannelError`.
+    names the layer in errors. ``shape`` is the held K shape ``(B, H_kv, T_c + t, d)``, so a wrapper that
+    only looks at shapes (a library's patch of every registered attention function, until :func:`reclaim`
+    drops it) passes it through; any other tensor use (an attribute, indexing, a torch function) raises
+    :class:`PrefixChannelError`.
     """
 
     prefix: CompressedPrefix
@@ -108,6 +109,46 @@ def compressed_kv(prefix: CompressedPrefix, keys: torch.Tensor, values: torch.Te
     """The ``(keys, values)`` pair a compressed layer's ``update`` returns: the same :class:`CompressedKV` twice."""
     kv = CompressedKV(prefix, keys, values, layer_idx)
     return kv, kv
+
+
+@dataclass(frozen=True)
+class ExactPrefix(CompressedPrefix):
+    """Float rows ``keys``/``values`` ``(B, H_kv, T, d)`` read as a prefix segment (of :class:`ConcatPrefix`)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.keys.shape[-2]
+
+    def scores(self, q: torch.Tensor) -> torch.Tensor:
+        return (q @ self.keys.transpose(-1, -2)).float()                  # (B, H_kv, n, T)
+
+    def apply(self, probs: torch.Tensor) -> torch.Tensor:
+        return probs @ self.values.to(probs.dtype)                         # (B, H_kv, n, d)
+
+
+@dataclass(frozen=True)
+class ConcatPrefix(CompressedPrefix):
+    """Prefix ``segments`` in token order, read as one prefix: scores concatenated, outputs summed (in float32)."""
+
+    segments: tuple[CompressedPrefix, ...]
+
+    @property
+    def length(self) -> int:
+        return sum(segment.length for segment in self.segments)
+
+    def scores(self, q: torch.Tensor) -> torch.Tensor:
+        return torch.cat([segment.scores(q) for segment in self.segments], dim=-1)  # (B, H_kv, n, T_c)
+
+    def apply(self, probs: torch.Tensor) -> torch.Tensor:
+        out, start = None, 0
+        for segment in self.segments:
+            part = segment.apply(probs[..., start:start + segment.length]).float()  # (B, H_kv, n, d)
+            out = part if out is None else out + part
+            start += segment.length
+        return out.to(probs.dtype)
 
 
 def _causal_bias(attention_mask, q_len: int, kv_len: int, like: torch.Tensor) -> torch.Tensor | None:
@@ -156,9 +197,10 @@ def crosskv_attention(module, query, key, value, attention_mask, dropout: float 
     return out.view(b, hq, q_len, d).transpose(1, 2).contiguous(), None
 
 
-def unwrap_kvpress() -> None:
-    """Importing kvpress wraps every registered attention function in its head-wise key masking, which reads
-    ``key.shape``: make the model call :func:`crosskv_attention` itself (after any such import)."""
+def reclaim() -> None:
+    """Map :data:`ATTENTION` to :func:`crosskv_attention` itself in the table models read, dropping any wrapper a
+    library put since over every registered attention function (kvpress does on import, in the table's local
+    mapping, which the class-wide registration below cannot override). :func:`installed` calls it on entry."""
     ALL_ATTENTION_FUNCTIONS[ATTENTION] = crosskv_attention
 
 
@@ -166,7 +208,7 @@ def unwrap_kvpress() -> None:
 def installed(model) -> Iterator[None]:
     """Run ``model`` with :data:`ATTENTION` as its attention implementation; the previous one is restored."""
     previous = model.config._attn_implementation
-    unwrap_kvpress()
+    reclaim()
     model.set_attn_implementation(ATTENTION)
     try:
         yield

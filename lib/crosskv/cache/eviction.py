@@ -1,50 +1,28 @@
-"""Token eviction for compositions: kvpress scores → one kept token set per *unit* of layers → evicted caches.
+"""Token eviction for compositions: per-layer scores → one kept token set per *unit* of layers → evicted layers.
 
 A unit is a set of layers that must hold the same tokens because they share something across
 layers (an xKV group's token basis, a MiniCache pair's rows, a CommonKV group's merge); an
-independent layer is a unit of one. While the context is prefilled, :class:`EvictionScorer` records
-each layer's token scores (a kvpress press's ``score``, averaged over batch and KV heads → ``(T,)``)
-and its budget (``compute_n_kept``, or PyramidKV's ``get_layer_budget``). :func:`token_sets` then pools
-the scores of a unit's layers (their mean) and keeps the top ``round(mean of the unit's budgets)``
-tokens for the whole unit, so a unit's budget is the mean of its layers' budgets (rounded half up).
+independent layer is a unit of one. While the context is prefilled, a scorer (a kvpress press:
+:class:`crosskv.methods.peers.EvictionScorer`) records each layer's token scores ``(T,)`` and its budget.
+:func:`token_sets` then pools the scores of a unit's layers (their mean) and keeps the top
+``round(mean of the unit's budgets)`` tokens for the whole unit, so a unit's budget is the mean of its
+layers' budgets (rounded half up).
 
 Kept indices are absolute positions of the prompt. :class:`EvictedLayer` is a plain K/V layer after
 eviction: it holds fewer rows than tokens seen, so positions and masks stay absolute.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from crosskv.cache.attention import unwrap_kvpress
 from crosskv.cache.layer import HeldLayer
-from crosskv.core.capture import rotary_aliases
+from crosskv.cache.quant import is_plain
 
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Eviction:
-    """A kvpress scorer press usable for eviction: its class name and whether it takes ``window_size``."""
-
-    press_class: str
-    windowed: bool
-    description: str
-
-
-EVICTIONS: dict[str, Eviction] = {
-    "snapkv": Eviction("SnapKVPress", True, "attention of the context's last window (uniform budget)"),
-    "pyramidkv": Eviction("PyramidKVPress", True, "SnapKV scores, pyramid-shaped per-layer budgets"),
-    "knorm": Eviction("KnormPress", False, "smallest key norms kept"),
-    "streaming_llm": Eviction("StreamingLLMPress", False, "first n_sink (4) and most recent tokens kept"),
-    "expected_attention": Eviction("ExpectedAttentionPress", False, "attention expected from future queries"),
-}
 
 
 class EvictedLayer(HeldLayer):
@@ -68,56 +46,6 @@ def layer_kv(layer) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     if hasattr(layer, "current_kv"):
         return layer.current_kv()
     return getattr(layer, "keys", None), getattr(layer, "values", None)
-
-
-def make_press(evict: str, ratio: float, window_size: int):
-    """The kvpress press for ``evict`` at ``compression_ratio=ratio``."""
-    import kvpress  # lazy: importing kvpress patches transformers' attention functions
-
-    unwrap_kvpress()  # a run already inside installed() keeps reading compressed prefixes
-
-    spec = EVICTIONS[evict]
-    kwargs = {"compression_ratio": ratio}
-    if spec.windowed:
-        kwargs["window_size"] = window_size
-    return getattr(kvpress, spec.press_class)(**kwargs)
-
-
-class EvictionScorer:
-    """Records, per layer, the press's token scores ``(T,)`` and budget during the context prefill."""
-
-    def __init__(self, model, evict: str, ratio: float, window_size: int = 64):
-        self.press = make_press(evict, ratio, window_size)
-        self.model, self.ratio = model, ratio
-        self.scores: dict[int, torch.Tensor] = {}
-        self.budgets: dict[int, int] = {}
-
-    def budget(self, module, tokens: int) -> int:
-        from kvpress.utils import compute_n_kept
-
-        if hasattr(self.press, "get_layer_budget"):
-            return max(1, min(tokens, self.press.get_layer_budget(module, tokens)))
-        return compute_n_kept(tokens, self.ratio)
-
-    def hook(self, module, args, kwargs, output):
-        cache = kwargs["past_key_values"]
-        keys, values = layer_kv(cache.layers[module.layer_idx])
-        if keys is None:  # a layer that stores nothing (a KVSharer consumer)
-            return output
-        if module.layer_idx in self.scores:
-            raise ValueError("eviction scores the whole context in one prefill forward; this prefill ran in chunks")
-        scores = self.press.score(module, kwargs["hidden_states"], keys, values, None, kwargs)  # (B, H_kv, T)
-        self.scores[module.layer_idx] = scores.float().mean(dim=(0, 1))  # (T,)
-        self.budgets[module.layer_idx] = self.budget(module, keys.shape[-2])
-        return output
-
-    @contextlib.contextmanager
-    def hooks(self) -> Iterator["EvictionScorer"]:
-        """The press's own context (its model set-up, e.g. ``rotary_emb`` for expected attention) with
-        :meth:`hook` registered on every attention layer in place of the press's compressing hook."""
-        self.press.forward_hook = self.hook
-        with rotary_aliases(self.model), self.press(self.model):
-            yield self
 
 
 def unit_budget(budgets: list[int]) -> int:
@@ -145,11 +73,19 @@ def token_sets(scores: dict[int, torch.Tensor], budgets: dict[int, int],
     return kept
 
 
+def holds_every_token(layer) -> bool:
+    """True when ``layer`` holds a plain row for every token it has seen (:func:`crosskv.cache.quant.is_plain`:
+    a ``DynamicLayer``, a plain layer, or an evicted or quantized layer after ``reset``)."""
+    rows = layer.keys.shape[-2] if layer.is_initialized and layer.keys.numel() else 0
+    return is_plain(layer) and rows == layer.get_seq_length()
+
+
 def evict_plain(layer: DynamicLayer, index: torch.Tensor) -> EvictedLayer:
-    """A plain ``DynamicLayer`` reduced to the rows at ``index`` ``(kept,)``; anything else is refused."""
-    if type(layer) is not DynamicLayer:
-        raise ValueError(f"cannot evict tokens from a {type(layer).__name__}: only plain DynamicLayer rows "
-                         "(or caches defining evict_tokens) can be evicted")
+    """A layer holding every token seen as plain rows (:func:`holds_every_token`) reduced to the rows at
+    ``index`` ``(kept,)``; anything else (a layer already evicted, compressed or quantized) is refused."""
+    if not holds_every_token(layer):
+        raise ValueError(f"cannot evict tokens from a {type(layer).__name__}: only layers holding every token "
+                         "seen as plain rows (or caches defining evict_tokens) can be evicted")
     return EvictedLayer(layer, index)
 
 

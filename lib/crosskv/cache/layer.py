@@ -16,7 +16,8 @@ if it can, :meth:`map_prefix` (apply a batch-first tensor map to what it holds b
 beam reorder / repeat / select) and :meth:`release_prefix` (for :meth:`reset`). The defaults refuse
 with a message naming the layer kind. A layer whose newest rows live elsewhere than the exact tail (CommonKV's
 float latents; a KVSharer consumer, which holds nothing) says how many :meth:`crop` may cut
-(:meth:`croppable`) and cuts them (:meth:`drop_newest`).
+(:meth:`croppable`) and cuts them (:meth:`drop_newest`); one that can cut elsewhere too (a KIVI layer drops its
+whole appended stream) says where in :meth:`check_crop`.
 """
 from __future__ import annotations
 
@@ -75,17 +76,22 @@ class HeldLayer(DynamicLayer):
 
     # --- editing -----------------------------------------------------------------------------------
     def crop(self, max_length: int) -> None:
-        """Keep the first ``max_length`` tokens seen (negative: drop that many), cutting only the newest
-        :meth:`croppable` rows seen after :attr:`fixed` (:meth:`drop_newest`)."""
+        """Keep the first ``max_length`` tokens seen (negative: drop that many) where :meth:`check_crop` allows
+        (by default only the newest :meth:`croppable` rows seen after :attr:`fixed`), by :meth:`drop_newest`."""
         max_length = self.seen + max_length if max_length < 0 else max_length
         if max_length >= self.seen:
             return
+        self.check_crop(max_length)
+        self.drop_newest(self.seen - max_length)
+        self.seen = max_length
+
+    def check_crop(self, max_length: int) -> None:
+        """Raise ``ValueError`` unless :meth:`drop_newest` can cut back to ``max_length`` tokens (``< seen``):
+        only the newest :meth:`croppable` rows seen after :attr:`fixed` by default."""
         floor = max(self.fixed, self.seen - self.croppable())
         if max_length < floor:
             raise ValueError(f"cannot crop a {type(self).__name__} to {max_length} tokens: the first {floor} "
-                             "were evicted, compressed or quantized")
-        self.drop_newest(self.seen - max_length)
-        self.seen = max_length
+                             f"were evicted, compressed or quantized (layer {self.layer_idx}, {self.seen} seen)")
 
     def croppable(self) -> int:
         """How many of the newest tokens :meth:`drop_newest` can cut: the exact tail rows."""

@@ -22,6 +22,7 @@ from transformers.cache_utils import CacheLayerMixin
 from crosskv.cache.attention import CompressedPrefix, compressed_kv
 from crosskv.cache.eviction import evict_plain
 from crosskv.cache.layer import HeldLayer
+from crosskv.cache.plain import PlainLayer
 from crosskv.cache.storage import layer_tensors
 from crosskv.cache.quant import QuantSpec, quantize_plain_layers
 
@@ -83,10 +84,11 @@ class PrefixLayer(HeldLayer):
 
 
 class PrefixCache(Cache):
-    """Container of per-layer caches (``PrefixLayer`` inside the compressed range, ``DynamicLayer`` elsewhere).
+    """Container of per-layer caches (``PrefixLayer`` inside the compressed range, ``PlainLayer`` elsewhere).
 
-    ``shared`` lists objects with a ``tensors()`` method (a group's basis, a pair's direction) whose
-    tensors several layers read; they are counted once by :meth:`stored_tensors`.
+    ``shared`` lists objects with ``tensors()`` and ``release()`` methods (a group's basis, a pair's direction)
+    whose tensors several layers read; they are counted once by :meth:`stored_tensors` and dropped by
+    :meth:`reset`.
     """
 
     def __init__(self, layers: list[CacheLayerMixin]):
@@ -115,6 +117,24 @@ class PrefixCache(Cache):
             else:
                 self.layers[idx] = evict_plain(layer, index)
                 self.layers[idx].layer_idx = idx
+
+    def reset(self) -> None:
+        """Forget every token, back to a new cache's state (a new prompt can be compressed again): every shared
+        object's tensors (its ``release()``), every prefix layer's own tensors and exact tail (its
+        :meth:`~crosskv.cache.layer.HeldLayer.reset`), and every other layer (plain, evicted, quantized) replaced
+        by :meth:`fresh_layer`."""
+        for shared in self.shared:
+            shared.release()
+        for index, layer in enumerate(self.layers):
+            if isinstance(layer, PrefixLayer):
+                layer.reset()
+            else:
+                self.layers[index] = self.fresh_layer(index)
+                self.layers[index].layer_idx = index
+
+    def fresh_layer(self, index: int) -> CacheLayerMixin:
+        """A new cache's layer ``index`` outside the compressed range: a :class:`~crosskv.cache.plain.PlainLayer`."""
+        return PlainLayer()
 
     def stored_tensors(self) -> Iterator[torch.Tensor]:
         for shared in self.shared:

@@ -13,10 +13,15 @@ dequantized copy survives a step.
   rows, CommonKV latents) are quantized by the cache's ``quantize_(spec)``, per row of their last axis
   (CommonKV keeps its ``residual`` most recent latents float).
 
-A :class:`KiviLayer` quantizes appended tokens (question, decoded) as KIVI does: in whole groups once
-they leave the float ``residual`` window, so its held bytes stay at their target over long generations;
-attention reads its codes without dequantizing them (:class:`QuantizedPrefix`). A method's own
-tensors keep the cross-layer convention: tokens appended after compression are stored exactly.
+A :class:`KiviLayer`'s context is immutable once quantized; tokens appended after it (question, decoded) form
+a stream of their own, quantized as KIVI does (in whole groups once they leave the stream's float ``residual``
+window, never across the context's boundary), so held bytes stay near their target over long generations.
+Its contract: (a) a block of ``n`` appended tokens gives the logits of ``n`` one-token forwards (each query
+reads each token through codes exactly where it would have, fed alone: :class:`MixedPrefix`); (b) cropping
+back to the context drops the stream exactly, any number of times, and cropping into the stream's codes is
+refused (``ValueError``); (c) ``reset`` forgets everything; (f) ``stored()`` yields every tensor kept, and
+nothing else is kept. Attention reads codes without dequantizing them (:class:`QuantizedPrefix`). A method's
+own tensors keep the cross-layer convention: tokens appended after compression are stored exactly.
 :func:`quantize_cache` sets ``cache.quant_storage = "real"``.
 """
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Iterator, Union
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from crosskv.cache.attention import CompressedPrefix, compressed_kv
+from crosskv.cache.attention import CompressedPrefix, ConcatPrefix, ExactPrefix, compressed_kv
 from crosskv.cache.layer import HeldLayer
 
 BITS = (2, 4, 8)
@@ -36,7 +41,8 @@ BITS = (2, 4, 8)
 @dataclass(frozen=True)
 class QuantSpec:
     """``bits`` ∈ {2, 4, 8}; ``group_size`` values share a scale/zero; ``residual`` recent tokens stay float
-    (a plain layer's tokens beyond it are quantized in whole groups, prompt and appended alike)."""
+    (a plain layer's tokens beyond it are quantized in whole groups: the context's, and the appended stream's
+    on its own)."""
 
     bits: int = 4
     group_size: int = 32
@@ -227,14 +233,66 @@ class QuantizedPrefix(CompressedPrefix):
         return out.reshape(b, h, n, -1)[..., :v.length].to(probs.dtype)
 
 
+def quantized_count(appended: int, spec: QuantSpec) -> int:
+    """Tokens of an appended stream of ``appended`` tokens held as codes: whole groups beyond the float ``residual``."""
+    beyond = max(0, appended - spec.residual)
+    return beyond - beyond % spec.group_size
+
+
+@dataclass(frozen=True)
+class MixedPrefix(CompressedPrefix):
+    """Tokens that a block's own queries read in two forms: query ``j`` reads token ``i`` through its codes where
+    ``coded[j, i]``, else as the float row (as it would have, fed alone, when the token was still in the window).
+
+    ``codes``: :class:`QuantizedPrefix` of the ``m`` tokens; ``keys``/``values`` ``(B, H, m, d)`` their float rows;
+    ``coded`` ``(n, m)`` bool for the block's ``n`` queries (attention rows are ordered (group, query)).
+    """
+
+    codes: QuantizedPrefix
+    keys: torch.Tensor
+    values: torch.Tensor
+    coded: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.keys.shape[-2]
+
+    def rows(self, n_rows: int) -> torch.Tensor:
+        """``coded`` for every attention row ``(g·n, m)``: row ``r`` is query ``r mod n``."""
+        return self.coded.repeat(n_rows // self.coded.shape[0], 1)
+
+    def scores(self, q: torch.Tensor) -> torch.Tensor:
+        exact = (q @ self.keys.transpose(-1, -2)).float()                  # (B, H, g·n, m)
+        return torch.where(self.rows(q.shape[-2]), self.codes.scores(q), exact)
+
+    def apply(self, probs: torch.Tensor) -> torch.Tensor:
+        coded = self.rows(probs.shape[-2])                                 # (g·n, m)
+        exact = probs.masked_fill(coded, 0) @ self.values.to(probs.dtype)  # (B, H, g·n, d)
+        return self.codes.apply(probs.masked_fill(~coded, 0)) + exact
+
+
 class KiviLayer(HeldLayer):
     """A plain K/V layer held as codes, KIVI-style: keys per channel, values per token.
 
-    ``keys``/``values`` ``(B, H, t, d)`` hold the float tail (the ``residual`` most recent tokens, and up
-    to ``group_size − 1`` more); ``qkeys``/``qvalues`` the ``prefix_len`` older tokens as codes. Whenever
-    the tail reaches ``residual + group_size`` tokens, its oldest whole groups are quantized and appended
-    to the codes, so held bytes stay at their target over long generations. Attention reads the codes
-    through :class:`QuantizedPrefix` (the ``crosskv`` attention); :meth:`current_kv` dequantizes them.
+    The **context** (the rows held when the layer is built) is immutable: its oldest whole groups beyond the
+    ``residual`` window are codes (``qkeys``/``qvalues``), the rest float rows (``residual_keys``/``residual_values``
+    ``(B, H, r, d)``, ``residual ≤ r < residual + group_size``), fixed for good. Tokens appended after it form a
+    stream of their own, quantized on its own by the same rule (never across the context's boundary): codes
+    ``appended_qkeys``/``appended_qvalues`` for its oldest whole groups, its newest tokens float in the
+    base's exact tail ``keys``/``values``. So:
+
+    - a block of ``n`` appended tokens gives what ``n`` one-token forwards give: query ``j`` reads the stream's
+      tokens through codes exactly where it would have, fed alone (:class:`MixedPrefix` for the tokens that
+      change form inside the block). Groups the block's last query read as codes are stored as codes when the
+      next block is appended (so between forwards the float tail holds up to one block more than the window);
+    - :meth:`crop` to the context length drops the whole stream (the layer is then byte for byte as built),
+      any number of times; cropping elsewhere works inside the stream's float tail and raises ``ValueError``
+      where tokens would need un-quantizing; :meth:`reset` forgets everything (the layer then holds plain rows,
+      quantized as a new context by the next compression, as on a fresh cache);
+    - :meth:`stored` yields every tensor kept, and nothing else is kept (slices are copied).
+
+    Attention reads the codes through :class:`QuantizedPrefix` (the ``crosskv`` attention); :meth:`current_kv`
+    dequantizes them.
     """
 
     def __init__(self, layer: DynamicLayer, spec: QuantSpec):
@@ -242,59 +300,143 @@ class KiviLayer(HeldLayer):
         self.dtype, self.device, self.is_initialized = layer.keys.dtype, layer.keys.device, True
         self.spec = spec
         self.seen = layer.get_seq_length()  # absolute tokens seen (more than held after eviction)
-        self.qkeys: QTensor | None = None
-        self.qvalues: QTensor | None = None
-        self.keys, self.values = layer.keys, layer.values
-        self.flush()
-        self.keys, self.values = self.keys.clone(), self.values.clone()  # owned: no view pins the prompt
+        keys, values = layer.keys, layer.values                              # (B, H, T, d)
+        coded = split_residual(keys, spec.residual, multiple=spec.group_size)
+        self.qkeys, self.qvalues = self.quantize_kv(keys[..., :coded, :], values[..., :coded, :])
+        self.residual_keys, self.residual_values = keys[..., coded:, :].clone(), values[..., coded:, :].clone()
+        self.context_rows = keys.shape[-2]
+        self.appended_qkeys: QTensor | None = None
+        self.appended_qvalues: QTensor | None = None
+        self.keys, self.values = self.empty_rows(keys), self.empty_rows(values)
+        self.prefix_len = self.context_rows
+        self.block = 0  # tokens of the last append (the block attention reads next)
+        self.plain_kv = False  # True after reset: plain rows until quantize_plain_layers builds a new context
         self.fix()
 
-    def flush(self) -> None:
-        """Quantize the tail's oldest whole groups beyond the ``residual`` window and append them to the codes."""
-        n = split_residual(self.keys, self.spec.residual, multiple=self.spec.group_size)
-        if not n:
-            return
+    @staticmethod
+    def empty_rows(x: torch.Tensor) -> torch.Tensor:
+        """A fresh ``(B, H, 0, d)`` tensor like ``x`` (a zero-length view would pin ``x``'s storage)."""
+        return x.new_empty(*x.shape[:-2], 0, x.shape[-1])
+
+    def quantize_kv(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[QTensor | None, QTensor | None]:
+        """``(B, H, t, d)`` K per channel and V per token as codes (``None`` for ``t = 0``)."""
+        if not keys.shape[-2]:
+            return None, None
         bits, group = self.spec.bits, self.spec.group_size
-        qk = quantize(self.keys[..., :n, :], bits, group, axis=-2)
-        qv = quantize(self.values[..., :n, :], bits, group, axis=-1)
-        self.qkeys = qk if self.qkeys is None else self.qkeys.extend(qk)
-        self.qvalues = qv if self.qvalues is None else self.qvalues.extend(qv)
+        return quantize(keys, bits, group, axis=-2), quantize(values, bits, group, axis=-1)
+
+    # --- the appended stream -------------------------------------------------------------------------------
+    def appended(self) -> int:
+        """Tokens appended after the context."""
+        return self.seen - self.fixed
+
+    def appended_coded(self) -> int:
+        """Tokens of the appended stream stored as codes."""
+        return 0 if self.appended_qkeys is None else self.appended_qkeys.length
+
+    def flush(self) -> None:
+        """Store as codes the stream's whole groups beyond its float window (what its last query read as codes)."""
+        n = quantized_count(self.appended(), self.spec) - self.appended_coded()
+        if n <= 0:
+            return
+        qk, qv = self.quantize_kv(self.keys[..., :n, :], self.values[..., :n, :])
+        if self.appended_qkeys is not None:
+            qk, qv = self.appended_qkeys.extend(qk), self.appended_qvalues.extend(qv)
+        self.appended_qkeys, self.appended_qvalues = qk, qv
         self.keys, self.values = self.keys[..., n:, :].clone(), self.values[..., n:, :].clone()
         self.prefix_len += n
 
     def append(self, key_states, value_states) -> None:
+        if not self.plain_kv:
+            self.flush()
         super().append(key_states, value_states)
-        self.flush()
+        self.block = key_states.shape[-2]
+
+    def mixed(self, count: int) -> MixedPrefix:
+        """The oldest ``count`` float-tail tokens, which the last block's queries read as codes from some query on."""
+        spec, end = self.spec, self.appended()
+        first = self.appended_coded()                                       # stream index of the first one
+        steps = torch.arange(end - self.block + 1, end + 1, device=self.keys.device)  # tokens appended at each query
+        coded_upto = (steps - spec.residual).clamp_min(0) // spec.group_size * spec.group_size  # (n,)
+        index = torch.arange(first, first + count, device=self.keys.device)                      # (m,)
+        keys, values = self.keys[..., :count, :], self.values[..., :count, :]
+        return MixedPrefix(QuantizedPrefix(*self.quantize_kv(keys, values)), keys, values,
+                           index[None, :] < coded_upto[:, None])
 
     def attend_kv(self):
-        if self.qkeys is None:
+        """The channel pair: context codes, context float rows, stream codes, the tokens changing form inside the
+        last block (:class:`MixedPrefix`), then the float tail; plain K/V when nothing is quantized."""
+        if self.plain_kv:
             return self.keys, self.values
-        return compressed_kv(QuantizedPrefix(self.qkeys, self.qvalues), self.keys, self.values, self.layer_idx)
+        count = max(0, quantized_count(self.appended(), self.spec) - self.appended_coded()) if self.block else 0
+        if self.qkeys is None and self.appended_qkeys is None and not count:
+            return self.current_kv()
+        segments = []
+        if self.qkeys is not None:
+            segments.append(QuantizedPrefix(self.qkeys, self.qvalues))
+        if self.residual_keys.shape[-2]:
+            segments.append(ExactPrefix(self.residual_keys, self.residual_values))
+        if self.appended_qkeys is not None:
+            segments.append(QuantizedPrefix(self.appended_qkeys, self.appended_qvalues))
+        if count:
+            segments.append(self.mixed(count))
+        return compressed_kv(ConcatPrefix(tuple(segments)), self.keys[..., count:, :], self.values[..., count:, :],
+                             self.layer_idx)
 
     def current_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V ``(B, H, held, d)``: the codes dequantized now, then the float tail."""
-        if self.qkeys is None:
-            return self.keys, self.values
-        return (torch.cat([self.qkeys.dequantize(), self.keys], dim=-2),
-                torch.cat([self.qvalues.dequantize(), self.values], dim=-2))
+        """K and V ``(B, H, held, d)`` as stored: codes dequantized now, float rows as they are, in token order."""
+        keys = [dense(self.qkeys), self.residual_keys, dense(self.appended_qkeys), self.keys]
+        values = [dense(self.qvalues), self.residual_values, dense(self.appended_qvalues), self.values]
+        keys, values = [k for k in keys if k is not None], [v for v in values if v is not None]
+        if len(keys) == 1:
+            return keys[0], values[0]
+        return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
+
+    # --- editing -----------------------------------------------------------------------------------------
+    def check_crop(self, max_length: int) -> None:
+        """Allowed: the context length (drops the whole stream) or a point inside the stream's float tail."""
+        coded = self.fixed + self.appended_coded()
+        if max_length != self.fixed and max_length < coded:
+            raise ValueError(
+                f"cannot crop the KiviLayer of layer {self.layer_idx} to {max_length} tokens: its context holds "
+                f"{self.fixed} tokens and the first {coded} of the {self.seen} seen are quantized; crop to the "
+                f"context ({self.fixed}) or to at least {coded}")
+
+    def drop_newest(self, count: int) -> None:
+        """Cut the newest ``count`` tokens: float tail rows, or the whole appended stream (codes too)."""
+        self.block = 0
+        if count <= self.tail_len():
+            super().drop_newest(count)
+            return
+        self.appended_qkeys = self.appended_qvalues = None
+        self.keys, self.values = self.empty_rows(self.keys), self.empty_rows(self.values)
+        self.prefix_len = self.context_rows
 
     def map_prefix(self, fn) -> None:
-        if self.qkeys is not None:
-            self.qkeys, self.qvalues = self.qkeys.map(fn), self.qvalues.map(fn)
+        for name in ("qkeys", "qvalues", "appended_qkeys", "appended_qvalues"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).map(fn))
+        if self.residual_keys is not None:
+            self.residual_keys, self.residual_values = fn(self.residual_keys), fn(self.residual_values)
 
     def release_prefix(self) -> None:
-        self.qkeys = self.qvalues = None
+        """Forget the context and the stream: the layer then holds plain rows (:func:`is_plain`) until
+        :func:`quantize_plain_layers` quantizes a new context, as on a fresh cache."""
+        self.qkeys = self.qvalues = self.appended_qkeys = self.appended_qvalues = None
+        self.residual_keys = self.residual_values = None
+        self.context_rows = self.block = 0
+        self.plain_kv = True
 
     def stored(self) -> Iterator[torch.Tensor]:
-        for q in (self.qkeys, self.qvalues):
-            yield from parts(q)
-        yield from parts(self.keys)
-        yield from parts(self.values)
+        for x in (self.qkeys, self.qvalues, self.residual_keys, self.residual_values,
+                  self.appended_qkeys, self.appended_qvalues, self.keys, self.values):
+            yield from parts(x)
 
 
 def is_plain(layer) -> bool:
-    """A layer holding plain K/V rows: exactly ``DynamicLayer``, or a class marked ``plain_kv`` (after eviction)."""
-    return type(layer) is DynamicLayer or getattr(type(layer), "plain_kv", False)
+    """A layer holding plain K/V rows: exactly ``DynamicLayer``, or one marked ``plain_kv`` (a class: after
+    eviction; an instance: a :class:`KiviLayer` after ``reset``)."""
+    return type(layer) is DynamicLayer or getattr(layer, "plain_kv", False)
 
 
 def quantize_plain_layers(cache, spec: QuantSpec) -> int:

@@ -14,6 +14,8 @@ from typing import Iterable, Iterator
 import torch
 from transformers import DynamicCache
 
+from crosskv.core import rotary
+
 
 def decoder(model):
     """The bare decoder (``model.model`` for a ``*ForCausalLM``)."""
@@ -68,43 +70,12 @@ def kv_shape(model_or_config) -> KVShape:
     return KVShape(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, cfg.hidden_size, cfg.num_attention_heads)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-class Rotary:
-    """RoPE at absolute positions with the model's own rotary embedding.
-
-    ``rotate(k, positions)`` equals what the model applies to keys; ``unrotate`` is its exact
-    inverse (including any attention scaling folded into cos/sin). Keys: ``(B, H, T, d)``;
-    positions: ``(T,)`` or ``(B, T)`` int64.
-    """
+class Rotary(rotary.Rotary):
+    """RoPE at absolute positions with ``model``'s own rotary embedding (:class:`crosskv.core.rotary.Rotary`):
+    ``rotate(k, positions)`` equals what the model applies to keys; ``unrotate`` is its exact inverse."""
 
     def __init__(self, model):
-        self.rotary_emb = decoder(model).rotary_emb
-
-    def cos_sin(self, positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tables ``(B|1, 1, T, d)`` in ``like``'s dtype, on its device (only those two are read from it)."""
-        if positions.dim() == 1:
-            positions = positions.unsqueeze(0)
-        cos, sin = self.rotary_emb(like.new_empty(0), positions.to(like.device))  # (B|1, T, d) each
-        return cos.unsqueeze(1), sin.unsqueeze(1)  # (B|1, 1, T, d)
-
-    def rotate(self, k: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """RoPE in ``k``'s dtype, as the model applies it (no float32 copies)."""
-        cos, sin = self.cos_sin(positions, k)
-        return self.apply(k, cos, sin)
-
-    @staticmethod
-    def apply(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """RoPE with ``cos``/``sin`` tables broadcastable to ``k`` (e.g. from :meth:`cos_sin`)."""
-        return k * cos + _rotate_half(k) * sin
-
-    def unrotate(self, k: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        kf = k.float()
-        cos, sin = self.cos_sin(positions, kf)
-        return ((kf * cos - _rotate_half(kf) * sin) / (cos * cos + sin * sin)).to(k.dtype)
+        super().__init__(decoder(model).rotary_emb)
 
 
 @dataclass

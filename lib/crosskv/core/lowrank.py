@@ -1,4 +1,4 @@
-"""Low-rank helpers shared by the xKV/SVD cache and the notebooks: grouped matrices, truncated SVD, spectra.
+"""Low-rank helpers shared by the xKV/SVD cache and the evidence: grouped matrices, truncated SVD, spectra.
 
 A "group matrix" stacks G layers' K (or V) of one sequence side by side along the feature axis,
 ``(B, T, G·H_kv·d)``; xKV's premise is that such a matrix has a faster-decaying spectrum than each
@@ -108,7 +108,12 @@ def rank_error(x: torch.Tensor, rank: int) -> float:
 
     Uses the Eckart–Young identity (error² = energy of the discarded singular values).
     """
-    energy = spectrum(x).pow(2)
+    return tail_error(spectrum(x).pow(2), rank)
+
+
+def tail_error(energy: torch.Tensor, rank: int) -> float:
+    """Relative Frobenius error of a rank-``rank`` truncation from squared singular values ``(..., n)`` (summed
+    over any leading batch axes)."""
     return float((energy[..., rank:].sum() / energy.sum()).sqrt())
 
 
@@ -123,27 +128,33 @@ def rank_for_elements(budget: int, tokens: int, layers: int, width: int) -> int:
     return max(1, min(budget // (tokens + layers * width), tokens, layers * width))
 
 
-def grouped_vs_single_error(kv: torch.Tensor, group_size: int, single_rank: int) -> dict[str, float]:
-    """Reconstruction error of per-layer SVD vs one grouped SVD holding the same number of elements.
+def equal_storage_errors(layer_energy: list[torch.Tensor], group_energy: torch.Tensor, tokens: int,
+                         width: int, single_rank: int) -> dict[str, float]:
+    """Per-layer vs grouped truncation error of G layers at equal stored elements, from their spectra.
 
-    ``kv``: ``(G, B, H, T, d)`` for G = ``group_size`` consecutive layers (pre-RoPE keys or values).
-    Per-layer SVD keeps ``single_rank`` per layer; the grouped SVD gets the largest rank whose stored
-    elements (shared basis + G factors) do not exceed the G per-layer factorisations. Returns
-    ``{"single": err, "grouped": err, "single_rank": r1, "grouped_rank": rG, "elements": n}`` where
-    each error is the relative Frobenius error over the whole group.
+    ``layer_energy``: G squared-singular-value tensors ``(..., n)`` of each layer's ``(T, width)`` matrix;
+    ``group_energy``: those of the group's ``(T, G·width)`` matrix. Per-layer SVD keeps ``single_rank`` per
+    layer; the grouped SVD gets the largest rank whose stored elements (shared basis + G factors) do not
+    exceed the G per-layer factorisations. Returns ``{"single": err, "grouped": err, "single_rank": r1,
+    "grouped_rank": rG, "elements": n}``, each error the relative Frobenius error over the whole group.
     """
-    g, b, h, t, d = kv.shape
+    g = len(layer_energy)
+    budget = g * factored_elements(tokens, single_rank, 1, width)
+    grouped_rank = rank_for_elements(budget, tokens, g, width)
+    norms = [float(energy.sum()) for energy in layer_energy]
+    single_sq = sum(tail_error(energy, single_rank) ** 2 * norm for energy, norm in zip(layer_energy, norms))
+    return {"single": (single_sq / sum(norms)) ** 0.5, "grouped": tail_error(group_energy, grouped_rank),
+            "single_rank": single_rank, "grouped_rank": grouped_rank, "elements": budget}
+
+
+def grouped_vs_single_error(kv: torch.Tensor, group_size: int, single_rank: int) -> dict[str, float]:
+    """:func:`equal_storage_errors` of ``kv`` ``(G, B, H, T, d)``: G = ``group_size`` consecutive layers (pre-RoPE
+    keys or values), errors over the batch."""
+    g, _, h, t, d = kv.shape
     if g != group_size:
         raise ValueError(f"kv holds {g} layers but group_size={group_size}")
-    width = h * d
-    budget = g * factored_elements(t, single_rank, 1, width)
-    grouped_rank = rank_for_elements(budget, t, g, width)
-    single_sq = sum(rank_error(group_matrix(kv[i:i + 1]), single_rank) ** 2 * float(kv[i].float().pow(2).sum())
-                    for i in range(g))
-    single = (single_sq / float(kv.float().pow(2).sum())) ** 0.5
-    grouped = rank_error(group_matrix(kv), grouped_rank)
-    return {"single": single, "grouped": grouped, "single_rank": single_rank,
-            "grouped_rank": grouped_rank, "elements": budget}
+    layer_energy = [spectrum(group_matrix(kv[i:i + 1])).pow(2) for i in range(g)]
+    return equal_storage_errors(layer_energy, spectrum(group_matrix(kv)).pow(2), t, h * d, single_rank)
 
 
 def group_energy(kv: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -156,88 +167,3 @@ def group_energy(kv: torch.Tensor, group_size: int) -> torch.Tensor:
     groups = kv.shape[0] // group_size
     return torch.stack([energy_captured(spectrum(group_matrix(kv[g * group_size:(g + 1) * group_size])))
                         for g in range(groups)])
-
-
-def energy_table(fields: dict[str, torch.Tensor], group_sizes: list[int]) -> "pandas.DataFrame":
-    """Tidy energy-vs-rank curves: one row per (field, G, rank) with the mean energy over groups and sequences.
-
-    ``fields`` maps a label (e.g. "keys (pre-RoPE)") to ``(L, N, H, T, d)``. Columns: field,
-    group_size, rank, rank_fraction (rank / (G·H·d): equal values mean equal basis storage per layer,
-    factors excluded), energy.
-    """
-    import pandas as pd
-
-    rows = []
-    for label, kv in fields.items():
-        for g in group_sizes:
-            curve = group_energy(kv, g).mean(dim=(0, 1))  # (n,)
-            width = g * kv.shape[2] * kv.shape[4]
-            rows += [{"field": label, "group_size": g, "rank": r + 1, "rank_fraction": (r + 1) / width,
-                      "energy": float(curve[r])} for r in range(curve.shape[0])]
-    return pd.DataFrame(rows)
-
-
-def grouped_error_table(fields: dict[str, torch.Tensor], group_sizes: list[int], single_ranks: list[int],
-                        sequence: int = 0) -> "pandas.DataFrame":
-    """Per-layer vs grouped SVD error at equal stored elements, for every full group of each size.
-
-    ``fields`` maps a label to ``(L, N, H, T, d)``; sequence ``sequence`` is used. One row per
-    (field, G, single rank, group) with columns field, group_size, first_layer, single_rank,
-    grouped_rank, single, grouped (relative Frobenius errors), kept (stored / uncompressed elements).
-    """
-    import pandas as pd
-
-    rows = []
-    for label, kv in fields.items():
-        kv = kv[:, sequence:sequence + 1]
-        _, _, h, t, d = kv.shape
-        for g in group_sizes:
-            for r in single_ranks:
-                for first in range(0, kv.shape[0] - g + 1, g):
-                    result = grouped_vs_single_error(kv[first:first + g], g, r)
-                    rows.append({"field": label, "group_size": g, "first_layer": first, "single_rank": r,
-                                 "grouped_rank": result["grouped_rank"], "single": result["single"],
-                                 "grouped": result["grouped"], "kept": result["elements"] / (g * t * h * d)})
-    return pd.DataFrame(rows)
-
-
-def _tail_error(energy: torch.Tensor, rank: int) -> float:
-    """Relative error of a rank-``rank`` truncation from squared singular values ``(n,)``."""
-    return float((energy[rank:].sum() / energy.sum()).sqrt())
-
-
-def grouped_error_units(fields: dict[str, torch.Tensor], group_sizes: list[int], single_ranks: list[int],
-                        lengths: list[int]) -> "pandas.DataFrame":
-    """:func:`grouped_vs_single_error` for every (field, T, sequence, G, single rank, group): the paired units
-    of a per-layer vs grouped comparison at equal stored elements.
-
-    ``fields`` maps a label to ``(L, N, H, T_max, d)``; each T of ``lengths`` (≤ T_max) uses every sequence's
-    first T tokens. One SVD per layer and per group (errors for every rank come from its spectrum). One row
-    per unit with columns field, tokens, sequence, group_size, first_layer, single_rank, grouped_rank,
-    single, grouped (relative Frobenius errors over the group), kept (stored / uncompressed elements).
-    """
-    import pandas as pd
-
-    rows = []
-    for label, kv in fields.items():
-        layers, sequences, h, t_max, d = kv.shape
-        for t in lengths:
-            if not 0 < t <= t_max:
-                raise ValueError(f"length {t} outside 1..{t_max} (the captured tokens)")
-            for n in range(sequences):
-                part = kv[:, n:n + 1, :, :t]  # (L, 1, H, T, d)
-                layer_energy = [spectrum(group_matrix(part[i:i + 1]))[0].pow(2) for i in range(layers)]
-                for g in group_sizes:
-                    for first in range(0, layers - g + 1, g):
-                        group_energy_ = spectrum(group_matrix(part[first:first + g]))[0].pow(2)
-                        norms = [float(layer_energy[i].sum()) for i in range(first, first + g)]
-                        for r in single_ranks:
-                            budget = g * factored_elements(t, r, 1, h * d)
-                            grouped_rank = rank_for_elements(budget, t, g, h * d)
-                            single_sq = sum(_tail_error(layer_energy[first + i], r) ** 2 * norms[i] for i in range(g))
-                            rows.append({"field": label, "tokens": t, "sequence": n, "group_size": g,
-                                         "first_layer": first, "single_rank": r, "grouped_rank": grouped_rank,
-                                         "single": (single_sq / sum(norms)) ** 0.5,
-                                         "grouped": _tail_error(group_energy_, grouped_rank),
-                                         "kept": budget / (g * t * h * d)})
-    return pd.DataFrame(rows)

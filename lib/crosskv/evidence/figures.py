@@ -7,6 +7,9 @@ parameters. Every notebook also receives ``figures_dir`` and ``results_dir``:
   results into ``data/results/``; the executed notebooks and figures are committed.
 - ``smoke`` (tests): notebooks, figures and results under ``build/smoke/`` — never touches ``figures/``.
 - ``gpu`` (a researcher's GPU box, real models): notebooks into ``build/gpu/``, figures into ``figures/gpu/``.
+  Shrunk (``shrink_model``, ``crosskv figures --profile gpu --model random:tiny --shrink``): every parameter path
+  of the gpu profile at the sizes of ``params/gpu-shrink.yaml`` on a small model, everything under
+  ``build/gpu-shrunk/`` (``make test`` runs it, so that a GPU box never runs the gpu profile's paths first).
 
 Incremental: each executed notebook records in its metadata a hash of its inputs (its source
 cells, its parameters and the library's source); when that hash and the notebook's figures are
@@ -46,6 +49,7 @@ log = logging.getLogger(__name__)
 NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
 PARAMS_DIR = NOTEBOOKS_DIR / "params"
 PROFILES = ("smoke", "cpu", "gpu")
+SHRINK_FILE = PARAMS_DIR / "gpu-shrink.yaml"
 FIGURE_PATTERN = re.compile(r"(?:fig|tab)_\d\d_[\w-]+\.(?:png|pdf|csv|md)")
 # notebook number → the numbers of the notebooks whose figures/tables it reads (a test checks the sources)
 READS = {"03": ("01",)}
@@ -60,10 +64,12 @@ class Layout:
     results: Path
 
 
-def layout(profile: str, build_root: Path | None = None) -> Layout:
+def layout(profile: str, build_root: Path | None = None, shrunk: bool = False) -> Layout:
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose from {', '.join(PROFILES)}")
     build = Path(build_root) if build_root else PROJECT_ROOT / "build"
+    if shrunk:
+        return Layout(build / "gpu-shrunk" / "notebooks", build / "gpu-shrunk" / "figures", build / "gpu-shrunk" / "results")
     if profile == "cpu":
         return Layout(NOTEBOOKS_DIR, PROJECT_ROOT / "figures", PROJECT_ROOT / "data" / "results")
     if profile == "gpu":
@@ -77,7 +83,33 @@ def notebooks() -> list[Path]:
 
 
 def load_profile(profile: str) -> dict[str, dict]:
-    path = PARAMS_DIR / f"{profile}.yaml"
+    return _load_params(PARAMS_DIR / f"{profile}.yaml", profile)
+
+
+def load_shrink() -> dict[str, dict]:
+    """``params/gpu-shrink.yaml``: per notebook, the sizes that replace the gpu profile's in a shrunk run; ``ValueError``
+    naming a parameter whose value is not a size (an int, a float or a list of numbers)."""
+    data = _load_params(SHRINK_FILE, "gpu (shrunk)")
+    for stem, parameters in data.items():
+        for name, value in parameters.items():
+            if not _is_size(value):
+                raise ValueError(f"{SHRINK_FILE}: {stem}.{name}={value!r} is not a size (an int, a float or a list "
+                                 "of numbers); the shrunk run keeps the gpu profile's names and paths")
+    return data
+
+
+def _is_size(value) -> bool:
+    if isinstance(value, list):
+        return all(_is_size(v) for v in value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def shrunk_parameters(notebook: Path, model: str) -> dict:
+    """What a shrunk gpu-profile run gives ``notebook`` beyond the gpu profile: its sizes and ``model``."""
+    return {**load_shrink().get(notebook.stem, {}), "model": model}
+
+
+def _load_params(path: Path, profile: str) -> dict[str, dict]:
     if not path.is_file():
         raise FileNotFoundError(f"parameter file {path} for profile {profile!r} does not exist")
     data = yaml.safe_load(path.read_text()) or {}
@@ -212,9 +244,13 @@ def _papermill(notebook: Path, target: Path, parameters: dict) -> None:
 
 
 def execute(notebook: Path, profile: str = "cpu", force: bool = False, build_root: Path | None = None,
-            extra: dict | None = None) -> Path:
-    """Execute one notebook under ``profile``; returns the executed notebook's path (skipped if up to date)."""
-    where = layout(profile, build_root)
+            extra: dict | None = None, shrink_model: str | None = None) -> Path:
+    """Execute one notebook under ``profile`` (shrunk onto ``shrink_model`` when given: gpu profile only); returns
+    the executed notebook's path (skipped if up to date)."""
+    check_shrink(profile, shrink_model)
+    where = layout(profile, build_root, shrunk=shrink_model is not None)
+    if shrink_model is not None:
+        extra = {**shrunk_parameters(notebook, shrink_model), **(extra or {})}
     parameters = checked_parameters(notebook, profile, extra)
     parameters.update(figures_dir=str(where.figures), results_dir=str(where.results))
     target = where.notebooks / notebook.name
@@ -243,27 +279,34 @@ class NotebookError(RuntimeError):
     """A notebook's execution failed (in parallel mode: its process exited non-zero)."""
 
 
+def check_shrink(profile: str, shrink_model: str | None) -> None:
+    """``ValueError`` unless a shrunk run is of the gpu profile (the one a researcher runs elsewhere first)."""
+    if shrink_model is not None and profile != "gpu":
+        raise ValueError(f"--shrink applies to the gpu profile, not {profile!r}")
+
+
 def run(profile: str = "cpu", only: list[str] | None = None, force: bool = False,
-        build_root: Path | None = None, jobs: int = 1) -> list[Path]:
+        build_root: Path | None = None, jobs: int = 1, shrink_model: str | None = None) -> list[Path]:
     """Execute every numbered notebook (or those whose stem starts with one of ``only``): in order, or ``jobs``
-    at a time (longest first, see the module docstring)."""
+    at a time (longest first, see the module docstring); shrunk onto ``shrink_model`` when given."""
     if jobs < 1:
         raise ValueError(f"jobs={jobs} must be at least 1")
+    check_shrink(profile, shrink_model)
     force = force or os.environ.get("FORCE", "") not in ("", "0")
     selected = [nb for nb in notebooks() if not only or any(nb.stem.startswith(o) for o in only)]
     if not selected:
         raise ValueError(f"no notebook matches {only}")
     for notebook in selected:  # every parameter file and output folder is checked before the first notebook runs
-        checked_parameters(notebook, profile)
-    where = layout(profile, build_root)
+        checked_parameters(notebook, profile, shrunk_parameters(notebook, shrink_model) if shrink_model else None)
+    where = layout(profile, build_root, shrunk=shrink_model is not None)
     for folder in (where.notebooks, where.figures, where.results):
         check_writable(folder)
     if jobs == 1 or len(selected) == 1:
-        return [execute(nb, profile, force=force, build_root=build_root) for nb in selected]
+        return [execute(nb, profile, force=force, build_root=build_root, shrink_model=shrink_model) for nb in selected]
     threads = max(1, (os.cpu_count() or 1) // min(jobs, len(selected)))
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
     codes = _run_parallel(schedule(selected, where), jobs,
-                          lambda notebook: _execute_apart(notebook, profile, force, build_root, env))
+                          lambda notebook: _execute_apart(notebook, profile, force, build_root, env, shrink_model))
     failed = [f"{nb.stem} ({'not run: it reads a failed notebook' if code is None else f'exit {code}'})"
               for nb, code in codes.items() if code != 0]
     if failed:
@@ -313,9 +356,11 @@ def _run_parallel(queue: list[Path], jobs: int, execute_one) -> dict[Path, int |
     return codes
 
 
-def _execute_apart(notebook: Path, profile: str, force: bool, build_root: Path | None, env: dict) -> int:
+def _execute_apart(notebook: Path, profile: str, force: bool, build_root: Path | None, env: dict,
+                   shrink_model: str | None = None) -> int:
     """Execute one notebook in its own ``python -m crosskv figures --only`` process → its exit code."""
     command = [sys.executable, "-m", "crosskv", "figures", "--profile", profile, "--only", notebook.stem]
+    command += ["--model", shrink_model, "--shrink"] if shrink_model else []
     command += ["--force"] if force else []
     command += ["--build-root", str(build_root)] if build_root else []
     log.info("executing %s in its own process (%s torch threads)", notebook.name, env["OMP_NUM_THREADS"])
@@ -331,13 +376,22 @@ def configure_cli(parser) -> None:
                         help="notebooks executed at once, each in its own process with cores/jobs threads (default 1)")
     parser.add_argument("--build-root", type=Path, default=None,
                         help="where the smoke and gpu profiles write (default: build/ in the project)")
+    parser.add_argument("--model", default=None, help="with --shrink: the model of the shrunk run (e.g. random:tiny)")
+    parser.add_argument("--shrink", action="store_true",
+                        help="gpu profile only: every parameter path at params/gpu-shrink.yaml's sizes on --model, "
+                             "into build/gpu-shrunk/")
 
 
 def run_cli(args) -> int:
-    """``python -m crosskv figures [--profile cpu] [--only 02 ...] [--force] [--jobs N] [--build-root DIR]``."""
+    """``python -m crosskv figures [--profile cpu] [--only 02 ...] [--force] [--jobs N] [--build-root DIR]
+    [--model M --shrink]``."""
     logging.getLogger("crosskv").setLevel(logging.INFO)
+    if args.shrink != (args.model is not None):
+        print("crosskv figures: error: --shrink and --model go together (--profile gpu --model random:tiny --shrink)",
+              file=sys.stderr)
+        return 2
     try:
-        paths = run(args.profile, args.only, args.force, args.build_root, args.jobs)
+        paths = run(args.profile, args.only, args.force, args.build_root, args.jobs, shrink_model=args.model)
     except NotebookError as err:
         print(f"crosskv figures: error: {err}", file=sys.stderr)
         return 1

@@ -15,7 +15,12 @@ panel a family is drawn in when a chart is split into small multiples (at most 8
 draws quality against held kept in small multiples by panel, the full cache as a band, the papers'
 converted points as hollow markers labelled with the paper's model, and a perplexity axis clipped to the
 informative range with off-scale points marked at the edge (their values written beside them); legends sit
-outside the data.
+outside the data, where no other panel covers them.
+
+Legibility: titles wrap to their panel's width (:func:`fit_title`); labels that would overlap are moved apart
+(:func:`declutter`); markers of different series at nearly the same x are spread a little sideways
+(:func:`dodge`, a display offset only — tables keep the measured x); several families at exactly 0 on an
+accuracy axis are drawn one row per family in a strip under 0 (:func:`floor_rows`).
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from pathlib import Path
 
 import matplotlib
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 import numpy as np
 import pandas as pd
 
@@ -174,6 +180,107 @@ def publish(fig, name: str, figures_dir: str | Path) -> None:
     plt.close(fig)
 
 
+def fit_title(ax, text: str) -> None:
+    """Set the title of ``ax`` wrapped at spaces to the axes' width (a title wider than its panel runs into the
+    next panel's): the width after the figure's layout engine has run, else as the grid places it."""
+    size = matplotlib.font_manager.FontProperties(size=plt.rcParams["axes.titlesize"]).get_size_in_points()
+    engine = ax.figure.get_layout_engine()
+    if engine is not None:
+        engine.execute(ax.figure)
+    width = ax.get_position().width * ax.figure.get_figwidth() * 72
+    ax.set_title(wrap_to(text, width, size))
+
+
+def wrap_to(text: str, width: float, size: float) -> str:
+    """``text`` with line breaks at spaces so each line is at most ``width`` points wide at font ``size`` (a word
+    longer than that keeps its own line)."""
+    from matplotlib.textpath import TextPath
+
+    def wide(line: str) -> float:
+        return TextPath((0, 0), line, size=size).get_extents().width
+
+    lines: list[str] = []
+    for word in text.split(" "):
+        if lines and wide(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return "\n".join(lines)
+
+
+def legend_clear(ax, **kwargs):
+    """The legend of ``ax`` where no other panel of its grid covers it: to the right in the last column, below
+    the axes in the last row, else inside the axes (``loc="best"``)."""
+    spec = ax.get_subplotspec()
+    if spec is None or spec.is_last_col():
+        return legend_outside(ax, **kwargs)
+    if spec.is_last_row():
+        return legend_outside(ax, below=True, ncol=kwargs.pop("ncol", 3), **kwargs)
+    return ax.legend(loc="best", frameon=False, **kwargs)
+
+
+def declutter(*axes, pad: float = 1.0, tries: int = 12) -> None:
+    """In each of ``axes``, move an annotation that overlaps an earlier one (in x order) down a line at a time
+    until it is clear (at most ``tries`` lines): point labels and off-scale values stay readable."""
+    from matplotlib.text import Annotation
+
+    crowded = [[t for t in ax.texts if isinstance(t, Annotation)] for ax in axes]
+    if not any(len(texts) > 1 for texts in crowded):
+        return
+    fig = axes[0].figure
+    fig.draw_without_rendering()  # final limits and layout, so extents are where they will be drawn
+    points = 72 / fig.dpi
+    for texts in crowded:
+        placed = []
+        for text in sorted(texts, key=lambda t: (t.xy[0], t.xy[1])):
+            for _ in range(tries):
+                box = text.get_window_extent().padded(pad)
+                if not any(box.overlaps(other) for other in placed):
+                    break
+                dx, dy = text.xyann
+                text.xyann = (dx, dy - box.height * points)
+            placed.append(text.get_window_extent())
+
+
+def dodge(x, series, log: bool = True, width: float = 0.012, step: float = 0.008) -> np.ndarray:
+    """Display x positions that spread points of different ``series`` at nearly the same ``x`` sideways.
+
+    Points closer than ``width`` (decades on a log axis, else x units) form a cluster; within a cluster holding
+    several series, each series moves by ``step`` × its rank around the centre (in decades: a factor
+    ``10**step`` ≈ 1.9 %), so markers and error bars stop covering each other. Only where things are drawn:
+    tables keep the measured x. ``x``: ``(N,)``; ``series``: ``(N,)`` labels."""
+    x = np.asarray(x, dtype=float)
+    labels = np.asarray(series, dtype=object)
+    pos = np.log10(x) if log else x.copy()
+    out = pos.copy()
+    order = np.argsort(pos, kind="stable")
+    clusters, current = [], [order[0]] if len(order) else []
+    for i, j in zip(order[:-1], order[1:]):
+        if pos[j] - pos[i] < width:
+            current.append(j)
+        else:
+            clusters.append(current)
+            current = [j]
+    if current:
+        clusters.append(current)
+    for members in clusters:
+        names = list(dict.fromkeys(labels[m] for m in members))
+        for m in members:
+            out[m] = pos[m] + (names.index(labels[m]) - (len(names) - 1) / 2) * step
+    return 10 ** out if log else out
+
+
+def floor_rows(df: pd.DataFrame, step: float) -> dict[str, float]:
+    """family → y offset for the families of ``df`` with a point at exactly 0 on its score and interval, when
+    two or more have one: family ``k`` (in order) is drawn at ``−(k + 1)·step`` so points stacked at 0 can be
+    told apart (a strip under the axis, labelled by the caller)."""
+    at_zero = df[(df["score"] == 0) & (df["score_hi"] == 0)]
+    families = list(dict.fromkeys(at_zero["family"]))
+    if len(families) < 2:
+        return {}
+    return {f: -(k + 1) * step for k, f in enumerate(families)}
+
+
 def legend_outside(ax, ncol: int = 1, below: bool = False, **kwargs):
     """The legend of ``ax`` outside its data: to the right (default) or below the axes."""
     handles, labels = ax.get_legend_handles_labels()
@@ -243,31 +350,40 @@ def frontier(df: pd.DataFrame, ylabel: str, title: str = "", papers: pd.DataFram
     if not higher and len(ref):
         low, top = clip_limits(df["score_lo"], df["score_hi"], float(ref["score"].iloc[0]), clip)
         top = top / 1.1 * 1.05
+    step = 0.035 * max(1.0, float(df["score_hi"].max())) if higher else 0.0
     for ax, panel in zip(axes[0], panels):
         part = rest[rest["panel"] == panel]
         if part["family"].nunique() > 8:
             raise ValueError(f"panel {panel!r} would hold {part['family'].nunique()} series (at most 8)")
+        rows = floor_rows(part, step) if higher else {}
+        part = part.assign(kept=dodge(part["kept"], part["family"]) if len(part) else part["kept"])
         for _, row in ref.iterrows():
             ax.axhspan(float(row["score_lo"]), float(row["score_hi"]), color="0.88", zorder=0, lw=0,
                        label=f"{full} (95 % interval, n = {int(row['n'])})" if "n" in row else full)
             ax.axhline(float(row["score"]), color="k", lw=0.7, ls="--")
         for family, group in part.groupby("family", sort=False):
             group = group.sort_values("kept")
-            _clipped_errorbar(ax, group["kept"], group["score"], group["score_lo"], group["score_hi"], top, family,
-                              style_of(family))
+            shift = np.where((group["score"] == 0) & (group["score_hi"] == 0), rows.get(family, 0.0), 0.0)
+            _clipped_errorbar(ax, group["kept"], group["score"] + shift, group["score_lo"] + shift,
+                              group["score_hi"] + shift, top, family, style_of(family))
+        if rows:
+            ax.axhspan(min(rows.values()) - step / 2, -step / 2, color="0.95", zorder=0, lw=0)
+            ax.annotate("at 0: one row per family", (0.01, min(rows.values()) - step / 2), xycoords=("axes fraction", "data"),
+                        xytext=(0, 1), textcoords="offset points", fontsize=5, color="0.4", va="bottom")
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: "" if v < 0 else f"{v:g}"))
         if papers is not None and len(papers):
             for _, row in papers[papers["family"].map(lambda f: FAMILIES.loc[family_for(f), "panel"]) == panel].iterrows():
                 st = style_of(row["family"])
                 ax.plot([row["kept"]], [row["score"]], marker=st["marker"], mfc="none", mec=st["color"], ms=6, ls="none")
                 ax.annotate(str(row["model"]).split("-Instruct")[0], (row["kept"], row["score"]), xytext=(3, 2),
-                            textcoords="offset points", fontsize=5, color=st["color"])
+                            textcoords="offset points", fontsize=5, color=st["color"], annotation_clip=False)
         front = df[df["front"]].sort_values("kept")
         if len(front):
             ax.step(front["kept"], front["score"].clip(upper=top) if top else front["score"], where="post",
                     color="k", lw=0.8, alpha=0.5, label="Pareto front (all families)")
         kept_axis(ax)
         ax.set_xlabel("held kept (log)")
-        ax.set_title(panel)
+        fit_title(ax, panel)
         legend_outside(ax, below=True, fontsize=6)
     if papers is not None and len(papers):
         axes[0, 0].plot([], [], marker="o", mfc="none", mec="0.3", ls="none", label="paper (its model), hollow")
@@ -282,6 +398,7 @@ def frontier(df: pd.DataFrame, ylabel: str, title: str = "", papers: pd.DataFram
         fig.suptitle(title)
     if fig.get_layout_engine() is None:
         fig.tight_layout()
+    declutter(*axes[0])
     return fig
 
 
@@ -305,19 +422,22 @@ def heatmap(matrix, ax=None, title: str = "", cmap: str | None = None, vmin=None
     ax.set_xlabel("layer")
     ax.set_ylabel("layer")
     ax.grid(False)
-    ax.set_title(title)
+    fit_title(ax, title)
     return ax
 
 
 def lines(df: pd.DataFrame, x: str, y: str, hue: str | None = None, ax=None, marker: str = "o",
           title: str = "", xlabel: str | None = None, ylabel: str | None = None, logy: bool = False,
           reference: float | None = None, reference_label: str = "full", band: tuple[str, str] | None = None,
-          reference_band: tuple[float, float] | None = None, colors: dict[str, str] | None = None):
+          reference_band: tuple[float, float] | None = None, colors: dict[str, str] | None = None,
+          legend: bool = True):
     """``y`` against ``x``, one line per ``hue`` value (sorted by ``x``); optional horizontal reference.
 
     ``band=(lo, hi)`` shades the columns ``lo``..``hi`` around each line (an interval or a spread);
     ``reference_band`` shades an interval around the reference line; ``colors`` fixes a colour per hue value
-    (e.g. :data:`ORDERS`), so a value keeps its colour in every panel.
+    (e.g. :data:`ORDERS`), so a value keeps its colour in every panel. ``legend`` (default True): a legend where
+    no other panel covers it (:func:`legend_clear`); ``False`` for panels whose series another panel's legend
+    already names.
     """
     ax = _axes(ax)
     groups = [(None, df)] if hue is None else df.groupby(hue, sort=True)
@@ -335,9 +455,9 @@ def lines(df: pd.DataFrame, x: str, y: str, hue: str | None = None, ax=None, mar
         log_y(ax)
     ax.set_xlabel(xlabel or x)
     ax.set_ylabel(ylabel or y)
-    ax.set_title(title)
-    if hue is not None or reference is not None:
-        legend_outside(ax)
+    fit_title(ax, title)
+    if (hue is not None or reference is not None) and legend:
+        legend_clear(ax)
     return ax
 
 
@@ -346,7 +466,7 @@ def bars(df: pd.DataFrame, x: str, y: str, ax=None, title: str = "", ylabel: str
     ax = _axes(ax)
     ax.bar(df[x].astype(str), df[y], color=PALETTE[0])
     ax.set_ylabel(ylabel or y)
-    ax.set_title(title)
+    fit_title(ax, title)
     ax.tick_params(axis="x", rotation=rotate)
     return ax
 
@@ -358,8 +478,11 @@ def interval_lines(df: pd.DataFrame, x: str, hue: str, ax=None, title: str = "",
     """``score`` with its 95 % interval (``score_lo``–``score_hi`` as error bars) against ``x``, one series per
     ``hue`` value (sorted by ``x``); ``band = (lo, hi, label)`` shades a reference interval (e.g. the full cache).
     ``styles`` (label → colour and marker, e.g. :func:`series_styles`) fixes each series' look; ``top`` clips the
-    axis there, marking the points above it at the edge with their values."""
+    axis there, marking the points above it at the edge with their values. Without lines (``line=False``),
+    series at nearly the same ``x`` are spread sideways (:func:`dodge`) so their markers do not cover each other."""
     ax = _axes(ax)
+    if not line and len(df):
+        df = df.assign(**{x: dodge(df[x], df[hue], log=logx)})
     for i, (key, part) in enumerate(df.groupby(hue, sort=False)):
         part = part.sort_values(x)
         style = (styles or {}).get(str(key), {"color": PALETTE[i % len(PALETTE)], "marker": "o"})
@@ -380,5 +503,6 @@ def interval_lines(df: pd.DataFrame, x: str, hue: str, ax=None, title: str = "",
         ax.set_ylim(top=top)
     ax.set_xlabel(xlabel or x)
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    fit_title(ax, title)
+    declutter(ax)
     return ax

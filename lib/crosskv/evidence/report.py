@@ -12,7 +12,9 @@ Notebooks never type a measured number into a Markdown cell. They build the text
 evidence behind the sentences). A notebook opens with ``page = report.page("NN")`` (provenance line and an
 Answer placeholder under its title) and ends with ``page.close(answer, findings)`` (the answer filled in, the
 Findings shown once). :func:`equal_memory` refuses a comparison of two runs whose held kept differ by more
-than 10 % relative.
+than 10 % relative. :func:`uses_answer` renders the Answer of several uses from their decision table
+(:func:`crosskv.evidence.frontier.decide`), and :func:`answer_names_missing` lists any configuration an Answer
+names that its table does not hold. :func:`metric_label` names a metric with its context (``ppl_cont@2K``).
 """
 from __future__ import annotations
 
@@ -24,10 +26,10 @@ from typing import Any, Iterable, Sequence
 import pandas as pd
 
 from crosskv.evidence import stats
-from crosskv.evidence.stats import Comparison, Interval, compare
+from crosskv.evidence.stats import MATCH_TOLERANCE, Comparison, Interval, compare, matched
+from crosskv.evidence.tables import context_label, metric_label
 
 PROFILE_ENV = "CROSSKV_PROFILE"  # set by crosskv.evidence.figures for the kernel it starts
-MATCH_TOLERANCE = 0.10  # equal memory: held kept within 10 % relative
 
 
 def bullets(lines: Iterable[str]) -> str:
@@ -156,13 +158,6 @@ def page(notebook: str) -> Page:
 
 # ----------------------------------------------------------------------------- equal-memory claims
 
-def matched(kept_a: float, kept_b: float, tolerance: float = MATCH_TOLERANCE) -> bool:
-    """Whether two held kept fractions are within ``tolerance`` of each other, relative to the larger."""
-    if kept_a <= 0 or kept_b <= 0:
-        raise ValueError(f"kept must be positive, got {kept_a} and {kept_b}")
-    return abs(kept_a - kept_b) <= tolerance * max(kept_a, kept_b)
-
-
 def equal_memory(a: dict[str, Any], b: dict[str, Any], label_a: str, label_b: str,
                  tolerance: float = MATCH_TOLERANCE, metric: str = "score") -> Comparison:
     """The paired comparison of two runs at equal memory, both held kepts in the labels; refused (``ValueError``
@@ -177,14 +172,23 @@ def equal_memory(a: dict[str, Any], b: dict[str, Any], label_a: str, label_b: st
     return compare(a, b, f"{label_a} (kept {kept_a:.3f})", f"{label_b} (kept {kept_b:.3f})", metric=metric)
 
 
-def verdicts(comparisons: Sequence[Comparison]) -> pd.DataFrame:
-    """One row per comparison: both scores with intervals, the paired difference and the verdict."""
-    return pd.DataFrame([{
+def verdicts(comparisons: Sequence[Comparison], alpha: float = 0.05) -> pd.DataFrame:
+    """One row per comparison: both scores with intervals, the paired difference, the verdict of its interval, its
+    permutation ``p``, ``p_holm`` (Holm over ``comparisons``, the family) and ``call``: the verdict where
+    ``p_holm < alpha`` and the interval decides, else ``"not called"``."""
+    frame = pd.DataFrame([{
         "a": c.a, "b": c.b, "metric": c.metric,
         "score_a": c.score_a.estimate, "score_a_lo": c.score_a.lo, "score_a_hi": c.score_a.hi,
         "score_b": c.score_b.estimate, "score_b_lo": c.score_b.lo, "score_b_hi": c.score_b.hi,
         "diff": c.diff.estimate, "diff_lo": c.diff.lo, "diff_hi": c.diff.hi, "n": c.diff.n,
-        "verdict": c.verdict} for c in comparisons])
+        "verdict": c.verdict, "p": c.p} for c in comparisons])
+    if frame.empty:
+        return frame.assign(p_holm=[], call=[])
+    tested = frame["p"].notna()
+    frame["p_holm"] = stats.holm(frame.loc[tested, "p"])["p_holm"].reindex(frame.index)
+    decided = frame["verdict"].isin(["better", "worse"]) & (frame["p_holm"] < alpha)
+    frame["call"] = frame["verdict"].where(decided, "not called")
+    return frame
 
 
 def seconds(values: float | Sequence[float]) -> str:
@@ -255,3 +259,113 @@ def detectable(a: dict[str, Any], b: dict[str, Any], label: str, metric: str | N
     return (f"Minimum detectable effect, {label}: {mde:.3g} in {name} at n = {n} {unit} (paired t-test, 80 % power, "
             f"5 % two-sided; smaller true differences are likely reported as ties).")
 
+
+
+# ----------------------------------------------------------------------------- answers per use
+
+# what each class of cache keeps: the reason two uses can pick different classes at the same memory
+MECHANISMS = {
+    "eviction": "eviction keeps the recent (and most attended) tokens at full precision, which continuing the text "
+                "needs, and drops older tokens, where a fact to retrieve may sit",
+    "cross-layer": "cross-layer sharing and low rank keep every token, each at lower fidelity",
+    "quantization": "quantization keeps every token, each at lower precision",
+    "composition": "a composition stacks eviction, cross-layer and quantization stages",
+}
+
+
+def _num(value: float, signed: bool = False) -> str:
+    return f"{value:{'+' if signed else ''}.3g}"
+
+
+def decision_sentence(row: Any) -> str:
+    """One budget's decision (a row of :func:`crosskv.evidence.frontier.best_at_budget`) as a clause, every number
+    from the row."""
+    budget = f"≤ {row.budget:g}"
+    if row.decision == "none under budget":
+        return f"{budget}: nothing holds this little"
+    leader = f"**{row.leader}** (kept {row.kept_leader:.3f})"
+    if row.decision == "only candidate":
+        return f"{budget}: only {leader} fits, so nothing is tested"
+    extra = getattr(row, "leader_gold_match", None)
+    match = (f"; gold_match {row.leader_gold_match:.2f} vs {row.rival_gold_match:.2f}"
+             if extra is not None and extra == extra else "")
+    versus = (f"{row.rival}, kept {row.kept_rival:.3f}: {_num(row.leader_estimate)} vs {_num(row.rival_estimate)}, "
+              f"difference {_num(row.diff, True)} [{_num(row.ci_low, True)}, {_num(row.ci_high, True)}], "
+              f"Holm p = {row.p_holm:.2g}{match}")
+    if row.decision == "winner":
+        return f"{budget}: {leader}, ahead of all {int(row.rivals)} rivals (closest {versus})"
+    return (f"{budget}: no decision: {leader} leads, ahead of {int(row.beaten)} of {int(row.rivals)} rivals but not "
+            f"of {versus}")
+
+
+def use_sentence(decisions: pd.DataFrame, use: Any) -> str:
+    """The decisions of one use (a :class:`crosskv.evidence.frontier.Use`, or its name) at every budget, in one
+    sentence."""
+    from crosskv.evidence import frontier
+
+    use = frontier.use_of(use)
+    rows = decisions[decisions["use"] == use.name]
+    if rows.empty:
+        raise ValueError(f"no decision rows for use {use.name!r} (uses present: {sorted(decisions['use'].unique())})")
+    metric = rows["metric"].iloc[0]
+    tested = rows.dropna(subset=["n_confirm"])
+    split = (f"; leaders selected on half A (n = {int(tested['n_select'].max())}), confirmed on half B "
+             f"(n = {int(tested['n_confirm'].max())}) against every rival, Holm over each distinct pair once"
+             if len(tested) else "")
+    return (f"**{use.name.capitalize()}** ({use.data}; {metric}, {'higher' if use.higher_is_better else 'lower'} "
+            f"is better{split}): " + "; ".join(decision_sentence(r) for r in rows.itertuples()) + ".")
+
+
+def disagreement_sentence(decisions: pd.DataFrame, uses: Sequence[str] = ("retrieve", "continue")) -> str:
+    """Where two uses' leaders differ at one budget, with what each leader's class keeps (:data:`MECHANISMS`);
+    or that they agree at every budget both reach."""
+    first, second = (decisions[decisions["use"] == u].dropna(subset=["leader"]).set_index("budget") for u in uses)
+    budgets = [b for b in first.index if b in second.index]
+    differ = [b for b in budgets if first.loc[b, "leader"] != second.loc[b, "leader"]]
+    if not budgets:
+        return f"The uses {uses[0]} and {uses[1]} share no budget with a leader."
+    if not differ:
+        return f"The uses agree at every budget both reach ({', '.join(f'≤ {b:g}' for b in budgets)})."
+
+    def pick(frame, b, use):
+        row = frame.loc[b]
+        state = "decided" if row["decision"] == "winner" else "not decided"
+        return f"{use} → {row['leader']} ({row['class_leader']}, {state})"
+    clauses = [f"≤ {b:g}: {pick(first, b, uses[0])}, {pick(second, b, uses[1])}" for b in differ]
+    classes = dict.fromkeys(c for b in differ for c in (first.loc[b, "class_leader"], second.loc[b, "class_leader"]))
+    why = [MECHANISMS[c] for c in classes if c in MECHANISMS]
+    same_class = all(first.loc[b, "class_leader"] == second.loc[b, "class_leader"] for b in differ)
+    reason = ("the leaders differ in configuration, not in kind" if same_class else "; ".join(why))
+    return f"The uses disagree at {len(differ)} of {len(budgets)} budgets ({'; '.join(clauses)}): {reason}."
+
+
+def uses_answer(decisions: pd.DataFrame, uses: Sequence[str] = ("retrieve", "continue")) -> str:
+    """The Answer for several uses from their decision frame (:func:`crosskv.evidence.frontier.decide`): one
+    sentence per use, then where the first two disagree. Every number and name comes from ``decisions``."""
+    present = [u for u in uses if (decisions["use"] == u).any()]
+    if not present:
+        raise ValueError(f"the decision frame has none of the uses {list(uses)}")
+    text = [use_sentence(decisions, u) for u in present]
+    if len(present) >= 2:
+        text.append(disagreement_sentence(decisions, present[:2]))
+    return " ".join(text)
+
+
+def answer_names_missing(answer: str, table: pd.DataFrame, names: Iterable[str] | None = None) -> list[str]:
+    """The configuration or family names an Answer mentions that its table does not hold (empty: every name it
+    uses is backed by the table). ``names``: the labels to look for (default: every chart family of
+    :data:`crosskv.evidence.plotting.FAMILIES` but ``full``); longer names are matched first and masked, so
+    ``"KVSharer + xKV G=4"`` is not also read as ``"xKV G=4"``. A name is in the table when a text cell contains
+    it (a family named in prose is backed by its configurations' rows)."""
+    if names is None:
+        from crosskv.evidence.plotting import FAMILIES
+
+        names = [f for f in FAMILIES.index if f != "full"]
+    cells = [str(v) for column in table.columns if table[column].dtype == object for v in table[column].dropna()]
+    text, missing = answer, []
+    for name in sorted(set(names), key=len, reverse=True):
+        if name and name in text:
+            text = text.replace(name, "\0")
+            if not any(name in cell for cell in cells):
+                missing.append(name)
+    return sorted(missing)

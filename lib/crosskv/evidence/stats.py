@@ -15,7 +15,9 @@ runs keep each window's summed NLL and token count (score ``exp(Σ nll / Σ toke
 - :func:`holm` — Holm's correction of a family of p-values (``statsmodels``);
 - :func:`min_detectable_effect` — the smallest paired mean difference a two-sided test at ``n`` detects
   with 80 % power (``statsmodels`` t-test power);
-- :func:`pool` — one record over several records' samples (a method's task mix), the only pooling.
+- :func:`pool` — one record over several records' samples (a method's task mix), the only pooling;
+- :func:`halves` — a fixed split of the samples into halves A and B, stratified per pooled task (select on
+  one half, confirm on the other).
 
 **Nothing is called below** :data:`N_MIN` paired units: with fewer, a sign-flip test has too few sign
 patterns and a BCa interval's coverage is unreliable, so the verdict is ``"too few"``. Above it a verdict is
@@ -27,6 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
@@ -148,11 +151,57 @@ def verdict(diff: Interval, higher_is_better: bool = True, n_min: int = N_MIN) -
     return "better" if (diff.estimate > 0) == higher_is_better else "worse"
 
 
+def paired_perplexity(nll_a: Sequence[float], tokens_a: Sequence[float], nll_b: Sequence[float],
+                      tokens_b: Sequence[float], n_min: int = N_MIN, level: float = LEVEL, resamples: int = RESAMPLES,
+                      seed: int = 0, permutations: int = PERMUTATIONS) -> dict[str, Any]:
+    """Paired comparison of two runs' perplexity over the same windows (window ``i`` is the same text in both)
+    → ``dict(diff, low, high, n, p, verdict)`` as :func:`paired`: ``diff`` is ``ppl(a) − ppl(b)`` with its BCa
+    interval (whole windows resampled jointly), ``p`` the paired permutation p-value of the per-window mean NLL
+    per token (``permutations`` random sign flips), lower is better."""
+    arrays = [np.asarray(x, float) for x in (nll_a, tokens_a, nll_b, tokens_b)]
+    if len({x.shape for x in arrays}) != 1 or arrays[0].ndim != 1 or arrays[0].size == 0:
+        raise ValueError(f"paired_perplexity needs four non-empty 1-d arrays of one length, got {[x.shape for x in arrays]}")
+    if (arrays[1] <= 0).any() or (arrays[3] <= 0).any():
+        raise ValueError("paired_perplexity: every window needs a positive token count")
+    diff, p = _perplexity_diff(*arrays, level=level, resamples=resamples, seed=seed, permutations=permutations)
+    return {"diff": diff.estimate, "low": diff.lo, "high": diff.hi, "n": diff.n, "p": p,
+            "verdict": verdict(diff, False, n_min)}
+
+
+def _perplexity_diff(na, ta, nb, tb, level: float, resamples: int, seed: int,
+                     permutations: int = PERMUTATIONS) -> tuple[Interval, float]:
+    """(``ppl(a) − ppl(b)`` with its BCa interval over windows, permutation p of the per-window NLL per token)."""
+    def stat(x, y, u, v, axis=-1):
+        return _ppl(x, y, axis) - _ppl(u, v, axis)
+    diff = bootstrap_interval((na, ta, nb, tb), stat, level, resamples, seed)
+    return diff, permutation_p(na / ta, nb / tb, permutations, seed=seed)
+
+
+def halves(index: Sequence[int], stride: int = POOL_STRIDE) -> np.ndarray:
+    """``True`` where a sample falls in half A, ``False`` in half B: a fixed split for selecting on one half and
+    confirming on the other. Stratified per task (a :func:`pool` index carries its task as ``index // stride``):
+    within each task the distinct samples are ordered by a CRC-32 of their index and the first ``⌈m/2⌉`` are A,
+    so every configuration's sample ``i`` lands in the same half, re-runs give the same split, and the halves do
+    not follow the order the samples were generated in. ``index``: ``(N,)`` sample indices (repeats allowed)."""
+    idx = np.asarray(index, dtype=np.int64)
+    if idx.ndim != 1:
+        raise ValueError(f"halves needs a 1-d index, got shape {idx.shape}")
+    first: list[int] = []
+    unique = np.unique(idx)
+    for task in np.unique(unique // stride):
+        members = sorted(unique[unique // stride == task].tolist(), key=lambda i: (zlib.crc32(str(i).encode()), i))
+        first += members[: (len(members) + 1) // 2]
+    return np.isin(idx, first)
+
+
 def paired(a: Sequence[float], b: Sequence[float], higher_is_better: bool = True, n_min: int = N_MIN,
-           level: float = LEVEL, resamples: int = RESAMPLES, seed: int = 0) -> dict[str, Any]:
+           level: float = LEVEL, resamples: int = RESAMPLES, seed: int = 0,
+           permutations: int = PERMUTATIONS) -> dict[str, Any]:
     """Paired comparison of per-unit values ``a`` and ``b`` (unit ``i`` is the same sample or sequence in both)
     → ``dict(diff, low, high, n, p, verdict)``: the mean difference ``a − b`` with its BCa interval, the paired
-    permutation p-value and the :func:`verdict` (``n_min``: the minimum n for calling anything)."""
+    permutation p-value (``permutations`` random sign flips: the smallest p it can give is about
+    ``2 / (permutations + 1)``, which bounds a Holm-adjusted family) and the :func:`verdict` (``n_min``: the minimum
+    n for calling anything)."""
     a, b = np.asarray(a, float), np.asarray(b, float)
     if a.shape != b.shape or a.ndim != 1 or a.size == 0:
         raise ValueError(f"paired needs two non-empty 1-d arrays of one length, got {a.shape} and {b.shape}")
@@ -162,7 +211,7 @@ def paired(a: Sequence[float], b: Sequence[float], higher_is_better: bool = True
         raise ValueError(f"n_min={n_min} must be at least 2")
     diff = bootstrap_interval((a - b,), _mean, level, resamples, seed)
     return {"diff": diff.estimate, "low": diff.lo, "high": diff.hi, "n": diff.n,
-            "p": permutation_p(a, b, seed=seed), "verdict": verdict(diff, higher_is_better, n_min)}
+            "p": permutation_p(a, b, permutations, seed=seed), "verdict": verdict(diff, higher_is_better, n_min)}
 
 
 def holm(pvalues: Sequence[float] | pd.Series, alpha: float = 1 - LEVEL) -> pd.DataFrame:
@@ -276,13 +325,9 @@ def paired_diff(a: dict[str, Any], b: dict[str, Any], level: float = LEVEL, resa
         da, db = _details(a), _details(b)
         if [d["index"] for d in da] != [d["index"] for d in db]:
             raise ValueError(f"cannot pair runs on different samples: {len(da)} vs {len(db)} windows")
-        na, ta = np.array([d["nll"] for d in da]), np.array([d["scored_tokens"] for d in da], float)
-        nb, tb = np.array([d["nll"] for d in db]), np.array([d["scored_tokens"] for d in db], float)
-
-        def stat(x, y, u, v, axis=-1):
-            return _ppl(x, y, axis) - _ppl(u, v, axis)
-        diff = bootstrap_interval((na, ta, nb, tb), stat, level, resamples, seed)
-        return diff, permutation_p(na / ta, nb / tb, seed=seed)
+        na, ta = np.array([d["nll"] for d in da], float), np.array([d["scored_tokens"] for d in da], float)
+        nb, tb = np.array([d["nll"] for d in db], float), np.array([d["scored_tokens"] for d in db], float)
+        return _perplexity_diff(na, ta, nb, tb, level, resamples, seed)
     ia, va = unit_values(a, metric)
     ib, vb = unit_values(b, metric)
     if ia != ib:
@@ -396,3 +441,15 @@ def table(records: Iterable[dict[str, Any]], columns: Sequence[str] = ("method",
         row.update(score=iv.estimate, score_lo=iv.lo, score_hi=iv.hi, n=iv.n)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- equal memory
+
+MATCH_TOLERANCE = 0.10  # equal memory: held kept within 10 % relative
+
+
+def matched(kept_a: float, kept_b: float, tolerance: float = MATCH_TOLERANCE) -> bool:
+    """Whether two held kept fractions are within ``tolerance`` of each other, relative to the larger."""
+    if kept_a <= 0 or kept_b <= 0:
+        raise ValueError(f"kept must be positive, got {kept_a} and {kept_b}")
+    return abs(kept_a - kept_b) <= tolerance * max(kept_a, kept_b)

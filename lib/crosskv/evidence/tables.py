@@ -1,4 +1,4 @@
-"""Tidy tables → CSV + Markdown, and the papers' published numbers as data.
+"""Tidy tables → CSV + Markdown, the papers' published numbers as data, and the low-rank tables of notebook 03.
 
 The published figures live in ``data/paper_reference/paper_numbers.csv`` (copied from the
 project's method notes; columns: paper, source, table, model, benchmark, method, setting,
@@ -10,7 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import torch
 
+from crosskv.core import lowrank
 from crosskv.core.assets import PROJECT_ROOT
 
 PAPER_NUMBERS = PROJECT_ROOT / "data" / "paper_reference" / "paper_numbers.csv"
@@ -66,3 +68,73 @@ def side_by_side(ours: pd.DataFrame, reference: pd.DataFrame, on: str, ours_labe
     b = reference.assign(origin=reference_label)
     columns = ["origin"] + [c for c in dict.fromkeys([*a.columns, *b.columns]) if c != "origin"]
     return pd.concat([a, b], ignore_index=True)[columns]
+
+
+# ----------------------------------------------------------------------------- low-rank structure (notebook 03)
+
+def energy_table(fields: dict[str, torch.Tensor], group_sizes: list[int]) -> pd.DataFrame:
+    """Tidy energy-vs-rank curves: one row per (field, G, rank) with the mean energy over groups and sequences.
+
+    ``fields`` maps a label (e.g. "keys (pre-RoPE)") to ``(L, N, H, T, d)``. Columns: field,
+    group_size, rank, rank_fraction (rank / (G·H·d): equal values mean equal basis storage per layer,
+    factors excluded), energy (:func:`crosskv.core.lowrank.group_energy`).
+    """
+    rows = []
+    for label, kv in fields.items():
+        for g in group_sizes:
+            curve = lowrank.group_energy(kv, g).mean(dim=(0, 1))  # (n,)
+            width = g * kv.shape[2] * kv.shape[4]
+            rows += [{"field": label, "group_size": g, "rank": r + 1, "rank_fraction": (r + 1) / width,
+                      "energy": float(curve[r])} for r in range(curve.shape[0])]
+    return pd.DataFrame(rows)
+
+
+def grouped_error_units(fields: dict[str, torch.Tensor], group_sizes: list[int], single_ranks: list[int],
+                        lengths: list[int]) -> pd.DataFrame:
+    """:func:`crosskv.core.lowrank.equal_storage_errors` for every (field, T, sequence, G, single rank, group): the
+    paired units of a per-layer vs grouped comparison at equal stored elements.
+
+    ``fields`` maps a label to ``(L, N, H, T_max, d)``; each T of ``lengths`` (≤ T_max) uses every sequence's
+    first T tokens. One SVD per layer and per group (errors for every rank come from its spectrum). One row
+    per unit with columns field, tokens, sequence, group_size, first_layer, single_rank, grouped_rank,
+    single, grouped (relative Frobenius errors over the group), kept (stored / uncompressed elements).
+    """
+    rows = []
+    for label, kv in fields.items():
+        layers, sequences, h, t_max, d = kv.shape
+        for t in lengths:
+            if not 0 < t <= t_max:
+                raise ValueError(f"length {t} outside 1..{t_max} (the captured tokens)")
+            for n in range(sequences):
+                part = kv[:, n:n + 1, :, :t]  # (L, 1, H, T, d)
+                energy = [lowrank.spectrum(lowrank.group_matrix(part[i:i + 1]))[0].pow(2) for i in range(layers)]
+                for g in group_sizes:
+                    for first in range(0, layers - g + 1, g):
+                        grouped = lowrank.spectrum(lowrank.group_matrix(part[first:first + g]))[0].pow(2)
+                        for r in single_ranks:
+                            e = lowrank.equal_storage_errors(energy[first:first + g], grouped, t, h * d, r)
+                            rows.append({"field": label, "tokens": t, "sequence": n, "group_size": g,
+                                         "first_layer": first, "single_rank": r, "grouped_rank": e["grouped_rank"],
+                                         "single": e["single"], "grouped": e["grouped"],
+                                         "kept": e["elements"] / (g * t * h * d)})
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- names
+
+def context_label(context: int | None) -> str:
+    """A context length as a reader writes it: ``512`` → ``"512"``, ``2048`` → ``"2K"``, ``32768`` → ``"32K"``
+    (whole multiples of 1024 from 1024 up in K)."""
+    if context is None:
+        raise ValueError("context_label needs a context length, got None")
+    context = int(context)
+    if context <= 0:
+        raise ValueError(f"context={context} must be positive")
+    return f"{context // 1024}K" if context >= 1024 and context % 1024 == 0 else str(context)
+
+
+def metric_label(metric: str, context: int | None) -> str:
+    """A metric named with the context it was measured at: ``ppl@512``, ``ppl_cont@2K``, ``gold_match@2K`` (the
+    same metric at another context is another number); the bare metric when the context is unknown (a mix of
+    contexts)."""
+    return metric if context is None or context != context else f"{metric}@{context_label(context)}"

@@ -27,7 +27,7 @@ from typing import Any, Callable
 from crosskv.evidence import figures
 from crosskv.integrations.argtypes import nonnegative_int, output_file, output_folder, positive_int
 from crosskv.methods import kvsharer
-from crosskv.methods.base import coerce
+from crosskv.core.params import coerce
 
 log = logging.getLogger(__name__)
 

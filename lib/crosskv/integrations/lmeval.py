@@ -163,8 +163,7 @@ class CrossKVLM(LM):
         with compressed(self.model, self.method, self.tokenizer) as c:
             c.prefill(context)
             as_ids(question + target, self._device, "question + continuation ids", c.vocab)  # refuses ids off the vocabulary
-            hidden = force(self.model, c.cache, question, target, len(context), self._device,
-                           c.runner.config.stepwise_decode, hidden=True)  # (Q+M, D)
+            hidden = force(self.model, c.cache, question, target, len(context), self._device, hidden=True)  # (Q+M, D)
             logits = self.model.get_output_embeddings()(hidden[len(question) - 1:-1])  # (M, vocab)
         logprobs = logits.float().log_softmax(-1)  # (len(target), vocab)
         wanted = torch.tensor(target, device=logprobs.device)

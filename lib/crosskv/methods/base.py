@@ -23,7 +23,10 @@ import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator
 
-from transformers import Cache, DynamicCache
+from transformers import Cache
+
+from crosskv.cache.plain import PlainCache
+from crosskv.core.params import coerce
 
 
 @dataclass(frozen=True)
@@ -36,11 +39,6 @@ class MethodConfig:
     # True when the method compresses a plain prefill: no hooks, module replacement or work inside the context
     # forward, so the prefill equals the unmodified model's and crosskv.run.harness.evaluate_grid may share it
     plain_prefill: ClassVar[bool] = False
-    # True when a one-token query block attends differently from a longer one (selective reconstruction chooses
-    # tokens only at decode steps): the harness then teacher-forces a gold answer or a continuation inside the
-    # cache's decode_steps(), which reads the block as that many decode steps, so gold_loglik / gold_match /
-    # ppl_cont measure the decode path
-    stepwise_decode: ClassVar[bool] = False
 
     def bind(self, model, tokenizer) -> "Runner":
         raise NotImplementedError
@@ -64,7 +62,8 @@ class Runner:
         yield self
 
     def new_cache(self) -> Cache:
-        return DynamicCache(config=self.model.config)
+        """A new cache for one run: a plain one (:class:`crosskv.cache.plain.PlainCache`) by default."""
+        return PlainCache(self.model.config)
 
     @contextlib.contextmanager
     def prefill(self, cache: Cache) -> Iterator[None]:
@@ -127,35 +126,6 @@ def register(cls: type[MethodConfig]) -> type[MethodConfig]:
     return cls
 
 
-def coerce(value: Any, annotation: Any, field: str) -> Any:
-    """Convert a CLI string to the field's type (bool/int/float/str, Optional of those)."""
-    if not isinstance(value, str):
-        return value
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if value.lower() in ("none", "null"):
-            return None
-        for arg in args:
-            try:
-                return coerce(value, arg, field)
-            except ValueError:
-                continue
-        raise ValueError(f"parameter {field}={value!r} does not parse as {annotation}")
-    if annotation is bool:
-        if value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"parameter {field}={value!r} is not a boolean (true/false)")
-    if annotation in (int, float):
-        try:
-            return annotation(value)
-        except ValueError:
-            raise ValueError(f"parameter {field}={value!r} is not a valid {annotation.__name__}") from None
-    return value
-
-
 def method_fields(cls: type[MethodConfig]) -> dict[str, tuple[Any, Any]]:
     """``{field: (type, default)}`` of a method config class."""
     hints = typing.get_type_hints(cls)
@@ -164,9 +134,8 @@ def method_fields(cls: type[MethodConfig]) -> dict[str, tuple[Any, Any]]:
 
 
 def make_method(name: str, **params: Any) -> MethodConfig:
-    """Build a method config by registered name; unknown names/parameters raise ``ValueError``."""
-    from crosskv import methods  # noqa: F401  (imports every method module so REGISTRY is complete)
-
+    """Build a method config by registered name; unknown names/parameters raise ``ValueError``. :data:`REGISTRY`
+    holds every method: importing this module runs the ``crosskv.methods`` package first, which imports each."""
     if name not in REGISTRY:
         raise ValueError(f"unknown method {name!r}; known: {', '.join(sorted(REGISTRY))}")
     cls = REGISTRY[name]

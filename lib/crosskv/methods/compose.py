@@ -3,7 +3,7 @@
 The order is fixed and documented here (it is also the order of :attr:`ComposeRunner.stages`):
 
 1. **evict** — while the context is prefilled, a kvpress scorer press (``evict``: one of
-   :data:`~crosskv.cache.eviction.EVICTIONS` — snapkv, pyramidkv, knorm, streaming_llm,
+   :data:`~crosskv.methods.peers.PRESSES` — snapkv, pyramidkv, knorm, streaming_llm,
    expected_attention) scores every layer's context tokens, averaged over the KV heads, and gives
    each layer a budget (``compute_n_kept``, or PyramidKV's ``get_layer_budget``). After the prefill
    the layers are partitioned into *units* that must keep the same tokens, because they share
@@ -45,8 +45,8 @@ import torch
 
 from crosskv.core import budget
 from crosskv.methods.base import REGISTRY, MethodConfig, Runner, make_method, register
-from crosskv.cache.eviction import EVICTIONS as PRESSES
-from crosskv.cache.eviction import EvictionScorer, evict_plain, kept_fraction, token_sets
+from crosskv.methods.peers import PRESSES, EvictionScorer
+from crosskv.cache.eviction import evict_plain, kept_fraction, token_sets
 from crosskv.cache.attention import installed
 from crosskv.cache.quant import BITS, QuantSpec, quantize_cache
 
@@ -112,9 +112,8 @@ def evict_cache(cache, positions: dict[int, torch.Tensor]) -> None:
 
 
 def bases(include_refused: bool = False) -> list[str]:
-    """Registered methods usable as ``base`` (all but compose; kvpress presses only with ``include_refused``)."""
-    from crosskv import methods  # noqa: F401  (imports every method module so REGISTRY is complete)
-
+    """Registered methods usable as ``base`` (all but compose; kvpress presses only with ``include_refused``); the
+    ``crosskv.methods`` package, imported before this module, has registered every method."""
     return sorted(n for n in REGISTRY if n != Compose.name and (include_refused or not n.startswith("kvpress:")))
 
 

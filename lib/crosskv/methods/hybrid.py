@@ -10,13 +10,16 @@ producer through its ``attend_kv``) — so the two compressions compose without 
 approximation beyond each one's own: with C = 0 this is xKV over all layers, at lossless rank it is
 KVSharer alone.
 
+``cache.reset()`` forgets the producers' bases, factors and tails and gives every consumer a fresh view; a
+batch of different sequences is refused at compression (naming ``kvsharer_xkv``), as xKV refuses it.
+
 Memory: ``kept ≈ (L − C)/L · kept_xkv``, where ``kept`` (the xKV target) applies to every group of producers.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from crosskv.core.capture import KVShape, kv_shape
+from crosskv.core.capture import KVShape, Rotary, kv_shape
 from crosskv.methods.base import register, state_bytes
 from crosskv.methods.kvsharer import KVSharer, SearchOptions, SharedLayer, SharingStrategy, consumer_projection_bytes
 from crosskv.methods.svd import XKV, LowRankCache, LowRankRunner
@@ -100,9 +103,23 @@ class SharedXKVRunner(LowRankRunner):
         """The layers below the first consumer (xKV compresses only after the prefill)."""
         return self.strategy.first_consumer
 
-    def new_cache(self) -> LowRankCache:
-        cache = LowRankCache(self.config, self.shape, self.rotary)
-        for consumer, producer in self.strategy.mapping.items():
-            cache.layers[consumer] = SharedLayer(cache.layers[producer], producer)
-            cache.layers[consumer].layer_idx = consumer
-        return cache
+    def new_cache(self) -> "SharedLowRankCache":
+        return SharedLowRankCache(self.config, self.shape, self.rotary, self.hybrid.name, self.strategy.mapping)
+
+
+class SharedLowRankCache(LowRankCache):
+    """xKV's cache over the producer groups, with each consumer layer a :class:`SharedLayer` view of its producer
+    (``mapping``: consumer → producer); :meth:`reset` gives consumers fresh views of their reset producers."""
+
+    def __init__(self, config: ProducerGroups, shape: KVShape, rotary: Rotary, method: str, mapping: dict[int, int]):
+        super().__init__(config, shape, rotary, method)
+        self.mapping = dict(mapping)
+        for consumer in self.mapping:
+            self.layers[consumer] = self.fresh_layer(consumer)
+            self.layers[consumer].layer_idx = consumer
+
+    def fresh_layer(self, index: int):
+        """A consumer's view of its producer (an earlier layer, already reset), else a plain layer."""
+        if index in self.mapping:
+            return SharedLayer(self.layers[self.mapping[index]], self.mapping[index])
+        return super().fresh_layer(index)

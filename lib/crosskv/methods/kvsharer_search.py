@@ -26,7 +26,8 @@ from crosskv.core.data import calibration_set
 from crosskv.core.models import model_name
 from crosskv.core.progress import bar as progress_bar
 from crosskv.core.similarity import cosine_matrix, euclidean_matrix
-from crosskv.methods.kvsharer import FORMAT, SearchConfig, SearchOptions, SharingCache, SharingStrategy
+from crosskv.methods.kvsharer_cache import SharingCache
+from crosskv.methods.kvsharer_strategy import FORMAT, SearchConfig, SearchOptions, SharingStrategy
 
 log = logging.getLogger(__name__)
 

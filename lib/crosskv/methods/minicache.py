@@ -7,7 +7,9 @@ the lower layer's direction, ``t=1`` the upper's), and the cache stores the shar
 ``(B, H_kv, T, d)`` once per pair, each layer's magnitudes ``(B, H_kv, T)``, and the **retained**
 rows ``(N, d)`` of both layers unmerged together with their flat indices ``(N,)`` (int32 into
 ``B·H_kv·T``). Keys are merged post-RoPE (both layers share positions). K and V are merged and
-retained independently. Tokens appended later (question, decoded) are stored exactly. Decode reads
+retained independently. Tokens appended later (question, decoded) are stored exactly; ``cache.reset()``
+drops every pair's merge (the next prompt is merged again); a batch of different sequences is refused at
+the merge (padding would become the sink token and enter the angle range). Decode reads
 the pair through the attention channel (:class:`MergedPrefix`): scores ``(q·directionᵀ)⊙magnitude``
 with the retained rows' scores put in place, values ``(P⊙magnitude)·direction`` plus the retained rows'
 part, so the merged K and V are never materialised.
@@ -31,11 +33,12 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-from transformers.cache_utils import DynamicLayer
 
 from crosskv.core.capture import KVShape, kv_shape
 from crosskv.methods.base import MethodConfig, Runner, register
 from crosskv.cache.attention import CompressedPrefix, installed
+from crosskv.cache.batch import check_one_sequence
+from crosskv.cache.plain import PlainLayer
 from crosskv.cache.prefix import PrefixCache, PrefixLayer
 from crosskv.cache.quant import QuantSpec, Stored, dense, parts, quantize_rows
 
@@ -229,6 +232,10 @@ class MergedPair:
             self.keys.quantize_(spec)
             self.values.quantize_(spec)
 
+    def release(self) -> None:
+        """Drop the merged K and V (for :meth:`MiniCacheCache.reset`): the pair can be merged again."""
+        self.keys = self.values = None
+
     def retained_rows(self) -> tuple[int, int]:
         """Retained rows ``(N_k, N_v)`` (0, 0 before compression)."""
         if self.keys is None:
@@ -247,6 +254,9 @@ class MergedLayer(PrefixLayer):
     def prefix_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.pair.keys.rebuild(self.which), self.pair.values.rebuild(self.which)
 
+    def release_prefix(self) -> None:
+        """Nothing of its own to drop: the pair's tensors are released by the cache (:meth:`MergedPair.release`)."""
+
     def compressed_prefix(self) -> MergedPrefix:
         """This layer's half of the pair, read by attention without rebuilding (stored tensors, dequantized
         per step if held as codes)."""
@@ -257,12 +267,12 @@ class MergedLayer(PrefixLayer):
 
 
 class MiniCacheCache(PrefixCache):
-    """``MergedLayer`` for the merged pairs, plain ``DynamicLayer`` elsewhere."""
+    """``MergedLayer`` for the merged pairs, :class:`~crosskv.cache.plain.PlainLayer` elsewhere."""
 
     def __init__(self, config: MiniCache, shape: KVShape):
         self.config = config
         self.pairs = [MergedPair(p) for p in config.pairs(shape)]
-        layers: list = [DynamicLayer() for _ in range(shape.layers)]
+        layers: list = [PlainLayer() for _ in range(shape.layers)]
         for pair in self.pairs:
             layers[pair.layers[0]] = MergedLayer(pair, 0)
             layers[pair.layers[1]] = MergedLayer(pair, 1)
@@ -277,6 +287,8 @@ class MiniCacheCache(PrefixCache):
 
     def merge(self, pair: MergedPair) -> None:
         lower, upper = (self.layers[i] for i in pair.layers)
+        check_one_sequence(lower.keys, self.config.name, "padding would enter its merge as the sink token and "
+                           "in the angle range")
         (ka, va), (kb, vb) = lower.take_tail(), upper.take_tail()
         cfg = self.config
         pair.keys = merge_pair(ka, kb, cfg.t, cfg.gamma, cfg.retention)

@@ -1,13 +1,19 @@
-"""Peers: NVIDIA kvpress's eviction presses as crosskv methods (``kvpress:snapkv`` …).
+"""Peers: NVIDIA kvpress's eviction presses as crosskv methods (``kvpress:snapkv`` …) and as compose's scorers.
+
+:data:`PRESSES` is the one description of the presses crosskv runs (kvpress class, chart label, what it
+keeps): the methods here, compose's ``evict`` names (:mod:`crosskv.methods.compose`) and the frontier's
+families (:mod:`crosskv.evidence.frontier`) all read it.
 
 A press prunes a ``compression_ratio`` fraction of each layer's context tokens during the context
 prefill (its forward hooks act at the end of each attention layer), so the prefill attention is
 exact and the question and decoded tokens are appended after compression — the same prompt split
-as crosskv's methods (see :mod:`crosskv.run.harness`). The cache is a plain ``DynamicCache`` holding the
-kept rows, so measured bytes are honest without a custom ``stored_tensors``.
+as crosskv's methods (see :mod:`crosskv.run.harness`). The cache is the runner's plain cache
+(:class:`crosskv.cache.plain.PlainCache`, a ``DynamicCache``) holding the kept rows, so measured bytes are honest
+without a custom ``stored_tensors``, a drop copies the rows it keeps and ``reset`` forgets every token.
 
 Importing kvpress patches transformers' attention functions process-wide, so it is imported only
-inside :meth:`PressRunner.prefill`, never at module import.
+inside :meth:`PressConfig.make_press`, never at module import; that is also where crosskv's attention is
+reclaimed from kvpress's wrapper (:func:`crosskv.cache.attention.reclaim`).
 """
 from __future__ import annotations
 
@@ -17,20 +23,56 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar, Iterator, Sequence
 
-from crosskv.core import capture
+import torch
 
-from crosskv.methods.base import MethodConfig, Runner, register
+from crosskv.cache.attention import reclaim
+from crosskv.cache.batch import check_one_sequence
+from crosskv.cache.eviction import layer_kv
+from crosskv.core import capture
+from crosskv.methods.base import REGISTRY, MethodConfig, Runner, register
+
+
+@dataclass(frozen=True)
+class Press:
+    """One kvpress scorer press: method ``kvpress:<key>``, compose's ``evict=<key>``, chart family ``label``."""
+
+    key: str
+    press_class: str  # the class of that name in kvpress
+    label: str
+    keeps: str  # which context tokens it keeps
+
+    @property
+    def method(self) -> str:
+        return f"kvpress:{self.key}"
+
+
+PRESSES: dict[str, Press] = {p.key: p for p in (
+    Press("snapkv", "SnapKVPress", "SnapKV", "the tokens most attended by the context's last window"),
+    Press("pyramidkv", "PyramidKVPress", "PyramidKV", "SnapKV's choice under pyramid-shaped per-layer budgets"),
+    Press("knorm", "KnormPress", "KNorm", "the tokens with the smallest key norms"),
+    Press("streaming_llm", "StreamingLLMPress", "StreamingLLM", "the first n_sink and the most recent tokens"),
+    Press("expected_attention", "ExpectedAttentionPress", "ExpectedAttention",
+          "the tokens with the highest attention expected from future queries"),
+)}
 
 
 @dataclass(frozen=True)
 class PressConfig(MethodConfig):
-    """A kvpress press; every field is passed to the press class of the same name in kvpress."""
+    """A kvpress press; every field is passed to the press class of the same name in kvpress.
+
+    A subclass sets ``press`` (its :data:`PRESSES` entry); its name and description follow from it.
+    """
 
     compression_ratio: float = 0.5
-    press_class: ClassVar[str] = ""
+    press: ClassVar[Press]
     plain_prefill = True  # the hooks act after each layer's exact attention: replayable on a plain prefill
     MINIMUMS: ClassVar[dict[str, float]] = {"window_size": 1, "kernel_size": 1, "beta": 1, "n_sink": 0,
                                             "n_future_positions": 1, "epsilon": 0.0}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.name = cls.press.method
+        cls.description = f"kvpress {cls.press.press_class}: keeps {cls.press.keeps}"
 
     def __post_init__(self):
         if not 0.0 <= self.compression_ratio < 1.0:
@@ -44,9 +86,12 @@ class PressConfig(MethodConfig):
         return PressRunner(self, model, tokenizer)
 
     def make_press(self):
-        import kvpress  # lazy: patches transformers' attention functions on import
+        """The kvpress press; imports kvpress (first time: it wraps every registered attention function, so
+        crosskv's is reclaimed at once: a run already inside ``installed()`` keeps reading compressed prefixes)."""
+        import kvpress
 
-        return getattr(kvpress, self.press_class)(**dataclasses.asdict(self))
+        reclaim()
+        return getattr(kvpress, self.press.press_class)(**dataclasses.asdict(self))
 
 
 class PressRunner(Runner):
@@ -75,9 +120,7 @@ class PressRunner(Runner):
 class SnapKV(PressConfig):
     """Keeps the tokens most attended by the last ``window_size`` context queries (pooled over ``kernel_size``)."""
 
-    name = "kvpress:snapkv"
-    description = "kvpress SnapKVPress: evict context tokens least attended by the context's last window"
-    press_class = "SnapKVPress"
+    press = PRESSES["snapkv"]
     window_size: int = 64
     kernel_size: int = 5
 
@@ -87,9 +130,7 @@ class SnapKV(PressConfig):
 class PyramidKV(PressConfig):
     """SnapKV scores with a per-layer budget decreasing with depth (``beta`` sets the slope)."""
 
-    name = "kvpress:pyramidkv"
-    description = "kvpress PyramidKVPress: SnapKV scores, pyramid-shaped per-layer budgets"
-    press_class = "PyramidKVPress"
+    press = PRESSES["pyramidkv"]
     window_size: int = 64
     kernel_size: int = 5
     beta: int = 20
@@ -100,9 +141,7 @@ class PyramidKV(PressConfig):
 class KNorm(PressConfig):
     """Keeps the tokens whose keys have the smallest L2 norm."""
 
-    name = "kvpress:knorm"
-    description = "kvpress KnormPress: evict the context tokens with the largest key norms"
-    press_class = "KnormPress"
+    press = PRESSES["knorm"]
 
 
 @register
@@ -110,9 +149,7 @@ class KNorm(PressConfig):
 class StreamingLLM(PressConfig):
     """Keeps ``n_sink`` initial tokens and the most recent context tokens."""
 
-    name = "kvpress:streaming_llm"
-    description = "kvpress StreamingLLMPress: keep the first n_sink and the most recent context tokens"
-    press_class = "StreamingLLMPress"
+    press = PRESSES["streaming_llm"]
     n_sink: int = 4
 
 
@@ -121,11 +158,58 @@ class StreamingLLM(PressConfig):
 class ExpectedAttention(PressConfig):
     """Scores tokens by the attention expected from future queries (Gaussian query statistics)."""
 
-    name = "kvpress:expected_attention"
-    description = "kvpress ExpectedAttentionPress: evict tokens with the lowest expected future attention"
-    press_class = "ExpectedAttentionPress"
+    press = PRESSES["expected_attention"]
     n_future_positions: int = 512
     n_sink: int = 4
     use_covariance: bool = True
     use_vnorm: bool = True
     epsilon: float = 0.0
+
+
+def eviction_press(evict: str, ratio: float, window_size: int):
+    """The press compose's ``evict`` scores with: method ``kvpress:<evict>`` at ``compression_ratio=ratio``,
+    ``window_size`` where it takes one, its other fields at their defaults (kvpress's)."""
+    config = REGISTRY[PRESSES[evict].method]
+    windowed = any(f.name == "window_size" for f in dataclasses.fields(config))
+    return config(compression_ratio=ratio, **({"window_size": window_size} if windowed else {})).make_press()
+
+
+class EvictionScorer:
+    """Records, per layer, a press's token scores ``(T,)`` and budget during the context prefill (compose's
+    ``evict`` stage; :func:`crosskv.cache.eviction.token_sets` turns them into kept tokens)."""
+
+    def __init__(self, model, evict: str, ratio: float, window_size: int = 64):
+        self.press = eviction_press(evict, ratio, window_size)
+        self.model, self.evict, self.ratio = model, evict, ratio
+        self.scores: dict[int, torch.Tensor] = {}
+        self.budgets: dict[int, int] = {}
+
+    def budget(self, module, tokens: int) -> int:
+        from kvpress.utils import compute_n_kept
+
+        if hasattr(self.press, "get_layer_budget"):
+            return max(1, min(tokens, self.press.get_layer_budget(module, tokens)))
+        return compute_n_kept(tokens, self.ratio)
+
+    def hook(self, module, args, kwargs, output):
+        cache = kwargs["past_key_values"]
+        keys, values = layer_kv(cache.layers[module.layer_idx])
+        if keys is None:  # a layer that stores nothing (a KVSharer consumer)
+            return output
+        if module.layer_idx in self.scores:
+            raise ValueError("eviction scores the whole context in one prefill forward; this prefill ran in chunks")
+        check_one_sequence(keys, f"evict={self.evict!r}", "eviction keeps one token set for the whole batch and "
+                           "its mask offset assumes every row kept the same tokens")
+        scores = self.press.score(module, kwargs["hidden_states"], keys, values, None, kwargs)  # (B, H_kv, T)
+        self.scores[module.layer_idx] = scores.float().mean(dim=(0, 1))  # (T,)
+        self.budgets[module.layer_idx] = self.budget(module, keys.shape[-2])
+        return output
+
+    @contextlib.contextmanager
+    def hooks(self) -> Iterator["EvictionScorer"]:
+        """The press's own context (its model set-up, e.g. ``rotary_emb`` for expected attention) with
+        :meth:`hook` registered on every attention layer in place of the press's compressing hook."""
+        self.press.forward_hook = self.hook
+        with capture.rotary_aliases(self.model), self.press(self.model):
+            yield self
+

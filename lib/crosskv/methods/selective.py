@@ -24,13 +24,14 @@ The chosen prompt tokens are rebuilt exactly — ``RoPE(basis_t·factor)`` at th
 positions, values ``basis_t·factor_v`` — and attention is exact over them and the tail (one softmax
 over their concatenated scores), through the explicit channel of :mod:`crosskv.cache.attention`
 (a :class:`SelectivePrefix`: ``-inf`` scores off the chosen tokens). With ``top_k + sinks + window ≥
-T_c`` every token is chosen and the output equals the base's factored attention. Query blocks of
-more than one token (the question append, strict prefill) attend exactly over the whole factored
-prefix, as the base does: selection is a decode-step device. A block appended inside
-:meth:`SelectiveCache.decode_steps` (teacher forcing: perplexity, gold answers, lm-eval) is read as that
-many decode steps in one forward: each query chooses its own tokens and attends over them and the
-causal tail, as it would one token at a time, with every prefix key rebuilt once for the block. With
-padded batches the scorer may spend picks on padding (the mask still gives them zero weight).
+T_c`` every token is chosen and the output equals the base's factored attention. Every block appended
+after compression (the question, a teacher-forced answer or continuation, whoever calls the model: the
+harness, lm-eval, kvpress's pipeline, a user's loop) is read as that many decode steps in one forward:
+each query chooses its own tokens and attends over them and the causal tail, as it would one token at a
+time, with every prefix key rebuilt once for the block. So a block of n tokens scores as n one-token
+forwards (the cache contract). Only a strict prefill's own block, which is the compressed prefix, attends
+over the whole factored prefix as the base does. A batch of different sequences is refused at compression,
+as the base refuses it; ``cache.reset()`` forgets the compressed prompt as the base's cache does.
 
 The base and its parameters are strings so that ``make_method("selective", base="xkv",
 base_params="group_size=4;kept=0.25", top_k="256")`` works from the command line. Supported bases:
@@ -46,6 +47,7 @@ from typing import Iterator
 import torch
 
 from crosskv.cache.attention import CompressedKV, CompressedPrefix, compressed_kv, installed
+from crosskv.core import rotary as rope
 from crosskv.core.capture import Rotary
 from crosskv.methods.base import MethodConfig, make_method, register
 from crosskv.methods.compose import parse_params
@@ -62,8 +64,6 @@ class Selective(MethodConfig):
     name = "selective"
     description = ("selective reconstruction: latent-space token scores, exact RoPE rebuild of the top-k prompt "
                    "tokens + sinks + recent window of a low-rank (xKV / Single SVD) cache at each decode step")
-
-    stepwise_decode = True         # selection happens only at decode steps (SelectiveCache.decode_steps for a block)
 
     base: str = "xkv"
     base_params: str = ""          # the base's parameters, "a=1;b=2"
@@ -172,10 +172,8 @@ def rebuild_selected(prefix: FactoredPrefix, index: torch.Tensor, keys: bool = T
     rebuilt_k = rebuilt_v = None
     if keys:
         pre = rows(prefix.basis_k, prefix.factor_k)
-        half = pre.shape[-1] // 2
-        cos, sin = prefix.rope.cos[0, 0].T[index], prefix.rope.sin[0, 0].T[index]  # (B, H_kv, K, d)
-        rotated = torch.cat([-pre[..., half:], pre[..., :half]], dim=-1)
-        rebuilt_k = pre * cos.to(pre.dtype) + rotated * sin.to(pre.dtype)
+        cos, sin = prefix.cos[0, 0].T[index], prefix.sin[0, 0].T[index]       # (B, H_kv, K, d)
+        rebuilt_k = rope.apply(pre, cos.to(pre.dtype), sin.to(pre.dtype))
     if values:
         rebuilt_v = rows(prefix.basis_v, prefix.factor_v)
     return rebuilt_k, rebuilt_v
@@ -241,11 +239,8 @@ class SelectivePrefix(CompressedPrefix):
     def unrotate(self, query: torch.Tensor) -> torch.Tensor:
         """``query`` ``(B, H, g·n, d)`` post-RoPE, rows ``(g, n)`` → pre-RoPE at each step's position (exact)."""
         b, h, rows, d = query.shape
-        half = d // 2
-        q = query.float().view(b, h, rows // self.steps, self.steps, d)
-        cos, sin = self.cos.unsqueeze(2), self.sin.unsqueeze(2)                 # (1, 1, 1, n, d)
-        rotated = torch.cat([-q[..., half:], q[..., :half]], dim=-1)
-        return ((q * cos - rotated * sin) / (cos ** 2 + sin ** 2)).to(query.dtype).view(b, h, rows, d)
+        q = query.view(b, h, rows // self.steps, self.steps, d)
+        return rope.unrotate(q, self.cos.unsqueeze(2), self.sin.unsqueeze(2)).view(b, h, rows, d)  # (1, 1, 1, n, d)
 
     def choose(self, q: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         """Indices ``(B, H_kv, n, K)`` to rebuild for ``q`` ``(B, H_kv, g·n, d)`` (see :func:`select_tokens`)."""
@@ -286,8 +281,8 @@ class SelectivePrefix(CompressedPrefix):
 
 
 class SelectiveLayer(LowRankLayer):
-    """A low-rank layer that, for decode steps (a one-token append, or a block inside
-    :meth:`SelectiveCache.decode_steps`), hands attention a :class:`SelectivePrefix`."""
+    """A low-rank layer that hands attention a :class:`SelectivePrefix` for every block appended after
+    compression (the block lies in the exact tail): ``n`` tokens are read as ``n`` decode steps."""
 
     def update(self, key_states, value_states, cache_kwargs=None):
         self.appended = key_states.shape[-2]
@@ -295,12 +290,10 @@ class SelectiveLayer(LowRankLayer):
 
     def attend_kv(self):
         keys, values = super().attend_kv()
-        if isinstance(keys, CompressedKV) and (self.appended == 1 or self.cache.stepping):
+        if isinstance(keys, CompressedKV) and 0 < self.appended <= keys.keys.shape[-2]:
             first = self.get_seq_length() - self.appended
             prefix = self.cache.selective_prefix(keys.prefix, first, self.appended)
             keys, values = compressed_kv(prefix, keys.keys, keys.values, self.layer_idx)
-        if self is self.cache.last_lowrank:
-            self.cache.release_step()
         return keys, values
 
 
@@ -308,40 +301,21 @@ class SelectiveCache(LowRankCache):
     """The base's :class:`LowRankCache` with :class:`SelectiveLayer` in its groups (same held tensors)."""
 
     def __init__(self, config: Selective, base: XKV, shape, rotary: Rotary, frequencies: torch.Tensor):
-        super().__init__(base, shape, rotary)
+        super().__init__(base, shape, rotary, method=config.name)
         self.selective = config
         self.frequencies = frequencies  # the runner's (d,) mask, made at bind: not the cache's bytes
-        self.stepping = False
-        self._step: tuple[tuple[int, int], torch.Tensor, torch.Tensor] | None = None
         for group in self.groups:
             for index in group.layers:
                 self.layers[index] = SelectiveLayer(self, group)
                 self.layers[index].layer_idx = index  # named in the channel's errors
 
-    @contextlib.contextmanager
-    def decode_steps(self) -> Iterator[None]:
-        """Inside, a block of ``n`` appended tokens is read as ``n`` decode steps (each query selects its own
-        prompt tokens) in one forward: teacher forcing gets what one token per forward would give."""
-        self.stepping = True
-        try:
-            yield
-        finally:
-            self.stepping = False
-
     def selective_prefix(self, base: FactoredPrefix, first: int, steps: int = 1) -> SelectivePrefix:
-        """``base`` wrapped for queries at absolute positions ``first…first+steps−1``; RoPE there is made once
-        per forward and shared by every layer, then released after the last one (nothing is held between steps)."""
-        if self._step is None or self._step[0] != (first, steps):
-            device = base.basis_k.device
-            positions = torch.arange(first, first + steps, device=device)
-            cos, sin = self.rotary.cos_sin(positions, torch.empty(0, device=device))
-            self._step = (first, steps), cos, sin
+        """``base`` wrapped for queries at absolute positions ``first…first+steps−1``; their float32 RoPE tables
+        come from the cache's per-forward :attr:`rope` (shared by every layer, released after the forward)."""
+        device = base.basis_k.device
+        cos, sin = self.rope.at(range(first, first + steps), device)
         c = self.selective
-        return SelectivePrefix(base, c.top_k, c.sinks, c.window, c.score_rank, self._step[1], self._step[2],
-                               self.frequencies.to(base.basis_k.device))
-
-    def release_step(self) -> None:
-        self._step = None
+        return SelectivePrefix(base, c.top_k, c.sinks, c.window, c.score_rank, cos, sin, self.frequencies.to(device))
 
 
 class SelectiveRunner(LowRankRunner):

@@ -23,9 +23,9 @@ which never concatenates prefix and tail: it scores the
 prefix and the exact tail separately and softmaxes their concatenated *scores*; the prefix rebuilds the
 prefix keys transposed, ``Kᵀ = factorᵀ·basisᵀ`` ``(B, H_kv, d, T_c)`` (one GEMM of T_c·r_k·H_kv·d
 multiply-adds, the floor for an exact low-rank key cache: RoPE differs per position, so the key
-up-projection cannot be absorbed into the query), rotates them with cos/sin tables computed once per
-forward for the whole cache (:class:`PrefixRope`, indexed by the prefix's absolute positions, shared
-by every layer and released after the last one, so nothing extra is held between decode steps), and
+up-projection cannot be absorbed into the query), rotates them with cos/sin tables at the prefix's absolute
+positions (the cache's :class:`~crosskv.core.rotary.RopeTables`: made once per forward and device, shared by
+every layer, released after the model's last layer, so nothing extra is held between decode steps), and
 applies values in factored form, ``(softmax(qKᵀ)·basis)·factor``, never materialising V of the prefix.
 
 Strict mode (``strict=True``, labelled "strict" in figures): a group is compressed inside the
@@ -44,12 +44,16 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-from transformers.cache_utils import DynamicLayer
 
+from crosskv.core import rotary as rope
 from crosskv.core.capture import KVShape, Rotary, kv_shape
 from crosskv.core.lowrank import gram_factors, group_matrix
 from crosskv.methods.base import MethodConfig, Runner, register
 from crosskv.cache.attention import CompressedPrefix, installed
+from crosskv.cache.batch import check_one_sequence
+from crosskv.cache.kernels.factored import factored_decode_scores
+from crosskv.cache.kernels.launch import use_kernel
+from crosskv.cache.plain import PlainLayer
 from crosskv.cache.prefix import PrefixCache, PrefixLayer
 from crosskv.cache.quant import QuantSpec, Stored, dense, parts, quantize_rows
 
@@ -236,6 +240,10 @@ class LowRankGroup:
         """Hold the bases as codes, quantized per token (groups along the rank axis)."""
         self.held_k, self.held_v = quantize_rows(self.held_k, spec), quantize_rows(self.held_v, spec)
 
+    def release(self) -> None:
+        """Drop the bases and kept positions (for :meth:`LowRankCache.reset`): the group can be compressed again."""
+        self.held_k = self.held_v = self.positions = None
+
 
 class LowRankLayer(PrefixLayer):
     """A layer of a group: its factors ``(B, r, H_kv·d)`` for K and V, the group's bases, exact tail."""
@@ -259,6 +267,10 @@ class LowRankLayer(PrefixLayer):
         self.held_factor_k = quantize_rows(self.held_factor_k, spec)
         self.held_factor_v = quantize_rows(self.held_factor_v, spec)
 
+    def release_prefix(self) -> None:
+        """Drop this layer's factors (for :meth:`reset`; the group's bases are released by the cache)."""
+        self.held_factor_k = self.held_factor_v = None
+
     def _rebuild(self, basis: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         """``(B, T_c, r) @ (B, r, H·d)`` → ``(B, H, T_c, d)``."""
         b, t, _ = basis.shape
@@ -266,7 +278,7 @@ class LowRankLayer(PrefixLayer):
 
     def prefix_keys(self) -> torch.Tensor:
         keys = self._rebuild(self.group.basis_k, self.factor_k)  # (B, H, T_c, d), pre-RoPE
-        return self.cache.rotary.rotate(keys, self.group.prefix_positions(self.prefix_len, keys.device))
+        return rope.apply(keys, *self.cache.prefix_tables(self.group, self.prefix_len, keys.device, keys.dtype))
 
     def prefix_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.prefix_keys(), self._rebuild(self.group.basis_v, self.factor_v)
@@ -275,11 +287,9 @@ class LowRankLayer(PrefixLayer):
         """The factored prefix (``attention="factored"``), RoPE tables shared per forward; else ``None``."""
         if not self.cache.factored:
             return None
-        rope = self.cache.prefix_rope(self.group, self.prefix_len, self.keys.device, self.keys.dtype)
-        prefix = FactoredPrefix(self.group.basis_k, self.factor_k, self.group.basis_v, self.factor_v, rope)
-        if self is self.cache.last_lowrank:
-            self.cache.release_rope()
-        return prefix
+        cos, sin = self.cache.prefix_tables(self.group, self.prefix_len, self.keys.device, self.keys.dtype,
+                                            transposed=True)
+        return FactoredPrefix(self.group.basis_k, self.factor_k, self.group.basis_v, self.factor_v, cos, sin)
 
     def on_append(self) -> None:
         if self.cache.strict_now() and not self.group.compressed and self is self.cache.last_of(self.group):
@@ -287,15 +297,20 @@ class LowRankLayer(PrefixLayer):
 
 
 class LowRankCache(PrefixCache):
-    """xKV/SVD cache: ``LowRankLayer`` for layers in groups, plain ``DynamicLayer`` elsewhere."""
+    """xKV/SVD cache: ``LowRankLayer`` for layers in groups, :class:`~crosskv.cache.plain.PlainLayer` elsewhere.
 
-    def __init__(self, config: XKV, shape: KVShape, rotary: Rotary):
+    ``rope`` holds the RoPE tables of the forward in progress (see :meth:`update`): none between forwards.
+    ``method`` names the method in refusals (default ``config.name``; a method built on xKV passes its own).
+    """
+
+    def __init__(self, config: XKV, shape: KVShape, rotary: Rotary, method: str | None = None):
         self.config = config
+        self.method = config.name if method is None else method
         self.shape = shape
         self.rotary = rotary
         self.factored = config.attention == "factored"
         self.groups: list[LowRankGroup] = []
-        layers: list = [DynamicLayer() for _ in range(shape.layers)]
+        layers: list = [PlainLayer() for _ in range(shape.layers)]
         for group_layers in config.groups(shape):
             group = LowRankGroup(group_layers)
             self.groups.append(group)
@@ -303,23 +318,31 @@ class LowRankCache(PrefixCache):
                 layers[index] = LowRankLayer(self, group)
         super().__init__(layers)
         self.shared = self.groups
-        self._rope: dict = {}
+        self.rope = rope.RopeTables(rotary)
 
-    @property
-    def last_lowrank(self) -> "LowRankLayer":
-        return self.layers[self.groups[-1].layers[-1]]
+    def update(self, key_states, value_states, layer_idx: int, cache_kwargs=None):
+        """The layer's update; after the model's last layer the forward's RoPE tables are released, whichever
+        layers read them (a KVSharer consumer after the last group reads its producer's), so none outlives it."""
+        try:
+            return super().update(key_states, value_states, layer_idx, cache_kwargs)
+        finally:
+            if layer_idx == len(self.layers) - 1:
+                self.rope.release()
 
-    def prefix_rope(self, group: LowRankGroup, tokens: int, device, dtype: torch.dtype) -> "PrefixRope":
-        """cos/sin at ``group``'s ``tokens`` prefix positions, computed once per forward and shared by all layers."""
-        key = ("arange", tokens) if group.positions is None else (group.positions.data_ptr(), tokens)
-        table = self._rope.get(key)
-        if table is None:
-            table = self._rope[key] = PrefixRope.at(self.rotary, group.prefix_positions(tokens, device), dtype)
-        return table
+    def stored_tensors(self) -> Iterator[torch.Tensor]:
+        yield from super().stored_tensors()
+        yield from self.rope.tensors()
 
-    def release_rope(self) -> None:
-        """Drop the per-forward RoPE tables (called after the last low-rank layer took its reference)."""
-        self._rope = {}
+    def reset(self) -> None:
+        """Forget every token as a new cache: bases, factors, exact tails (:meth:`PrefixCache.reset`), RoPE tables."""
+        super().reset()
+        self.rope.release()
+
+    def prefix_tables(self, group: LowRankGroup, tokens: int, device, dtype: torch.dtype, transposed: bool = False):
+        """cos, sin ``(1, 1, T_c, d)`` (``transposed``: ``(1, 1, d, T_c)``) at ``group``'s ``tokens`` prefix
+        positions on ``device``, made once per forward."""
+        positions = range(tokens) if group.positions is None else group.positions
+        return self.rope.at(positions, device, dtype, transposed)
 
     def strict_now(self) -> bool:
         return self.config.strict and self.in_prefill
@@ -343,6 +366,8 @@ class LowRankCache(PrefixCache):
     def compress_group(self, group: LowRankGroup) -> None:
         """Replace the group's exact prompt tokens by a shared basis and per-layer factors."""
         members = [self.layers[i] for i in group.layers]
+        check_one_sequence(members[0].keys, self.method, "its SVD reads every row's prompt at positions 0…T−1, "
+                           "padding included")
         tails = [layer.take_tail() for layer in members]
         tokens = tails[0][0].shape[-2]
         if any(k.shape[-2] != tokens for k, _ in tails) or any(layer.prefix_len for layer in members):
@@ -405,32 +430,20 @@ class LowRankRunner(Runner):
 
 
 @dataclass(frozen=True)
-class PrefixRope:
-    """RoPE cos and sin at a compressed prefix's positions, transposed for ``Kᵀ``: each ``(1, 1, d, T_c)``."""
-
-    cos: torch.Tensor
-    sin: torch.Tensor
-
-    @classmethod
-    def at(cls, rotary: Rotary, positions: torch.Tensor, dtype: torch.dtype) -> "PrefixRope":
-        like = torch.empty(0, device=positions.device)
-        cos, sin = rotary.cos_sin(positions, like)  # (1, 1, T_c, d) float32
-        return cls(cos.transpose(-1, -2).to(dtype).contiguous(), sin.transpose(-1, -2).to(dtype).contiguous())
-
-
-@dataclass(frozen=True)
 class FactoredPrefix(CompressedPrefix):
     """A layer's low-rank prefix as :func:`crosskv.cache.attention.crosskv_attention` reads it.
 
     ``basis_k`` ``(B, T_c, r_k)``, ``factor_k`` ``(B, r_k, H_kv·d)`` (pre-RoPE keys = basis·factor),
-    ``basis_v`` ``(B, T_c, r_v)``, ``factor_v`` ``(B, r_v, H_kv·d)``, ``rope`` at the prefix positions.
+    ``basis_v`` ``(B, T_c, r_v)``, ``factor_v`` ``(B, r_v, H_kv·d)``; ``cos``, ``sin`` RoPE at the prefix's
+    absolute positions, transposed for ``Kᵀ``: ``(1, 1, d, T_c)`` each.
     """
 
     basis_k: torch.Tensor
     factor_k: torch.Tensor
     basis_v: torch.Tensor
     factor_v: torch.Tensor
-    rope: PrefixRope
+    cos: torch.Tensor
+    sin: torch.Tensor
 
     @property
     def length(self) -> int:
@@ -439,18 +452,15 @@ class FactoredPrefix(CompressedPrefix):
     def scores(self, q: torch.Tensor) -> torch.Tensor:
         """``q`` ``(B, H_kv, n, d)`` → ``q·RoPE(K)ᵀ`` ``(B, H_kv, n, T_c)`` float32, K rebuilt transposed.
 
-        Rebuild: one GEMM ``factorᵀ·basisᵀ`` → ``(B, H_kv, d, T_c)``; RoPE on its two halves with the
-        cached tables (rotate-half form); then two half-width score GEMMs, so no concatenation.
+        Rebuild: one GEMM ``factorᵀ·basisᵀ`` → ``(B, H_kv, d, T_c)``; RoPE in that transposed layout with the
+        forward's tables; then one score GEMM. On CUDA the Triton kernel computes the same scores tile by tile
+        without building K (:func:`crosskv.cache.kernels.factored.factored_decode_scores`).
         """
+        if use_kernel(q):
+            return factored_decode_scores(q, self.basis_k, self.factor_k, self.cos[0, 0].T, self.sin[0, 0].T)
         b, h_kv, _, d = q.shape
-        half = d // 2
         keys_t = (self.factor_k.transpose(1, 2) @ self.basis_k.transpose(1, 2)).view(b, h_kv, d, -1)
-        keys_t = keys_t.to(q.dtype)
-        x1, x2 = keys_t[:, :, :half], keys_t[:, :, half:]                  # (B, H_kv, d/2, T_c) each
-        cos, sin = self.rope.cos.to(q.dtype), self.rope.sin.to(q.dtype)
-        rot1 = (x1 * cos[:, :, :half]).addcmul_(x2, sin[:, :, :half], value=-1)
-        rot2 = (x2 * cos[:, :, half:]).addcmul_(x1, sin[:, :, half:])
-        return (q[..., :half] @ rot1).float() + (q[..., half:] @ rot2).float()
+        return (q @ rope.apply(keys_t.to(q.dtype), self.cos.to(q.dtype), self.sin.to(q.dtype), dim=-2)).float()
 
     def apply(self, probs: torch.Tensor) -> torch.Tensor:
         """``probs`` ``(B, H_kv, n, T_c)`` → ``(probs·basis_v)·factor_v`` ``(B, H_kv, n, d)``."""

@@ -28,7 +28,8 @@ from crosskv.core.fingerprint import code_fingerprint
 from crosskv.core.capture import kv_shape
 from crosskv.run.harness import PeakMemory, bind, full_cache_bytes, sync
 from crosskv.run.results import git_commit, machine
-from crosskv.cache.storage import kv_bytes
+from crosskv.cache.census import RunCensus
+from crosskv.cache.kernels.launch import LAUNCHES
 from crosskv.methods import MethodConfig, make_method
 from crosskv.methods.svd import XKV
 from crosskv.core.models import is_random, model_name
@@ -43,7 +44,7 @@ DEFAULT_MODES = ("eager",)
 QUESTION = "\n\nIn one sentence, what is the text above about?"
 COLUMNS = ("method", "mode", "context", "batch", "prefill_s", "compress_s", "decode_tok_s", "decode_vs_full",
            "rebuild_gmac", "attention_gmac", "floor_tok_s", "vs_floor", "held_bytes", "kept", "method_bytes",
-           "peak_mem_mb", "peak_delta_mb", "repeats", "refused", "device", "machine", "threads", "load_start", "load_end",
+           "peak_mem_mb", "peak_delta_mb", "repeats", "refused", "path", "device", "machine", "threads", "load_start", "load_end",
            "model", "dtype", "commit", "code")
 
 
@@ -176,6 +177,7 @@ def measure(runner, context_ids: torch.Tensor, question_ids: torch.Tensor, decod
     start_bytes = _resident(device)
     peak.reset()
     with runner.applied():
+        census = RunCensus(runner)  # before the cache exists: the runner's per-model state is not held by the run
         cache = runner.new_cache()
         t0 = time.perf_counter()
         with runner.prefill(cache):
@@ -186,13 +188,14 @@ def measure(runner, context_ids: torch.Tensor, question_ids: torch.Tensor, decod
         runner.compress(cache)
         sync(device)
         t2 = time.perf_counter()
-        held = kv_bytes(cache)
+        held = census.held(cache)
         fed = context + question_ids.shape[1]
         out = model(input_ids=question_ids, past_key_values=cache, use_cache=True,
                     position_ids=_positions(context, question_ids.shape[1], batch, device), logits_to_keep=1)
         token = out.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
         sync(device)
         t3 = time.perf_counter()
+        LAUNCHES.clear()
         for _ in range(decode_tokens):
             out = decode_step(forward, runner.config.name, input_ids=token, past_key_values=cache, use_cache=True,
                               position_ids=_positions(fed, 1, batch, device), logits_to_keep=1)
@@ -203,7 +206,7 @@ def measure(runner, context_ids: torch.Tensor, question_ids: torch.Tensor, decod
     peak_bytes = peak.read()
     return {"prefill_s": t1 - t0, "compress_s": t2 - t1,
             "decode_tok_s": batch * decode_tokens / (t4 - t3) if decode_tokens else None,
-            "held_bytes": held, "peak_mem_mb": peak_bytes / 2 ** 20,
+            "held_bytes": held, "peak_mem_mb": peak_bytes / 2 ** 20, "path": decode_path(),
             "peak_delta_mb": (peak_bytes - start_bytes) / 2 ** 20}
 
 
@@ -253,6 +256,12 @@ def _median(values: list) -> float | None:
     return statistics.median(values) if values else None
 
 
+def decode_path() -> str:
+    """The attention path the decode steps just measured took: the Triton kernels launched
+    (:data:`crosskv.cache.kernels.launch.LAUNCHES`), or ``"eager"`` when none was."""
+    return ", ".join(f"triton {name}" for name in sorted(LAUNCHES)) or "eager"
+
+
 def _rows(model, tokenizer, configs, runners, forwards, refused, jobs, modes, repeats, warmup, decode_tokens, seed,
           progress, device) -> list[dict]:
     """The measured rows of :func:`bench` (one per method, mode, context, batch), before the derived columns."""
@@ -281,7 +290,7 @@ def _rows(model, tokenizer, configs, runners, forwards, refused, jobs, modes, re
         for (label, mode), results in runs.items():
             config = dict(configs)[label]
             row = {"method": label, "mode": mode, "context": context, "batch": batch, "repeats": len(results),
-                   "refused": refused.get((label, mode))}
+                   "refused": refused.get((label, mode)), "path": results[0]["path"] if results else None}
             for key in ("prefill_s", "compress_s", "decode_tok_s", "held_bytes", "peak_mem_mb", "peak_delta_mb"):
                 row[key] = _median([r[key] for r in results])
             row["kept"] = row["held_bytes"] / full_bytes if row["held_bytes"] is not None else None
@@ -318,7 +327,8 @@ def bench(model, tokenizer, methods=DEFAULT_METHODS, contexts=(2048, 4096), batc
     - ``floor_tok_s``: B / (B / full's decode_tok_s + seconds of those rebuild GEMMs alone, timed here on
       random data): the decode speed if the rest of the step cost what full's whole step costs;
       ``vs_floor`` = decode_tok_s / floor_tok_s (≥ 1 means at or above that floor);
-    - ``held_bytes``: bytes the cache holds right after compression (:func:`crosskv.cache.storage.kv_bytes`);
+    - ``held_bytes``: bytes the cache (and the runner beside it) holds right after compression, found by the
+      memory census (:class:`crosskv.cache.census.RunCensus`: every storage reachable, whole, model weights out);
       ``kept``: held_bytes / a plain cache of the context (2·L·B·H_kv·T·d·element size);
       ``method_bytes``: what the method adds to the model while installed, minus weights it lets a
       deployment drop (:meth:`crosskv.methods.base.Runner.method_bytes`; once per model, not per token);

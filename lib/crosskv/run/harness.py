@@ -8,14 +8,18 @@ Every method — crosskv's and the kvpress peers — is driven the same way (see
         cache = runner.new_cache()
         with runner.prefill(cache): model(context)     # chat prefix + instruction + haystack
         runner.compress(cache)                         # → kv_bytes (after prefill)
-        model(question + gold[:-1])                    # teacher-forced gold answer → gold_loglik, gold_match
+        model(question + lead + gold[:-1])             # teacher-forced gold answer → gold_loglik, gold_match
         cache.crop(question end); greedy decoding      # exact match, on the first generate_samples samples
                                                        # → kv_bytes_end (after the last token appended)
 
 **Gold-answer metric:** every generation sample scores its gold answer (:func:`gold_ids`: the answers in
-order, joined by ", ") teacher-forced through the compressed cache in one forward: ``gold_loglik`` (mean
-log-probability per gold token) and ``gold_match`` (1 when the argmax reproduces every gold token, i.e. greedy
-decoding would). Paired across configurations on the same samples; cheap (one pass, no decode loop).
+order, joined by ", " or the task's answer format's separator) teacher-forced through the compressed cache in
+one forward: ``gold_loglik`` (mean log-probability per gold token) and ``gold_match`` (1 when the argmax
+reproduces every gold token, i.e. greedy decoding would). Paired across configurations on the same samples;
+cheap (one pass, no decode loop). The gold is scored where the model would write it (:class:`GoldPlacement`):
+after a RULER task's answer prefix; on a task without one (JSONL, LongBench) after the ``lead``, the full cache's
+own greedy output up to the gold's first occurrence (one greedy decode per sample, shared by every configuration).
+A gold token tied for the largest logit counts as reproduced (:func:`gold_scores`).
 
 **One prefill, many caches:** :func:`evaluate_grid` runs several configurations on one task; those whose
 ``MethodConfig.plain_prefill`` holds share one plain prefill per sample (:class:`Prefill`), each compressing its
@@ -323,41 +327,110 @@ def _prefill(runner: Runner, cache, ids: list[int], device, hidden: bool, shared
     return out, t1 - t0 + (shared.seconds if shared is not None else 0.0), time.perf_counter() - t1
 
 
+def gold_text(sample: Sample) -> str:
+    """The gold answer's text: the sample's ``answers`` in their listed order, joined by the task's
+    ``info["gold_separator"]`` (a RULER answer format's, :data:`crosskv.tasks.ruler.ANSWER_FORMATS`) or ``", "``."""
+    return sample.info.get("gold_separator", ", ").join(sample.answers)
+
+
 def gold_ids(tokenizer, sample: Sample) -> list[int]:
-    """Token ids of the gold answer as the model should continue the question: the sample's ``answers`` in
-    their listed order joined by ``", "``, after a space unless the question part already ends in whitespace
-    (RULER's answer prefixes end in ``are``/``:`` or in ``: ``). Empty when the sample has no answers."""
+    """Token ids of the gold answer as the model should continue the question: :func:`gold_text`, after a space
+    unless the question part already ends in whitespace (RULER's answer prefixes end in ``are``/``:`` or in
+    ``: ``). Empty when the sample has no answers."""
     if not sample.answers:
         return []
-    text = ", ".join(sample.answers)
+    text = gold_text(sample)
     tail = tokenizer.decode(sample.question_ids[-1:]) if sample.question_ids else ""
     return encode(tokenizer, text if tail[-1:].isspace() else " " + text)
 
 
+@dataclass(frozen=True)
+class GoldPlacement:
+    """Where one sample's gold answer is scored, shared by every configuration of the sample (scores stay paired):
+    ``lead`` (token ids forced between the question and the gold answer), then ``gold`` (token ids, scored).
+
+    ``where``: ``"answer_prefix"`` (the task's question ends with an answer prefix: the gold follows it, no lead);
+    ``"full_output"`` (no answer prefix: the lead is the full cache's greedy output before the gold's first
+    occurrence, e.g. "The access code for the Juniper vault is"); ``"question_end"`` (no answer prefix and the
+    full cache's greedy output does not contain the gold: the gold follows the question, no lead); ``"none"``
+    (the sample has no gold answer)."""
+
+    where: str
+    lead: list[int]
+    gold: list[int]
+
+
+def gold_placement(model, tokenizer, task: TaskConfig, sample: Sample, stops: set[int]) -> GoldPlacement:
+    """Where ``sample``'s gold answer (:func:`gold_text`) is scored (:class:`GoldPlacement`). A task
+    without an answer prefix (:attr:`~crosskv.tasks.TaskSpec.answer_prefix`: JSONL, LongBench) would otherwise
+    score the gold as the reply's first words, which a chat model rarely writes: there the full cache decodes
+    greedily (:func:`full_output`) until its output contains the gold; the output's tokens before the gold's
+    first occurrence are the lead, and the tokens that spell the gold are the gold (as the model tokenized it)."""
+    if not sample.answers:
+        return GoldPlacement("none", [], [])
+    if task.spec.answer_prefix:
+        return GoldPlacement("answer_prefix", [], gold_ids(tokenizer, sample))
+    text = gold_text(sample)
+    ids = full_output(model, tokenizer, sample, stops, text)
+    at = tokenizer.decode(ids, skip_special_tokens=True).find(text)
+    if at < 0:
+        return GoldPlacement("question_end", [], gold_ids(tokenizer, sample))
+    ends = [len(tokenizer.decode(ids[:n], skip_special_tokens=True)) for n in range(len(ids) + 1)]
+    lead = max(n for n, end in enumerate(ends) if end <= at)  # the last token boundary before the gold
+    stop = min(n for n, end in enumerate(ends) if end >= at + len(text))  # the first one after it
+    return GoldPlacement("full_output", ids[:lead], ids[lead:stop])
+
+
+@torch.no_grad()
+def full_output(model, tokenizer, sample: Sample, stops: set[int], until: str) -> list[int]:
+    """The full cache's greedy output after the question → token ids, as :func:`run_generate` decodes it (context,
+    then question, then one token per step), ending at a stop token, at ``sample.max_new_tokens`` or once the
+    text contains ``until``."""
+    runner = bind(model, tokenizer, make_method("full"))
+    device = next(model.parameters()).device
+    with runner.applied():
+        cache = runner.new_cache()
+        logits, _, _ = _prefill(runner, cache, sample.context_ids, device, False)
+        if sample.question_ids:
+            logits = feed(model, cache, sample.question_ids, len(sample.context_ids), device)
+        ids, fed = [int(logits.argmax())], sample.prompt_tokens
+        while (ids[-1] not in stops and len(ids) < sample.max_new_tokens
+               and until not in tokenizer.decode(ids, skip_special_tokens=True)):
+            logits = feed(model, cache, ids[-1:], fed, device)
+            ids.append(int(logits.argmax()))
+            fed += 1
+    return ids
+
+
 def gold_scores(logits: torch.Tensor, gold: list[int]) -> dict[str, Any]:
     """Teacher-forced scores of ``gold`` (M,) from the logits that predict each gold token ``(M, vocab)``:
-    ``gold_loglik`` (mean log-probability per gold token), ``gold_match`` (1 when the argmax at every position
-    is the gold token, i.e. greedy decoding reproduces the gold answer; else 0), ``gold_tokens`` (M)."""
+    ``gold_loglik`` (mean log-probability per gold token), ``gold_match`` (1 when the gold token has the largest
+    logit at every position, i.e. greedy decoding reproduces the gold answer; else 0), ``gold_tokens`` (M).
+    A gold token tied with another for the largest logit counts as reproduced: in bfloat16 such ties are
+    frequent, and which of the tied tokens a decode step picks depends on its own rounding."""
     target = torch.tensor(gold, device=logits.device)
+    rows = torch.arange(len(gold), device=logits.device)
     logp = torch.log_softmax(logits.float(), dim=-1)  # (M, vocab)
-    return {"gold_loglik": float(logp[torch.arange(len(gold), device=logits.device), target].mean()),
-            "gold_match": int(bool((logits.argmax(-1) == target).all())), "gold_tokens": len(gold)}
+    greedy = logits[rows, target] >= logits.max(-1).values  # (M,)
+    return {"gold_loglik": float(logp[rows, target].mean()), "gold_match": int(bool(greedy.all())),
+            "gold_tokens": len(gold)}
 
 
 @torch.no_grad()
 def run_generate(runner: Runner, sample: Sample, stops: set[int], settled=None, gold: list[int] | None = None,
-                 generate: bool = True, shared: Prefill | None = None) -> dict[str, Any]:
+                 generate: bool = True, shared: Prefill | None = None, lead: list[int] | None = None) -> dict[str, Any]:
     """Prefill the context (or replay ``shared``), compress, then score the sample through the compressed cache.
 
-    ``gold`` (token ids, :func:`gold_ids`): the question and the gold answer are appended teacher-forced in
-    one pass → :func:`gold_scores`. ``generate``: greedy decoding after the question (the cache is cropped back
+    ``gold`` (token ids, :func:`gold_ids`): the question, ``lead`` (token ids, :class:`GoldPlacement`) and the
+    gold answer are appended teacher-forced in one pass → :func:`gold_scores` of the gold tokens,
+    ``gold_lead_tokens``. ``generate``: greedy decoding after the question (the cache is cropped back
     to the question's end first); decoding ends at a stop token, at ``sample.max_new_tokens``, or as soon as
     ``settled(prediction, sample)`` says more tokens cannot change the score (``details["settled"]``; see
     :class:`~crosskv.tasks.TaskSpec`). ``*_end`` bytes are measured after the last token appended.
     """
     model = runner.model
     device = next(model.parameters()).device
-    question = list(sample.question_ids)
+    question, lead = list(sample.question_ids), list(lead or [])
     detail: dict[str, Any] = {"generated": generate}
     with runner.applied():
         census = RunCensus(runner)
@@ -368,12 +441,11 @@ def run_generate(runner: Runner, sample: Sample, stops: set[int], settled=None, 
         fed = len(sample.context_ids)
         t0 = time.perf_counter()
         if gold:
-            forced = question + gold[:-1]
-            logits = (force(runner.model, cache, question, gold[:-1], fed, device, runner.config.stepwise_decode)
-                      if forced else last[None, :0])
-            predictors = logits[len(question) - 1:] if question else torch.cat([last[None], logits])  # (M, vocab)
+            forced = question + lead + gold[:-1]
+            logits = force(runner.model, cache, question, lead + gold[:-1], fed, device) if forced else last[None, :0]
+            predictors = logits[len(question) - 1:] if question else torch.cat([last[None], logits])  # (L+M, vocab)
             first, fed = predictors[0], fed + len(forced)
-            detail.update(gold_scores(predictors, gold))
+            detail.update(gold_scores(predictors[len(lead):], gold), gold_lead_tokens=len(lead))
         elif question:
             first, fed = feed(model, cache, question, fed, device), asked
         else:
@@ -391,20 +463,12 @@ def run_generate(runner: Runner, sample: Sample, stops: set[int], settled=None, 
             **{f"{k}_end": v for k, v in end.items()}}
 
 
-def force(model, cache, question: list[int], answer: list[int], start: int, device, stepwise: bool,
+def force(model, cache, question: list[int], answer: list[int], start: int, device,
           hidden: bool = False) -> torch.Tensor:
     """Teacher-force ``question + answer`` from position ``start`` → every position's logits ``(Q+M, vocab)``
-    (hidden states ``(Q+M, D)`` with ``hidden``). The question goes in one block (as generation feeds it); the
-    answer in one block too — with ``stepwise`` (a method whose decode step differs from a block forward,
-    :attr:`~crosskv.methods.MethodConfig.stepwise_decode`: selective reconstruction) inside the cache's
-    ``decode_steps()``, which reads the block as that many decode steps."""
-    if not stepwise:
-        return feed(model, cache, question + answer, start, device, hidden=hidden, every=not hidden)
-    parts = [feed(model, cache, question, start, device, hidden=hidden, every=not hidden)] if question else []
-    if answer:
-        with cache.decode_steps():
-            parts.append(feed(model, cache, answer, start + len(question), device, hidden=hidden, every=not hidden))
-    return torch.cat(parts)
+    (hidden states ``(Q+M, D)`` with ``hidden``), in one block (:func:`feed`): every cache scores a block of n
+    tokens as n one-token forwards (selective reconstruction reads it as n decode steps itself)."""
+    return feed(model, cache, question + answer, start, device, hidden=hidden, every=not hidden)
 
 
 def _decode(runner: Runner, cache, first: torch.Tensor, fed: int, sample: Sample, stops: set[int], settled,
@@ -443,8 +507,8 @@ def _nll(model, hidden: torch.Tensor, targets: torch.Tensor) -> float:
 @torch.no_grad()
 def run_perplexity(runner: Runner, sample: Sample, shared: Prefill | None = None) -> dict[str, Any]:
     """``ppl``: NLL of the window under the method's prefill; ``ppl_cont`` (question_ids = continuation): NLL
-    of the continuation fed teacher-forced through the compressed cache (read as decode steps for a method
-    whose decode step differs, :func:`force`). ``shared``: a plain prefill to replay."""
+    of the continuation fed teacher-forced through the compressed cache (:func:`force`). ``shared``: a plain
+    prefill to replay."""
     model = runner.model
     device = next(model.parameters()).device
     ids = torch.tensor(sample.context_ids, device=device)
@@ -459,8 +523,7 @@ def run_perplexity(runner: Runner, sample: Sample, shared: Prefill | None = None
             fed = len(ids)
         else:
             cont = torch.tensor(sample.question_ids, device=device)
-            cont_hidden = force(model, cache, [], sample.question_ids, len(ids), device,
-                                runner.config.stepwise_decode, hidden=True)  # (M, D)
+            cont_hidden = force(model, cache, [], sample.question_ids, len(ids), device, hidden=True)  # (M, D)
             predictors = torch.cat([hidden[-1:], cont_hidden[:-1]])  # (M, D)
             nll, scored = _nll(model, predictors, cont), len(cont)
             fed = len(ids) + len(cont)
@@ -495,7 +558,9 @@ def _ratio(num: float | None, den: float | None) -> float | None:
 def summarize(task: TaskConfig, details: list[dict[str, Any]]) -> dict[str, Any]:
     """Per-run numbers from per-sample details (score, mean bytes and their ratios, timings). Generation runs:
     ``score`` is the mean over the ``scored_samples`` decoded samples; ``gold_loglik`` / ``gold_match`` the
-    means of the teacher-forced gold-answer scores over every sample."""
+    means of the teacher-forced gold-answer scores over every sample; ``gold_placement`` where they are scored
+    (``"answer_prefix"``, or ``"full_output"`` for a task without one: :class:`GoldPlacement`) and
+    ``gold_unplaced`` the samples scored at the question's end instead (the full cache never wrote the gold)."""
     spec = task.spec
     if spec.kind == "generate":
         score = _mean([d.get("score") for d in details])
@@ -506,6 +571,8 @@ def summarize(task: TaskConfig, details: list[dict[str, Any]]) -> dict[str, Any]
         out["scored_samples"] = sum(d.get("score") is not None for d in details)
         out["gold_loglik"] = _mean([d.get("gold_loglik") for d in details])
         out["gold_match"] = _mean([d.get("gold_match") for d in details])
+        out["gold_placement"] = "answer_prefix" if spec.answer_prefix else "full_output"
+        out["gold_unplaced"] = sum(d.get("gold_placement") == "question_end" for d in details)
     for name in ("kv_bytes", "kv_bytes_held", "kv_bytes_full", "kv_bytes_16bit", "kv_bytes_full_16bit",
                  "kv_bytes_end", "kv_bytes_held_end", "kv_bytes_full_end", "kv_bytes_16bit_end",
                  "kv_bytes_full_16bit_end"):
@@ -565,15 +632,15 @@ def _check_generate_samples(generate_samples: int | None) -> None:
 
 
 def _run_sample(runner: Runner, task: TaskConfig, sample: Sample, stops: set[int], generate_samples: int | None,
-                shared: Prefill | None) -> dict[str, Any]:
-    """One sample's details: generation tasks get the gold-answer scores and, for the first ``generate_samples``
-    sample indices (all when ``None``), exact match by greedy generation (``score``)."""
+                shared: Prefill | None, placement: GoldPlacement | None) -> dict[str, Any]:
+    """One sample's details: generation tasks get the gold-answer scores at ``placement`` and, for the first
+    ``generate_samples`` sample indices (all when ``None``), exact match by greedy generation (``score``)."""
     spec = task.spec
     if spec.kind == "generate":
         generate = generate_samples is None or sample.index < generate_samples
-        detail = run_generate(runner, sample, stops, spec.settled, gold_ids(runner.tokenizer, sample), generate, shared)
+        detail = run_generate(runner, sample, stops, spec.settled, placement.gold, generate, shared, placement.lead)
         detail["score"] = spec.score(detail["prediction"], sample, task) if generate else None
-        detail["answers"] = sample.answers
+        detail.update(answers=sample.answers, gold_placement=placement.where)
     else:
         detail = run_perplexity(runner, sample, shared)
     detail.update(index=sample.index, prompt_tokens=sample.prompt_tokens, context_tokens=len(sample.context_ids),
@@ -675,6 +742,12 @@ def _run_grid(model, tokenizer, todo: dict[str, tuple[MethodConfig, dict[str, An
     names = ", ".join(config.name for config, _, _ in todo.values())
     label_ = f"{names if len(todo) == 1 else f'{len(todo)} methods'} · {task.name} · {task.context}"
     for sample in progress_bar(samples_, enabled=progress and rank == 0, desc=label_, leave=False):
+        placement = None
+        if spec.kind == "generate":  # found once per sample, charged to every configuration in equal shares
+            t0 = time.perf_counter()
+            placement = gold_placement(model, tokenizer, task, sample, stops)
+            for label in todo:
+                seconds[label] += (time.perf_counter() - t0) / len(todo)
         shared = None
         if sharers:
             shared = plain_prefill(model, sample.context_ids, hidden=spec.kind != "generate", attention=replays,
@@ -685,7 +758,7 @@ def _run_grid(model, tokenizer, todo: dict[str, tuple[MethodConfig, dict[str, An
             for label, runner in runners.items():
                 t0 = time.perf_counter()
                 share = shared if label in sharers else None
-                details[label].append(_run_sample(runner, task, sample, stops, generate_samples, share))
+                details[label].append(_run_sample(runner, task, sample, stops, generate_samples, share, placement))
                 seconds[label] += time.perf_counter() - t0  # the shared forward is counted above, once
     peak_bytes, scope = peak.read(), "grid" if len(todo) > 1 else "run"
     out = {}

@@ -32,7 +32,7 @@ def _probed(model, found: list[tuple[float, float]]) -> Iterator[None]:
     """Run ``model`` under the crosskv attention, appending ``(recall, mass)`` of each decode-step layer."""
 
     def probe(module, query, key, value, attention_mask, **kwargs):
-        if isinstance(key, CompressedKV) and isinstance(key.prefix, SelectivePrefix):
+        if isinstance(key, CompressedKV) and isinstance(key.prefix, SelectivePrefix) and key.prefix.steps == 1:
             b, hq, _, d = query.shape
             found.append(scorer_recall(key.prefix, query.reshape(b, key.keys.shape[1], -1, d)))
         return crosskv_attention(module, query, key, value, attention_mask, **kwargs)

@@ -5,14 +5,16 @@ and ``answers`` (a list of strings, or one string); other keys are ignored. ``--
 first N records. The chat-templated prompt up to the generation prompt is the compressible context:
 unlike the RULER tasks there is no marked question, so methods compress the question too (all
 methods alike). Scoring: ``match=part`` (any answer found, default) or ``all`` (fraction found),
-case-insensitive unless ``case_sensitive=true``.
+case-insensitive unless ``case_sensitive=true``. The prompt has no answer prefix: the gold-answer metrics score the
+gold after the full cache's own greedy output up to the gold's first occurrence
+(:class:`crosskv.run.harness.GoldPlacement`), so "The access code is 9272-HW." reproduces the gold "9272-HW".
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from crosskv.tasks import Sample, TaskConfig, TaskSpec, encode, plain_ids, register_family
+from crosskv.tasks.base import Sample, TaskConfig, TaskSpec, encode, plain_ids, register_family
 from crosskv.tasks.scoring import string_match_all, string_match_part
 
 

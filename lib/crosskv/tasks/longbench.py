@@ -10,13 +10,17 @@ triviaqa, samsum) the examples are the context and the final query is the questi
 
 RULER qa: SQuAD (qa_1) or HotpotQA (qa_2) dev questions; the gold paragraph(s) are mixed with
 other questions' paragraphs until the prompt reaches ``context`` tokens; ``string_match_part``.
+
+Gold-answer metrics: RULER qa ends with RULER's answer prefix " Answer:"; LongBench's prompts end with the chat
+turn, so the gold is scored after the full cache's own greedy output up to the gold's first occurrence
+(:class:`crosskv.run.harness.GoldPlacement`).
 """
 from __future__ import annotations
 
 import random
 
-from crosskv.tasks import (Sample, TaskConfig, TaskSpec, TaskUnavailableError, chat_prompt, encode,
-                           register_family, register_task)
+from crosskv.tasks.base import (Sample, TaskConfig, TaskSpec, TaskUnavailableError, chat_prompt, encode,
+                                register_family, register_task)
 from crosskv.tasks.scoring import classification, qa_f1, rouge_l, string_match_part
 
 _QA = ("Answer the question based on the given passages. Only give me the answer and do not output any other "
@@ -156,4 +160,4 @@ def score_part(prediction: str, sample: Sample, config: TaskConfig) -> float:
 register_family("longbench", longbench_task)
 for _name, _data in (("ruler_qa_1", "SQuAD"), ("ruler_qa_2", "HotpotQA")):
     register_task(TaskSpec(_name, "generate", "string_match_part", f"RULER qa on {_data} (hub)", build_ruler_qa,
-                           score_part, {"max_new_tokens": (int, 32)}))
+                           score_part, {"max_new_tokens": (int, 32)}, answer_prefix=True))

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from crosskv.core import data
-from crosskv.tasks import Sample, TaskConfig, TaskSpec, register_task
+from crosskv.tasks.base import Sample, TaskConfig, TaskSpec, register_task
 
 
 def build_ppl(config: TaskConfig, tokenizer, indices=None) -> list[Sample]:

@@ -11,12 +11,17 @@ follow RULER (Hsieh et al., 2024). Differences, all deliberate:
   ``depth`` (percent); the noise and needle haystacks use the same grid (RULER: uniform indices).
 - CWE lowers ``freq_cw`` when the common words would take over half the prompt (short contexts);
   FWE's coded words are random lowercase strings; vt, cwe and fwe carry one in-context example.
+- NIAH answers list each query's values in the order the text holds them (RULER: the order drawn; its string
+  match ignores the order, the gold-answer metrics do not). NIAH options beyond RULER's: ``keys`` and ``values``
+  (needle counts), ``answer_format`` (:data:`ANSWER_FORMATS`); :data:`NIAH_VARIANTS` name RULER tasks with
+  other defaults (the task mix's, :mod:`crosskv.tasks.mix`).
 
-Each sample is generated from ``random.Random(f"{task}:{seed}:{index}")``, so any sample can be
-rebuilt alone (ranks of a distributed run build only their share).
+Each sample is generated from ``random.Random(f"{task}:{seed}:{index}")`` (a variant: its base task's), so any
+sample can be rebuilt alone (ranks of a distributed run build only their share).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import random
 import re
@@ -25,7 +30,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from crosskv.core import data
-from crosskv.tasks import Sample, TaskConfig, TaskSpec, chat_prompt, register_task
+from crosskv.tasks.base import Sample, TaskConfig, TaskSpec, chat_prompt, register_task
 from crosskv.tasks.scoring import string_match_all
 
 NEEDLE = "One of the special magic {type_needle_v} for {key} is: {value}."
@@ -51,6 +56,10 @@ FWE_QUESTION = ("\nQuestion: Do not provide any explanation. Please ignore the d
 FWE_ANSWER = " Answer: According to the coded text above, the three most frequently appeared words are:"
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+# NIAH option answer_format -> (text after RULER's answer prefix, separator of the values in the gold answer):
+# "ruler" (RULER's prefix, values joined by ", "); "colon" (the prefix ends like a needle, "... is:"); "list" (a
+# bulleted list, the form the embedded model writes several values in)
+ANSWER_FORMATS = {"ruler": ("", ", "), "colon": (":", ", "), "list": (":\n\n*", "\n* ")}
 
 
 @dataclass(frozen=True)
@@ -74,6 +83,16 @@ NIAH_TASKS = {
     "niah_multikey_3": NiahSetup("needle", "uuids", "uuids"),
     "niah_multivalue": NiahSetup("essay", "words", "numbers", values=4),
     "niah_multiquery": NiahSetup("essay", "words", "numbers", keys=4, queries=4),
+}
+# crosskv's variants (the task mix, crosskv.tasks.mix): name -> (the RULER task whose samples it builds, with these
+# option defaults). RULER's tasks in the answer format the embedded model writes, so that greedy reproduction of the
+# gold answer measures retrieval rather than formatting; make_task(variant) builds exactly the samples of
+# make_task(task, **defaults).
+NIAH_VARIANTS = {
+    "niah_single_3_colon": ("niah_single_3", {"answer_format": "colon"}),
+    "niah_multikey_1_colon": ("niah_multikey_1", {"answer_format": "colon"}),
+    "niah_multivalue2_list": ("niah_multivalue", {"values": 2, "answer_format": "list"}),
+    "niah_multivalue3_list": ("niah_multivalue", {"values": 3, "answer_format": "list"}),
 }
 
 
@@ -194,24 +213,43 @@ def _singular(template: str, single: bool) -> str:
     return template.replace("Some", "A").replace("are all", "is").replace("are", "is").replace("answers", "answer")
 
 
+def niah_counts(config: TaskConfig, setup: NiahSetup) -> tuple[int, int]:
+    """(keys, values per key) of a NIAH sample: the variant's, or the options ``keys`` / ``values`` when set."""
+    keys, values = config.option("keys"), config.option("values")
+    keys = max(setup.keys, setup.queries) if keys is None else keys
+    values = setup.values if values is None else values
+    if keys < setup.queries:
+        raise ValueError(f"{config.name}: keys={keys} is fewer than its {setup.queries} queried key(s)")
+    if values < 1:
+        raise ValueError(f"{config.name}: values={values} must be at least 1")
+    if keys * values > len(DEPTHS):
+        raise ValueError(f"{config.name}: keys={keys} x values={values} needles exceed the {len(DEPTHS)} depths")
+    return keys, values
+
+
 def build_niah(config: TaskConfig, tokenizer, index: int) -> Sample:
-    setup = NIAH_TASKS[config.name]
-    rng = sample_rng(config, index)
-    n_keys = max(setup.keys, setup.queries)
+    base = NIAH_VARIANTS[config.name][0] if config.name in NIAH_VARIANTS else config.name
+    setup = NIAH_TASKS[base]
+    answer_format = config.option("answer_format")
+    if answer_format not in ANSWER_FORMATS:
+        raise ValueError(f"{config.name}: answer_format={answer_format!r} is not one of {', '.join(ANSWER_FORMATS)}")
+    n_keys, n_values = niah_counts(config, setup)
+    rng = sample_rng(dataclasses.replace(config, name=base), index)  # a variant draws its base task's samples
     keys = [random_item(rng, setup.key_type) for _ in range(n_keys)]
-    values = {k: [random_item(rng, setup.value_type) for _ in range(setup.values)] for k in keys}
-    needles = [NEEDLE.format(type_needle_v=setup.value_type, key=k, value=v) for k in keys for v in values[k]]
+    values = {k: [random_item(rng, setup.value_type) for _ in range(n_values)] for k in keys}
+    needle = {(k, v): NEEDLE.format(type_needle_v=setup.value_type, key=k, value=v) for k in keys for v in values[k]}
+    needles = list(needle.values())
     rng.shuffle(needles)
     depth = config.option("depth")
     depths = [float(depth)] * len(needles) if depth is not None else [float(d) for d in rng.sample(DEPTHS, len(needles))]
     queries = rng.sample(keys, setup.queries)
-    answers = [v for q in queries for v in values[q]]
     query = queries[0] if len(queries) == 1 else ", ".join(queries[:-1]) + ", and " + queries[-1]
-    single = setup.queries * setup.values == 1
+    single = setup.queries * n_values == 1
     type_v = setup.value_type[:-1] if single else setup.value_type
     instruction = _singular(NIAH_INSTRUCTION, single).format(type_needle_v=type_v)
     question = _singular(NIAH_QUESTION, single).format(type_needle_v=type_v, query=query)
     answer_prefix = _singular(NIAH_ANSWER, single).format(type_needle_v=type_v, query=query)
+    answer_prefix += ANSWER_FORMATS[answer_format][0]
     filler = Filler(tokenizer, setup.haystack, rng, config.context + 64, (setup.key_type, setup.value_type),
                     setup.value_type)
 
@@ -219,9 +257,12 @@ def build_niah(config: TaskConfig, tokenizer, index: int) -> Sample:
         haystack = filler.separator.join(insert_at_depths(filler.units(budget), needles, depths))
         ctx, q = chat_prompt(tokenizer, instruction + haystack, question, answer_prefix)
         return ctx, q, {"needles": needles, "depths": depths, "positions": needle_positions(haystack, needles),
-                        "haystack": setup.haystack}
+                        "haystack": setup.haystack, "gold_separator": ANSWER_FORMATS[answer_format][1]}
 
     ctx, q, info = fit_length(render, config.context, config.context - 150, config.name)
+    position = dict(zip(needles, info["positions"]))
+    # the answers query by query (the question's order), each query's values in the order the text holds them
+    answers = [v for k in queries for v in sorted(values[k], key=lambda v: position[needle[k, v]])]
     return Sample(index, ctx, q, answers, config.option("max_new_tokens"), info)
 
 
@@ -356,23 +397,33 @@ def _builder(one: Callable[[TaskConfig, object, int], Sample]):
     return build
 
 
-for _name, _setup in NIAH_TASKS.items():
+def _register_niah(name: str, base: str, defaults: dict) -> None:
+    setup = NIAH_TASKS[base]
+    options = {"depth": (float | None, None), "keys": (int | None, None), "values": (int | None, None),
+               "answer_format": (str, "ruler"), "max_new_tokens": (int, 128)}
+    options.update({key: (options[key][0], value) for key, value in defaults.items()})
+    counts = f"{defaults.get('keys', setup.keys)} key(s), {defaults.get('values', setup.values)} value(s)"
     register_task(TaskSpec(
-        _name, "generate", "string_match_all",
-        f"RULER NIAH: {_setup.haystack} haystack, {_setup.key_type}→{_setup.value_type}, "
-        f"{_setup.keys} key(s), {_setup.values} value(s), {_setup.queries} query(ies)",
-        _builder(build_niah), score_all, {"depth": (float | None, None), "max_new_tokens": (int, 128)},
-        settled=all_found))
+        name, "generate", "string_match_all",
+        f"RULER NIAH: {setup.haystack} haystack, {setup.key_type}→{setup.value_type}, {counts}, "
+        f"{setup.queries} query(ies), answer format {options['answer_format'][1]}",
+        _builder(build_niah), score_all, options, settled=all_found, answer_prefix=True))
+
+
+for _name in NIAH_TASKS:
+    _register_niah(_name, _name, {})
+for _name, (_base, _defaults) in NIAH_VARIANTS.items():
+    _register_niah(_name, _base, _defaults)
 register_task(TaskSpec("vt", "generate", "string_match_all",
                        "RULER variable tracking: one chain of `hops` assignments in noise (one-shot)",
                        _builder(build_vt), score_all, {"hops": (int, 4), "chains": (int, 1), "max_new_tokens": (int, 30)},
-                       settled=all_found))
+                       settled=all_found, answer_prefix=True))
 register_task(TaskSpec("cwe", "generate", "string_match_all",
                        "RULER common words extraction: the num_cw words repeated freq_cw times (one-shot)",
                        _builder(build_cwe), score_all,
                        {"num_cw": (int, 10), "freq_cw": (int, 30), "freq_ucw": (int, 3), "max_new_tokens": (int, 120)},
-                       settled=all_found))
+                       settled=all_found, answer_prefix=True))
 register_task(TaskSpec("fwe", "generate", "string_match_all",
                        "RULER frequent words extraction: top-3 Zipf(alpha) coded words (one-shot)",
                        _builder(build_fwe), score_all, {"alpha": (float, 2.0), "max_new_tokens": (int, 50)},
-                       settled=all_found))
+                       settled=all_found, answer_prefix=True))

@@ -1,14 +1,21 @@
 """``commonkv``: cross-layer parameter sharing with a latent cache and an adaptive merge budget (CommonKV).
 
-The method's config (:class:`CommonKV`) and its runner (:class:`CommonKVRunner`), which installs the
-latent projections of :mod:`crosskv.methods.commonkv_weights` and builds the latent caches of
-:mod:`crosskv.methods.commonkv_cache`; ranks and merge weights come from
-:mod:`crosskv.methods.commonkv_calibration`.
+Map of the package against the CommonKV paper and release: the offline weight step (thin SVD of a group's
+stacked W_k/W_v, the shared down-projection P_g and per-layer up-projections) is
+:mod:`crosskv.methods.commonkv.weights`; the calibration measurements (v_proj Fisher importance behind the
+rank allocation, per-layer perplexity sensitivity behind the merge weights) are
+:mod:`crosskv.methods.commonkv.calibration`; the latent cache and
+the adaptive cosine merge budget (sink/recent tokens never merged, one weighted group latent per merged
+entry) are :mod:`crosskv.methods.commonkv.cache`; attending to latent values without rebuilding V is
+:mod:`crosskv.methods.commonkv.attention`; the cross-layer similarity analysis behind the merge (latents
+vs inputs) is :mod:`crosskv.methods.commonkv.analysis`. This module holds the method's config
+(:class:`CommonKV`) and its runner (:class:`CommonKVRunner`), which installs the projections and builds
+the caches.
 
 Attention (``attend``): ``"rebuild"`` (default) holds only latents — the memory-saving mode. Each step
 rebuilds the held tokens' keys once (R_k·c, RoPE at their positions from cached tables, in the model's
 dtype) and applies the attention weights to the latents, then R_v once per head, instead of rebuilding V
-(:mod:`crosskv.methods.commonkv_attention`; about H_kv·d / Hq times fewer multiply-adds for the values
+(:mod:`crosskv.methods.commonkv.attention`; about H_kv·d / Hq times fewer multiply-adds for the values
 than the rebuild, which is what the CommonKV release does for K and V every step). The latent values
 reach attention through :mod:`crosskv.cache.attention`'s explicit channel, installed by
 :meth:`CommonKVRunner.applied`. ``"buffer"`` additionally keeps the rebuilt post-RoPE K and V (built
@@ -30,13 +37,15 @@ from typing import Iterator
 import torch
 
 from crosskv.cache.attention import installed
+from crosskv.cache.batch import check_one_sequence
 from crosskv.core import budget
 from crosskv.core.capture import Rotary, attention_modules, kv_shape
-from crosskv.methods.base import MethodConfig, Runner, register
-from crosskv.methods.commonkv_cache import CommonKVCache, CommonKVLayer, GroupStore, RopeTable, merge_groups
-from crosskv.methods.commonkv_calibration import cached_measurement, group_fisher, key_noise_sensitivity
-from crosskv.methods.commonkv_weights import (LatentKeyProj, LatentSlot, LatentValueProj, build_projections,
-                                              full_rank, module_bytes, overhead_bytes)
+from crosskv.core.rotary import RopeTables
+from crosskv.methods.base import MethodConfig, Runner, module_bytes, register
+from crosskv.methods.commonkv.cache import CommonKVCache, CommonKVLayer, GroupStore, merge_groups
+from crosskv.methods.commonkv.calibration import cached_measurement, group_fisher, key_noise_sensitivity
+from crosskv.methods.commonkv.weights import (LatentKeyProj, LatentSlot, LatentValueProj, build_projections,
+                                              full_rank, overhead_bytes)
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +189,7 @@ class CommonKVRunner(Runner):
     − the original ``k_proj``/``v_proj`` they make unused while installed. The originals stay loaded here so
     that leaving :meth:`applied` restores the plain model; a deployment that only runs CommonKV could drop
     them (and the runner could then not restore them). Nothing else is kept for the model's lifetime: the
-    SVD's float64 factors live only while :func:`~crosskv.methods.commonkv_weights.build_projections` runs.
+    SVD's float64 factors live only while :func:`~crosskv.methods.commonkv.weights.build_projections` runs.
     """
 
     def __init__(self, config: CommonKV, model, tokenizer, groups: list[list[int]], ranks: list[int],
@@ -246,13 +255,18 @@ class CommonKVRunner(Runner):
         attns = attention_modules(self.model)
         stores = [GroupStore(device) for device in store_devices(self.groups, self.devices)]
         group_of = {layer: g for g, layers in enumerate(self.groups) for layer in layers}
-        rope = RopeTable(self.rotary)
+        rope = RopeTables(self.rotary)
         layers = [CommonKVLayer(self.slots[i], self.projections[i], stores[group_of[i]], rope, shape,
                                 self.config.attend, getattr(attns[i], "k_norm", None), self.devices[i], i)
                   for i in range(shape.layers)]
         return CommonKVCache(layers, self.groups, stores, rope)
 
     def compress(self, cache: CommonKVCache) -> None:
+        """Merge the groups' most similar entries; a batch of different sequences is refused first (the cache
+        rotates every row's keys at positions 0…T−1 and merges one token set for the whole batch)."""
+        if cache.layers[0].seen:
+            check_one_sequence(cache.layers[0].own_latents(), self.config.name, "its keys are rotated at positions "
+                               "0…T−1 of the cache, not each row's, and merged with one token set for the batch")
         if not self.config.merges:
             return
         self.merged_counts = merge_groups(cache, self.weights, self.config.unmerged_ratio, self.config.sink_tokens,

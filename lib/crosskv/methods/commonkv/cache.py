@@ -8,8 +8,9 @@ sensitivity-weighted average of the group's latents, stored once in the group's 
 (on the device of the group's first layer).
 
 Attention reads a layer's held tokens in held order (merged entries, then own latents), keys rebuilt
-once per step with RoPE from a :class:`RopeTable` shared by the cache (counted in its bytes), values
-left latent for decode steps (:mod:`crosskv.methods.commonkv_attention`).
+once per step with RoPE from the cache's :class:`~crosskv.core.rotary.RopeTables` (one table of positions
+0…N−1 per forward and device, shared by every layer, released after the forward), values
+left latent for decode steps (:mod:`crosskv.methods.commonkv.attention`).
 """
 from __future__ import annotations
 
@@ -23,9 +24,10 @@ from crosskv.cache.attention import compressed_kv
 from crosskv.cache.layer import HeldLayer
 from crosskv.cache.quant import QTensor, QuantSpec, quantize, split_residual
 from crosskv.core import budget
-from crosskv.core.capture import KVShape, Rotary
-from crosskv.methods.commonkv_attention import LatentPrefix, latent_values_cheaper
-from crosskv.methods.commonkv_weights import LatentSlot, LayerProjections
+from crosskv.core import rotary
+from crosskv.core.capture import KVShape
+from crosskv.methods.commonkv.attention import LatentPrefix, latent_values_cheaper
+from crosskv.methods.commonkv.weights import LatentSlot, LayerProjections
 
 
 class GroupStore:
@@ -42,38 +44,16 @@ class GroupStore:
     def latents(self) -> torch.Tensor | None:
         return self.qlat.dequantize() if self.qlat is not None else self.lat
 
+    def release(self) -> None:
+        """Drop every merged entry (for :meth:`CommonKVCache.reset`)."""
+        self.pos = self.pos[:0].clone()
+        self.lat = self.qlat = None
+
     def tensors(self) -> Iterator[torch.Tensor]:
         if not len(self):
             return
         yield self.pos
         yield from (self.qlat.tensors() if self.qlat is not None else (self.lat,))
-
-
-class RopeTable:
-    """cos/sin tables ``(N, d)`` of absolute positions 0…N−1 from the model's rotary embedding, in the model's
-    dtype, shared by every layer of a cache (one pair per device and dtype) and grown ``block`` positions at a
-    time, so a decode step gathers its held positions' rows instead of recomputing RoPE's sines and cosines.
-    Held across steps, so :meth:`tensors` counts them (2·N·d values, N < tokens seen + ``block``)."""
-
-    def __init__(self, rotary: Rotary, block: int = 64):
-        self.rotary, self.block = rotary, block
-        self.tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def lookup(self, positions: torch.Tensor, upto: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin ``(n, d)`` at ``positions`` ``(n,)`` (all < ``upto``) in ``like``'s dtype and device."""
-        key = (like.device, like.dtype)
-        cos, sin = self.tables.get(key, (like.new_zeros(0, 0), like.new_zeros(0, 0)))
-        if cos.shape[0] < upto:
-            size = self.block * -(-upto // self.block)
-            new = torch.arange(cos.shape[0], size, device=like.device)
-            more_cos, more_sin = (t[0, 0] for t in self.rotary.cos_sin(new, like))  # (size − N, d) each
-            cos, sin = (more_cos, more_sin) if not cos.numel() else (torch.cat([cos, more_cos]), torch.cat([sin, more_sin]))
-            self.tables[key] = cos, sin
-        return cos.index_select(0, positions), sin.index_select(0, positions)
-
-    def tensors(self) -> Iterator[torch.Tensor]:
-        for pair in self.tables.values():
-            yield from pair
 
 
 class CommonKVLayer(HeldLayer):
@@ -92,7 +72,7 @@ class CommonKVLayer(HeldLayer):
 
     is_compileable = False
 
-    def __init__(self, slot: LatentSlot, proj: LayerProjections, store: GroupStore, rope: RopeTable,
+    def __init__(self, slot: LatentSlot, proj: LayerProjections, store: GroupStore, rope: rotary.RopeTables,
                  shape: KVShape, attend: str, k_norm: nn.Module | None = None, device: torch.device | None = None,
                  layer_idx: int | None = None):
         super().__init__()
@@ -115,7 +95,7 @@ class CommonKVLayer(HeldLayer):
         ``key_states``/``value_states`` ``(B, H_kv, q, d)``: the new tokens' exact K (post-RoPE) and V. With
         ``attend="rebuild"`` and no earlier token, they are returned as they are. Otherwise the earlier
         tokens' keys are rebuilt once (R_k·c, RoPE at their positions) and, when cheaper (q·Hq < H_kv·d, e.g.
-        decoding), their values stay latent: a :class:`~crosskv.methods.commonkv_attention.LatentPrefix` goes
+        decoding), their values stay latent: a :class:`~crosskv.methods.commonkv.attention.LatentPrefix` goes
         through :func:`crosskv.cache.attention.compressed_kv` to the ``crosskv`` attention, which applies the
         weights to the latents and R_v once per head. Else (long chunks) V is rebuilt too: plain tensors.
         """
@@ -205,13 +185,6 @@ class CommonKVLayer(HeldLayer):
             out.append((self.lat, self.pos[n_q:]))
         return out
 
-    def all_latents(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Own and merged latents ``(B, S, r)`` in position order, with positions ``(S,)`` int64 (for analysis)."""
-        latents, positions = zip(*self.segments())
-        pos = torch.cat(positions).long()
-        order = torch.argsort(pos)
-        return torch.cat(latents, dim=-2).index_select(-2, order), pos[order]
-
     def keep(self, positions: torch.Tensor) -> None:
         """Keep only own latents at ``positions`` (eviction or removal of merged tokens); float storage only."""
         if self.qlat is not None:
@@ -229,8 +202,8 @@ class CommonKVLayer(HeldLayer):
             keys = keys.view(*keys.shape[:2], self.shape.kv_heads, self.shape.head_dim)
             if self.k_norm is not None:
                 keys = self.k_norm(keys)
-            cos, sin = self.rope.lookup(pos, upto, keys)                     # (n, d) each
-            out.append(Rotary.apply(keys, cos[:, None], sin[:, None]).transpose(1, 2))
+            cos, sin = (t[0, 0].index_select(0, pos) for t in self.rope.at(range(upto), keys.device, keys.dtype))
+            out.append(rotary.apply(keys, cos[:, None], sin[:, None]).transpose(1, 2))  # cos, sin (n, d)
         return out
 
     def rebuild_values(self, segments: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -274,11 +247,21 @@ class CommonKVLayer(HeldLayer):
 
 
 class CommonKVCache(Cache):
-    """Container of :class:`CommonKVLayer` s, one :class:`GroupStore` per layer group and their :class:`RopeTable`."""
+    """Container of :class:`CommonKVLayer` s, one :class:`GroupStore` per layer group and the RoPE tables of the
+    forward in progress (none between forwards)."""
 
-    def __init__(self, layers: list[CommonKVLayer], groups: list[list[int]], stores: list[GroupStore], rope: RopeTable):
+    def __init__(self, layers: list[CommonKVLayer], groups: list[list[int]], stores: list[GroupStore],
+                 rope: rotary.RopeTables):
         super().__init__(layers=layers)
         self.groups, self.stores, self.rope = groups, stores, rope
+
+    def update(self, key_states, value_states, layer_idx: int, cache_kwargs=None):
+        """The layer's update; after the model's last layer the forward's RoPE tables are released."""
+        try:
+            return super().update(key_states, value_states, layer_idx, cache_kwargs)
+        finally:
+            if layer_idx == len(self.layers) - 1:
+                self.rope.release()
 
     def stored_tensors(self) -> Iterator[torch.Tensor]:
         for layer in self.layers:
@@ -289,6 +272,14 @@ class CommonKVCache(Cache):
         for layer in self.layers:  # attend="buffer": the rebuilt K/V kept across steps
             if layer.buffer is not None:
                 yield from layer.buffer
+
+    def reset(self) -> None:
+        """Forget every token, as a new cache: each layer's latents (:meth:`CommonKVLayer.release_prefix`), the
+        groups' merged entries and the RoPE tables."""
+        super().reset()
+        for store in self.stores:
+            store.release()
+        self.rope.release()
 
     def evict_tokens(self, positions: dict[int, torch.Tensor]) -> None:
         """Keep, per layer index, only the latents at the given absolute positions ``(n,)``."""
@@ -307,6 +298,7 @@ class CommonKVCache(Cache):
     def refresh(self) -> None:
         for layer in self.layers:
             layer.refresh()
+        self.rope.release()  # tables of the rebuilds above (outside a forward)
 
 
 # ----------------------------------------------------------------------------- the adaptive merge

@@ -90,15 +90,6 @@ def build_projections(attns: list, groups: list[list[int]], ranks: list[int]) ->
     return out
 
 
-def module_bytes(modules) -> int:
-    """Bytes of the distinct parameters and buffers of ``modules`` (a tensor shared by several counts once)."""
-    seen: dict[int, int] = {}
-    for module in modules:
-        for tensor in (*module.parameters(), *module.buffers()):
-            seen[id(tensor)] = tensor.numel() * tensor.element_size()
-    return sum(seen.values())
-
-
 def overhead_bytes(shape: KVShape, ranks: list[int], group_sizes: list[int], element_size: int,
                    downs_per_group: list[int] | None = None) -> dict[str, int]:
     """From shapes alone: ``added`` — the replacement projections (per group ``downs_per_group`` copies of

@@ -5,7 +5,7 @@ import torch
 
 from crosskv.core.capture import decoder_layers
 from crosskv.methods.commonkv import CommonKVRunner
-from crosskv.methods.commonkv_cache import CommonKVCache, group_similarity
+from crosskv.methods.commonkv.cache import CommonKVCache, group_similarity
 
 @torch.no_grad()
 def prompt_latents(runner: CommonKVRunner, ids: torch.Tensor) -> CommonKVCache:
