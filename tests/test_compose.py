@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from unittest import mock
 
 import pytest
 import torch
@@ -165,6 +166,38 @@ def test_eviction_refuses_a_batch_of_different_rows_naming_the_press(evict):
     alone, _ = run(runner, model, same, 36)
     assert torch.allclose(batched[0], alone[0], atol=1e-5) and torch.equal(batched[0], batched[1])
 
+
+@pytest.mark.parametrize("bits", [2, 8])
+def test_quantization_refuses_a_batch_of_different_rows_naming_the_composition(bits):
+    """A padded row's quantization groups would start at its padding: two different rows are refused by name
+    before quantizing; identical rows give each row what one sequence gives."""
+    model = tiny_model("llama", layers=2)
+    runner = make_method("compose", base="full", bits=str(bits), group_size="8", residual="8").bind(model)
+    two = torch.cat([ids(40, seed=1), ids(40, seed=2)])
+    with pytest.raises(ValueError, match=rf"compose \(base=full, bits={bits}\).*batch of 2 different sequences"):
+        run(runner, model, two, 36)
+    same = ids(40, seed=1)
+    batched, _ = run(runner, model, same.expand(2, -1), 36)
+    alone, _ = run(runner, model, same, 36)
+    assert torch.allclose(batched[0], alone[0], atol=1e-5) and torch.equal(batched[0], batched[1])
+
+
+def test_eviction_holds_no_scores_or_positions_after_the_prefill():
+    """The scorer's scores and the kept positions live only inside the prefill: the census of cache and runner
+    equals the cache's own bytes right after it (and after compression)."""
+    from crosskv.cache.census import RunCensus
+
+    model = tiny_model("llama", layers=2)
+    runner = make_method("compose", base="full", evict="snapkv", evict_ratio="0.5", window_size="4").bind(model)
+    census = RunCensus(runner)
+    with torch.no_grad(), runner.applied():
+        cache = runner.new_cache()
+        with runner.prefill(cache):
+            model(ids(40), past_key_values=cache)
+        assert runner.stages == ["evict"] and census.held(cache) == kv_bytes(cache)
+        runner.compress(cache)
+        assert census.held(cache) == kv_bytes(cache) == 2 * 2 * 2 * 20 * 16 * 4
+
 # ----------------------------------------------------------------------------- brute-force references (embedded model)
 
 CONTEXT, QUESTION, STEPS = 384, 6, 4
@@ -178,12 +211,14 @@ def held(layer) -> int:
 @torch.no_grad()
 def composed(model, tokenizer, config, tokens):
     """As the harness runs a method: prefill the context at explicit positions, compress, feed the question
-    (one forward unless layer lengths differ), then one token per step → (logits (1, Q+S, V) of those tokens, cache)."""
+    (one forward unless layer lengths differ), then one token per step → (logits (1, Q+S, V) of those tokens, cache,
+    runner, the kept absolute positions per evicted layer as given to ``evict_cache``: the runner keeps none)."""
+    from crosskv.methods import compose
     from crosskv.run.harness import feed
 
     context = tokens.shape[1] - QUESTION - STEPS
     runner = config.bind(model, tokenizer)
-    with runner.applied():
+    with runner.applied(), mock.patch.object(compose, "evict_cache", wraps=compose.evict_cache) as evict:
         cache = runner.new_cache()
         with runner.prefill(cache):
             model(tokens[:, :context], past_key_values=cache, position_ids=torch.arange(context)[None])
@@ -192,7 +227,8 @@ def composed(model, tokenizer, config, tokens):
         logits = [feed(model, cache, question, context, "cpu")]
         for step in range(context + QUESTION, tokens.shape[1]):
             logits.append(feed(model, cache, [int(tokens[0, step])], step, "cpu"))
-    return torch.stack(logits), cache, runner
+    assert evict.call_count == 1
+    return torch.stack(logits), cache, runner, evict.call_args.args[1]
 
 
 @torch.no_grad()
@@ -226,8 +262,7 @@ def essay(model32):
 def check_against_reference(model, tokenizer, tokens, config, units, mapping=None, atol=2e-3):
     """Composed run == brute-force eviction with the run's own token sets (within ``atol``, float32);
     one set per unit; every layer's held and absolute lengths exact."""
-    got, cache, runner = composed(model, tokenizer, config, tokens)
-    kept = runner.kept_positions
+    got, cache, runner, kept = composed(model, tokenizer, config, tokens)
     assert runner.stages[0] == "evict" and kept
     for unit in units:
         assert all(torch.equal(kept[i], kept[unit[0]]) for i in unit), unit

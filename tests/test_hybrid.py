@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import drive
+from cache_checks import check_batch_refused, check_reset_forgets
 
 from crosskv.core.capture import kv_shape
 from crosskv.cache.storage import kv_bytes
@@ -103,3 +104,22 @@ def test_census_equals_kv_bytes_after_every_step_with_a_consumer_after_the_last_
             held.append((census.held(cache), kv_bytes(cache)))
     assert all(census_bytes == reported for census_bytes, reported in held), held
     assert held[-1][1] > held[0][1]  # decoded tokens are held exactly
+
+
+@pytest.fixture(scope="module")
+def tiny_hybrid(random_tiny, tmp_path_factory):
+    """kvsharer_xkv on random:tiny: layer 3 consumes layer 0; producers 0, 1, 2 in groups (0, 1), (2,)."""
+    model, tok = random_tiny
+    path = SharingStrategy(mapping={3: 0}, num_layers=4).save(tmp_path_factory.mktemp("s") / "s.json")
+    return model, make_method("kvsharer_xkv", strategy=str(path), group_size=2, kept=0.5).bind(model, tok)
+
+
+def test_reset_forgets_the_producers_and_renews_the_consumers_views(tiny_hybrid):
+    model, runner = tiny_hybrid
+    cache, _ = check_reset_forgets(model, runner)
+    assert isinstance(cache.layers[3], SharedLayer) and cache.layers[3].producer is cache.layers[0]
+
+
+def test_a_batch_of_different_sequences_is_refused_by_name(tiny_hybrid):
+    """Refused by the hybrid's own name, not xKV's."""
+    check_batch_refused(*tiny_hybrid, "kvsharer_xkv")

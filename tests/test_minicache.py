@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import drive
+from cache_checks import check_batch_refused, check_reset_forgets
 from accounting import full_bytes, minicache_bytes
 from crosskv.core.capture import KVShape, kv_shape
 from crosskv.cache.storage import kv_bytes
@@ -154,3 +155,18 @@ def test_decode_from_direction_magnitude_and_rows_equals_attention_on_the_rebuil
         kv, _ = compressed_kv(layer.compressed_prefix(), tail_k, tail_v)
         got, _ = crosskv_attention(_Module(), query, kv, kv, None, scaling=0.4)
         assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+# --- random:tiny (float32): reset and batches ---------------------------------------------------------
+
+def test_reset_forgets_every_pair(random_tiny):
+    """After ``reset`` no pair holds a merge and the plain layers below the pairs hold nothing; a second prompt
+    is merged anew and scores as on a fresh cache."""
+    model, tokenizer = random_tiny
+    cache, fresh = check_reset_forgets(model, make_method("minicache").bind(model, tokenizer))
+    assert cache.retained_rows() == fresh.retained_rows() and cache.pairs[0].keys is not None
+
+
+def test_a_batch_of_different_sequences_is_refused_by_name(random_tiny):
+    model, tokenizer = random_tiny
+    check_batch_refused(model, make_method("minicache").bind(model, tokenizer), "minicache")

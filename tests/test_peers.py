@@ -120,3 +120,45 @@ def test_crosskv_attention_is_reclaimed_from_kvpress_wrapper():
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def _compressed(runner, context: torch.Tensor):
+    """``context`` ``(B, T)`` prefilled under the press (compressed inside its hooks) → the cache."""
+    cache = runner.new_cache()
+    with runner.prefill(cache):
+        runner.model(context, past_key_values=cache)
+    runner.compress(cache)
+    return cache
+
+
+@torch.no_grad()
+def test_pyramidkv_layers_hold_different_counts_and_a_block_scores_as_its_steps(random_tiny):
+    """PyramidKV's per-layer budgets leave layers of different lengths; each layer gets its own mask, so a block
+    after the context gives the logits of its one-token forwards (transformers builds one mask from layer 0)."""
+    model, _ = random_tiny
+    runner = make_method("kvpress:pyramidkv", window_size=8).bind(model)
+    context, rest = torch.arange(100, 164).unsqueeze(0), torch.arange(300, 320).unsqueeze(0)
+    with runner.applied():
+        cache = _compressed(runner, context)
+        assert len({layer.get_seq_length() for layer in cache.layers}) > 1
+        block = model(rest, past_key_values=cache).logits[0]
+        cache = _compressed(runner, context)
+        steps = torch.cat([model(rest[:, i:i + 1], past_key_values=cache).logits[0] for i in range(rest.shape[1])])
+    assert (block - steps).abs().max() <= 1e-4
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name, params", [("kvpress:knorm", {}), ("kvpress:pyramidkv", {"window_size": 8})])
+def test_a_press_refuses_a_batch_of_different_rows_naming_it(random_tiny, name, params):
+    """A press scores padding as tokens and keeps one count per row: two different rows are refused by name;
+    identical rows (the bench's batches) give each row what one sequence gives."""
+    model, _ = random_tiny
+    runner = make_method(name, **params).bind(model)
+    rows = torch.stack([torch.arange(100, 148), torch.arange(200, 248)])
+    with runner.applied():
+        with pytest.raises(ValueError, match=f"{name}: a batch of 2 different sequences"):
+            _compressed(runner, rows)
+        question = torch.arange(400, 404).unsqueeze(0)
+        same = model(question.expand(2, -1), past_key_values=_compressed(runner, rows[:1].expand(2, -1))).logits
+        alone = model(question, past_key_values=_compressed(runner, rows[:1])).logits
+    assert torch.allclose(same[0], alone[0], atol=1e-5) and torch.equal(same[0], same[1])

@@ -6,6 +6,7 @@ import torch
 from transformers.models.llama.modeling_llama import rotate_half
 
 from conftest import drive
+from cache_checks import check_batch_refused, check_reset_forgets
 from crosskv.cache.attention import compressed_kv, crosskv_attention
 from crosskv.cache.storage import kv_bytes
 from crosskv.methods import make_method
@@ -327,3 +328,16 @@ def test_a_block_after_compression_equals_one_token_forwards(tiny32, method):
 
     got, want = logits(False), logits(True)
     assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+
+
+def test_reset_forgets_the_compressed_prompt(tiny32):
+    model, tokenizer = tiny32
+    check_reset_forgets(model, make_method("selective", base_params="group_size=2;kept=0.5", top_k="8", sinks="2",
+                                           window="4").bind(model, tokenizer))
+
+
+def test_a_batch_of_different_sequences_is_refused_by_name(tiny32):
+    """Refused by selective's own name, not its base's."""
+    model, tokenizer = tiny32
+    check_batch_refused(model, make_method("selective", base_params="group_size=2;kept=0.5", top_k="8", sinks="2",
+                                           window="4").bind(model, tokenizer), "selective")

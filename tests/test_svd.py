@@ -5,7 +5,8 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from conftest import drive
+from conftest import drive, drive_cache
+from cache_checks import check_batch_refused, check_reset_forgets
 from accounting import full_bytes, xkv_bytes
 from crosskv.core.capture import KVShape, capture, kv_shape
 from crosskv.core.lowrank import (energy_captured, factored_elements, gram_factors, group_matrix, grouped_vs_single_error,
@@ -251,3 +252,41 @@ def test_grouped_error_units_match_the_per_group_function():
     assert row.grouped_rank == direct["grouped_rank"]
     with pytest.raises(ValueError, match="length 30"):
         grouped_error_units({"k": kv}, [2], [3], [30])
+
+
+# --- random:tiny (float32): reset and batches ---------------------------------------------------------
+
+XKV_TINY = {"xkv": {"group_size": 2, "kept": 0.5}, "xkv-strict": {"group_size": 2, "kept": 0.5, "strict": True},
+            "svd": {"kept": 0.5}}
+
+
+@pytest.mark.parametrize("label", sorted(XKV_TINY))
+def test_reset_forgets_the_bases_and_factors(random_tiny, label):
+    """After ``reset`` the groups hold no basis and the layers no factor; a shorter second prompt is compressed
+    anew (its own ranks) and scores as on a fresh cache."""
+    model, tokenizer = random_tiny
+    runner = make_method(label.split("-")[0], **XKV_TINY[label]).bind(model, tokenizer)
+    cache, fresh = check_reset_forgets(model, runner)
+    assert [g.basis_k.shape for g in cache.groups] == [g.basis_k.shape for g in fresh.groups]
+
+
+@pytest.mark.parametrize("label", sorted(XKV_TINY))
+def test_a_batch_of_different_sequences_is_refused_by_name(random_tiny, label):
+    model, tokenizer = random_tiny
+    name = label.split("-")[0]
+    check_batch_refused(model, make_method(name, **XKV_TINY[label]).bind(model, tokenizer), name)
+
+
+def test_after_reset_a_prompt_of_another_batch_size_scores_as_alone(random_tiny):
+    """A batch of two identical rows, ``reset``, then one row: the cache forgot the batch size too."""
+    model, tokenizer = random_tiny
+    runner = make_method("xkv", **XKV_TINY["xkv"]).bind(model, tokenizer)
+    ids = torch.randint(100, 20000, (1, 46), generator=torch.Generator().manual_seed(2))
+    with runner.applied(), torch.no_grad():
+        cache = runner.new_cache()
+        drive_cache(model, runner, cache, ids[:, :40].expand(2, -1), ids[:, 40:].expand(2, -1))
+        cache.reset()
+        again = drive_cache(model, runner, cache, ids[:, :40], ids[:, 40:])
+        alone = drive_cache(model, runner, runner.new_cache(), ids[:, :40], ids[:, 40:])
+    for got, want in zip(again, alone):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

@@ -18,6 +18,13 @@ with a message naming the layer kind. A layer whose newest rows live elsewhere t
 float latents; a KVSharer consumer, which holds nothing) says how many :meth:`crop` may cut
 (:meth:`croppable`) and cuts them (:meth:`drop_newest`); one that can cut elsewhere too (a KIVI layer drops its
 whole appended stream) says where in :meth:`check_crop`.
+
+**The cache contract** every layer kind and every cache keeps (the glossary of :mod:`crosskv`; proven over the method
+registry and the composition matrix by ``tests/test_contract.py``): a block appended after the compressed context
+gives the logits of its one-token steps; what is appended after the context can be cropped back exactly, any number
+of times (the context itself never changes once compressed: :attr:`fixed`); ``reset()`` forgets everything or raises
+naming the method; batch rows are independent or a batch of different rows is refused by name; every tensor kept is
+on the layer's device and owns its storage (slices are copied); ``kv_bytes`` equals the census at every moment.
 """
 from __future__ import annotations
 
@@ -25,6 +32,19 @@ from typing import Callable
 
 import torch
 from transformers.cache_utils import DynamicLayer
+
+
+class ReleasesRopePerForward:
+    """Cache mixin for a cache whose layers share ``self.rope`` (:class:`crosskv.core.rotary.RopeTables`): the
+    forward's tables are released after the model's last layer, whichever layers read them (a KVSharer consumer
+    after the last group reads its producer's), so no table outlives the forward it was built for."""
+
+    def update(self, key_states, value_states, layer_idx: int, cache_kwargs=None):
+        try:
+            return super().update(key_states, value_states, layer_idx, cache_kwargs)
+        finally:
+            if layer_idx == len(self.layers) - 1:
+                self.rope.release()
 
 
 class HeldLayer(DynamicLayer):
@@ -109,10 +129,11 @@ class HeldLayer(DynamicLayer):
                                       "build a new cache (runner.new_cache())")
 
     def reset(self) -> None:
-        """Forget every token: empty tail, nothing held, counters at zero."""
+        """Forget every token, as a new layer: nothing held, counters at zero, and the tail's batch size and dtype
+        forgotten too (the next prompt may have any batch size)."""
         self.release_prefix()
-        if self.keys is not None:
-            self.keys, self.values = self.keys[..., :0, :].clone(), self.values[..., :0, :].clone()
+        self.keys = self.values = None
+        self.is_initialized = False
         self.seen = self.prefix_len = self.fixed = 0
 
     def map_prefix(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:

@@ -9,7 +9,8 @@ tokens (question, decoded) are appended exactly. Eviction before compression
 (:meth:`PrefixLayer.evict`) drops prompt rows; seen and held tokens, crop, reorder and mask sizes are
 the base's (:class:`~crosskv.cache.layer.HeldLayer`), so positions and masks stay absolute.
 :class:`PrefixCache` is the container; its ``stored_tensors()`` yields every tensor held, each
-shared tensor (a group's basis, a pair's direction) once.
+shared tensor (a group's basis, a pair's direction) once, and its ``reset()`` releases them all (a new
+cache's state: the next prompt is compressed anew).
 """
 from __future__ import annotations
 

@@ -31,16 +31,11 @@ def rotate_half(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
 def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """RoPE ``x·cos + rotate_half(x)·sin`` with tables broadcastable to ``x`` (head dimension along ``dim``).
 
-    Computed half by half into one output (``x1·c1 − x2·s1``, ``x2·c2 + x1·s2``): the same floats as
-    transformers' ``apply_rotary_pos_emb``, without materialising ``rotate_half(x)`` or concatenating.
+    Computed half by half (``x1·c1 − x2·s1``, ``x2·c2 + x1·s2``): the same floats as transformers'
+    ``apply_rotary_pos_emb``, without materialising ``rotate_half(x)``; traceable by ``torch.compile(fullgraph=True)``.
     """
     (x1, x2), (c1, c2), (s1, s2) = halves(x, dim), halves(cos, dim), halves(sin, dim)
-    dtype = torch.promote_types(torch.result_type(x, cos), sin.dtype)
-    out = torch.empty(torch.broadcast_shapes(x.shape, cos.shape, sin.shape), dtype=dtype, device=x.device)
-    o1, o2 = halves(out, dim)
-    torch.mul(x1, c1, out=o1).sub_(x2 * s1)
-    torch.mul(x2, c2, out=o2).add_(x1 * s2)
-    return out
+    return torch.cat((x1 * c1 - x2 * s1, x2 * c2 + x1 * s2), dim=dim)
 
 
 def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dim: int = -1) -> torch.Tensor:

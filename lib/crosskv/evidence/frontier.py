@@ -299,6 +299,8 @@ class Use:
         :func:`crosskv.evidence.stats.paired_perplexity`): ``dict(diff, low, high, n, p, verdict)``, ``diff`` = a − b."""
         both = a.set_index("index")[list(self.values)].join(b.set_index("index")[list(self.values)], how="inner",
                                                             lsuffix="_a", rsuffix="_b").dropna()
+        if a.empty or b.empty:  # the split left this half without units (one sample per task): nothing to test
+            return stats.untestable(float("nan"), 0)
         if both.empty:
             raise ValueError(f"use {self.name!r}: the two configurations share no unit to pair")
         if self.perplexity:
@@ -384,7 +386,8 @@ def _decide(out: pd.DataFrame, use: Use, alpha: float, n_min: int) -> pd.DataFra
         order = group.assign(advantage=sign * group["diff"]).sort_values(
             ["beaten", "p_holm", "advantage"], ascending=[True, False, True])
         out.loc[order.index[0], "closest"] = True
-    out.loc[~tested, "closest"] = True
+    out.loc[~tested, "closest"] = ~out[~tested].duplicated("budget")  # one row per budget shown
+    out.loc[~tested & out["rival"].notna(), "decision"] = "too few"  # a single unit on half B: nothing to test
     return out
 
 
@@ -409,7 +412,8 @@ def confirmations(records_or_frame, use: str | Use = "retrieve", budgets: Sequen
     out = out.reindex(columns=list(dict.fromkeys([*out.columns, "decision", "rival", "diff", "p", "n_select",
                                                   "n_confirm", "_pair"]))).astype({"decision": object})
     tested = out["p"].notna()
-    adjusted = stats.holm(pd.Series({key: t["p"] for key, (_, t) in tests.items()}))["p_holm"] if tests else {}
+    family = pd.Series({key: t["p"] for key, (_, t) in tests.items() if t["p"] == t["p"]}, dtype=float)
+    adjusted = stats.holm(family)["p_holm"] if len(family) else {}
     out["p_holm"] = [adjusted[key] if ok else np.nan for key, ok in zip(out["_pair"], tested)]
     out = _decide(out.drop(columns="_pair"), use, alpha, n_min)
     contexts = frame["context"].dropna().unique() if "context" in frame else []

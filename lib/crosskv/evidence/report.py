@@ -286,6 +286,8 @@ def decision_sentence(row: Any) -> str:
     leader = f"**{row.leader}** (kept {row.kept_leader:.3f})"
     if row.decision == "only candidate":
         return f"{budget}: only {leader} fits, so nothing is tested"
+    if row.decision == "too few":
+        return f"{budget}: {leader} leads on half A; half B has too few samples to test it (n = {int(row.n_confirm)})"
     extra = getattr(row, "leader_gold_match", None)
     match = (f"; gold_match {row.leader_gold_match:.2f} vs {row.rival_gold_match:.2f}"
              if extra is not None and extra == extra else "")

@@ -163,6 +163,8 @@ def paired_perplexity(nll_a: Sequence[float], tokens_a: Sequence[float], nll_b: 
         raise ValueError(f"paired_perplexity needs four non-empty 1-d arrays of one length, got {[x.shape for x in arrays]}")
     if (arrays[1] <= 0).any() or (arrays[3] <= 0).any():
         raise ValueError("paired_perplexity: every window needs a positive token count")
+    if arrays[0].size < 2:
+        return untestable(float(_ppl(arrays[0], arrays[1]) - _ppl(arrays[2], arrays[3])), arrays[0].size)
     diff, p = _perplexity_diff(*arrays, level=level, resamples=resamples, seed=seed, permutations=permutations)
     return {"diff": diff.estimate, "low": diff.lo, "high": diff.hi, "n": diff.n, "p": p,
             "verdict": verdict(diff, False, n_min)}
@@ -194,6 +196,11 @@ def halves(index: Sequence[int], stride: int = POOL_STRIDE) -> np.ndarray:
     return np.isin(idx, first)
 
 
+def untestable(diff: float, n: int) -> dict[str, Any]:
+    """A paired comparison on a single unit: its difference, no interval, no p, never called."""
+    return {"diff": diff, "low": math.nan, "high": math.nan, "n": int(n), "p": math.nan, "verdict": "too few"}
+
+
 def paired(a: Sequence[float], b: Sequence[float], higher_is_better: bool = True, n_min: int = N_MIN,
            level: float = LEVEL, resamples: int = RESAMPLES, seed: int = 0,
            permutations: int = PERMUTATIONS) -> dict[str, Any]:
@@ -209,6 +216,8 @@ def paired(a: Sequence[float], b: Sequence[float], higher_is_better: bool = True
         raise ValueError("paired got non-finite values")
     if n_min < 2:
         raise ValueError(f"n_min={n_min} must be at least 2")
+    if a.size < 2:
+        return untestable(float((a - b).mean()), a.size)
     diff = bootstrap_interval((a - b,), _mean, level, resamples, seed)
     return {"diff": diff.estimate, "low": diff.lo, "high": diff.hi, "n": diff.n,
             "p": permutation_p(a, b, permutations, seed=seed), "verdict": verdict(diff, higher_is_better, n_min)}

@@ -21,8 +21,12 @@ The order is fixed and documented here (it is also the order of :attr:`ComposeRu
    **Budget rule**: a unit keeps the top ``⌊mean of its layers' budgets + ½⌋`` tokens of the mean of its
    layers' scores. With a uniform budget (SnapKV …) that is every layer's budget; with per-layer budgets
    (PyramidKV) a group gets the mean of its layers' pyramid budgets, so the total stays ≈ the pyramid's.
+   Eviction runs as the prefill ends (the scores and kept positions live no longer); with per-layer budgets
+   each layer then gets its own attention mask (:func:`crosskv.cache.masks.fitted_masks`), so a block after
+   the context scores as its one-token forwards. A batch of different rows is refused by name.
 2. **compress** — the base method's own ``compress`` runs on the kept tokens (xKV's SVD, CommonKV's merge…).
-3. **quantize** — :func:`crosskv.cache.quant.quantize_cache` quantizes whatever the cache now stores.
+3. **quantize** — :func:`crosskv.cache.quant.quantize_cache` quantizes whatever the cache now stores (a batch
+   of different rows is refused by name: a padded row's quantization groups would start at its padding).
 
 Refused at config time (``ValueError`` naming the composition, see :func:`composition_matrix`):
 kvpress presses as ``base`` (they are eviction, use ``evict``); ``evict_ratio`` > 0 without an
@@ -46,8 +50,10 @@ import torch
 from crosskv.core import budget
 from crosskv.methods.base import REGISTRY, MethodConfig, Runner, make_method, register
 from crosskv.methods.peers import PRESSES, EvictionScorer
-from crosskv.cache.eviction import evict_plain, kept_fraction, token_sets
 from crosskv.cache.attention import installed
+from crosskv.cache.batch import check_one_sequence
+from crosskv.cache.eviction import evict_plain, kept_fraction, token_sets
+from crosskv.cache.masks import fitted_masks
 from crosskv.cache.quant import BITS, QuantSpec, quantize_cache
 
 log = logging.getLogger(__name__)
@@ -219,24 +225,25 @@ class ComposeRunner(Runner):
     def __init__(self, config: Compose, model, tokenizer, base: Runner):
         super().__init__(config, model, tokenizer)
         self.base = base
-        self.scorer: EvictionScorer | None = None
         self.stages: list[str] = []
         self.evicted_kept = 1.0
-        self.kept_positions: dict[int, torch.Tensor] = {}  # last run: kept absolute positions per evicted layer
         self.quant_storage: str | None = None
 
     def record_fields(self) -> dict:
         return self.base.record_fields()
 
     def method_bytes(self) -> int:
-        """The sum over the stages: eviction adds nothing (its scorer's statistics live only during the
+        """The sum over the stages: eviction adds nothing (its scores and kept positions live only during the
         prefill), quantization nothing (scales and zero points are held by the cache), plus the base's."""
         return self.base.method_bytes()
 
     @contextlib.contextmanager
     def applied(self) -> Iterator["ComposeRunner"]:
-        """The base's transforms; with ``bits``, also the ``crosskv`` attention that reads quantized layers' codes."""
-        with self.base.applied(), (installed(self.model) if self.config.bits else contextlib.nullcontext()):
+        """The base's transforms; with ``bits``, also the ``crosskv`` attention that reads quantized layers' codes;
+        with a press of per-layer budgets, each layer's own attention mask (:func:`crosskv.cache.masks.fitted_masks`)."""
+        uneven = self.config.evict != "none" and PRESSES[self.config.evict].uneven
+        with self.base.applied(), (installed(self.model) if self.config.bits else contextlib.nullcontext()), \
+                (fitted_masks(self.model) if uneven else contextlib.nullcontext()):
             yield self
 
     def new_cache(self):
@@ -245,30 +252,44 @@ class ComposeRunner(Runner):
 
     @contextlib.contextmanager
     def prefill(self, cache) -> Iterator[None]:
+        """The base's prefill; with eviction, the scorer's hooks too, and the eviction itself once the context
+        has run (so neither the scores nor the kept positions outlive the prefill: held bytes are the cache's)."""
         if self.config.evict == "none" or self.config.evict_ratio == 0:
             with self.base.prefill(cache):
                 yield
             return
-        self.scorer = EvictionScorer(self.model, self.config.evict, self.config.evict_ratio, self.config.window_size)
-        with self.base.prefill(cache), self.scorer.hooks():
+        scorer = EvictionScorer(self.model, self.config.evict, self.config.evict_ratio, self.config.window_size)
+        with self.base.prefill(cache), scorer.hooks():
             yield
+        self.evict(cache, scorer)
+
+    def evict(self, cache, scorer: EvictionScorer) -> None:
+        """Keep each unit's token set, chosen from the prefill's ``scorer`` (:func:`token_sets`), in ``cache``."""
+        tokens = cache.get_seq_length()
+        units = token_units(cache)
+        kept = token_sets(scorer.scores, scorer.budgets, units)
+        evict_cache(cache, kept)
+        self.evicted_kept = kept_fraction(kept, tokens)
+        self.stages.append("evict")
+        log.info("compose: evicted with %d units of layers %s", len(units), units)
 
     def compress(self, cache) -> None:
-        self.kept_positions = {}
-        if self.scorer is not None:
-            tokens = cache.get_seq_length()
-            units = token_units(cache)
-            self.kept_positions = token_sets(self.scorer.scores, self.scorer.budgets, units)
-            evict_cache(cache, self.kept_positions)
-            self.evicted_kept = kept_fraction(self.kept_positions, tokens)
-            self.stages.append("evict")
-            self.scorer = None
-            log.info("compose: evicted with %d units of layers %s", len(units), units)
         self.base.compress(cache)
         self.stages.append("compress")
         spec = self.config.quant_spec()
         if spec is not None:
+            self.check_one_sequence(cache)
             self.quant_storage = quantize_cache(cache, spec)
             self.stages.append("quantize")
         log.info("compose: stages %s, tokens kept by eviction %.3f, quantization %s", self.stages,
                  self.evicted_kept, self.quant_storage)
+
+    def check_one_sequence(self, cache) -> None:
+        """Refuse quantizing a batch of different rows, naming the composition: a padded row's quantization
+        groups would start at its padding, not at its first token (every layer's exact rows are checked)."""
+        for layer in cache.layers:
+            keys = getattr(layer, "keys", None)  # (B, H_kv, t, d)
+            if keys is not None and keys.numel():
+                check_one_sequence(keys, f"compose (base={self.config.base}, bits={self.config.bits})",
+                                   "quantization groups count each row's tokens from the batch's first column, "
+                                   "padding included")

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from transformers.cache_utils import CacheLayerMixin
+
 from crosskv.core.capture import KVShape, Rotary, kv_shape
 from crosskv.methods.base import register, state_bytes
 from crosskv.methods.kvsharer import KVSharer, SearchOptions, SharedLayer, SharingStrategy, consumer_projection_bytes
@@ -118,7 +120,7 @@ class SharedLowRankCache(LowRankCache):
             self.layers[consumer] = self.fresh_layer(consumer)
             self.layers[consumer].layer_idx = consumer
 
-    def fresh_layer(self, index: int):
+    def fresh_layer(self, index: int) -> CacheLayerMixin:
         """A consumer's view of its producer (an earlier layer, already reset), else a plain layer."""
         if index in self.mapping:
             return SharedLayer(self.layers[self.mapping[index]], self.mapping[index])

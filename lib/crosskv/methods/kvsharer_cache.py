@@ -60,10 +60,10 @@ class SharedLayer(HeldLayer):
         return self.producer.keys, self.producer.values
 
     def held(self) -> int:
-        """The producer's held tokens (the rows this layer attends to)."""
-        if isinstance(self.producer, HeldLayer):
-            return self.producer.held()
-        return self.producer.get_seq_length()
+        """The producer's held tokens (the rows this layer attends to), less those it has seen beyond this layer:
+        inside a forward the producer has already stored the new tokens, which this layer's mask adds itself."""
+        held = self.producer.held() if isinstance(self.producer, HeldLayer) else self.producer.get_seq_length()
+        return held - (self.producer.get_seq_length() - self.seen)
 
     def croppable(self) -> int:
         """Every token: the producer (cropped first, as an earlier layer) refuses what it cannot cut."""

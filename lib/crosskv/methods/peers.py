@@ -28,6 +28,7 @@ import torch
 from crosskv.cache.attention import reclaim
 from crosskv.cache.batch import check_one_sequence
 from crosskv.cache.eviction import layer_kv
+from crosskv.cache.masks import fitted_masks
 from crosskv.core import capture
 from crosskv.methods.base import REGISTRY, MethodConfig, Runner, register
 
@@ -40,6 +41,7 @@ class Press:
     press_class: str  # the class of that name in kvpress
     label: str
     keeps: str  # which context tokens it keeps
+    uneven: bool = False  # per-layer budgets: layers keep different token counts (blocks need each layer's mask)
 
     @property
     def method(self) -> str:
@@ -48,7 +50,8 @@ class Press:
 
 PRESSES: dict[str, Press] = {p.key: p for p in (
     Press("snapkv", "SnapKVPress", "SnapKV", "the tokens most attended by the context's last window"),
-    Press("pyramidkv", "PyramidKVPress", "PyramidKV", "SnapKV's choice under pyramid-shaped per-layer budgets"),
+    Press("pyramidkv", "PyramidKVPress", "PyramidKV", "SnapKV's choice under pyramid-shaped per-layer budgets",
+          uneven=True),
     Press("knorm", "KnormPress", "KNorm", "the tokens with the smallest key norms"),
     Press("streaming_llm", "StreamingLLMPress", "StreamingLLM", "the first n_sink and the most recent tokens"),
     Press("expected_attention", "ExpectedAttentionPress", "ExpectedAttention",
@@ -95,11 +98,35 @@ class PressConfig(MethodConfig):
 
 
 class PressRunner(Runner):
-    """Installs the press's hooks while the context is prefilled (compression happens inside them)."""
+    """Installs the press's hooks while the context is prefilled (compression happens inside them).
+
+    A batch of different rows is refused by name before the press compresses (:meth:`press`); a press with
+    per-layer budgets (``Press.uneven``) gives each layer its own attention mask while applied
+    (:func:`crosskv.cache.masks.fitted_masks`), so a block after the context scores as its one-token forwards.
+    """
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator["PressRunner"]:
+        with fitted_masks(self.model) if self.config.press.uneven else contextlib.nullcontext():
+            yield self
+
+    def press(self):
+        """The kvpress press, its compressing hook preceded by :func:`check_one_sequence` on the layer's keys."""
+        press = self.config.make_press()
+        compress = press.forward_hook
+
+        def checked(module, args, kwargs, output):
+            keys = kwargs["past_key_values"].layers[module.layer_idx].keys  # (B, H_kv, T, d)
+            check_one_sequence(keys, self.config.name, "the press scores each row's tokens, padding included, and "
+                               "keeps the same count in every row")
+            return compress(module, args, kwargs, output)
+
+        press.forward_hook = checked
+        return press
 
     @contextlib.contextmanager
     def prefill(self, cache) -> Iterator[None]:
-        press = self.config.make_press()
+        press = self.press()
         with capture.rotary_aliases(self.model), press(self.model):
             yield
 
@@ -107,7 +134,7 @@ class PressRunner(Runner):
         """Compress ``cache`` holding a plain prefill as the press's hooks would have during it: layer by layer,
         with each attention layer's captured forward keyword arguments and attention weights
         (``attention[i] = {"kwargs": …, "weights": …}``; see :func:`crosskv.run.harness.plain_prefill`)."""
-        press = self.config.make_press()
+        press = self.press()
         press.post_init_from_model(self.model)
         with capture.rotary_aliases(self.model):  # what kvpress's press(model) sets up
             for layer, seen in zip(capture.decoder(self.model).layers, attention, strict=True):

@@ -9,6 +9,9 @@ only the group's token basis ``(B, T, r)`` once and one factor ``(B, r, H_kv·d)
 exactly. Keys are rebuilt as ``RoPE(basis @ factor)`` at their original absolute positions.
 After token eviction (``compose``) a group keeps one token set; its kept absolute positions
 ``(T',)`` int32 are stored with the group and used to undo RoPE before the SVD and redo it after.
+``cache.reset()`` drops every group's bases and positions and every layer's factors and tail (the next prompt
+is compressed anew); a batch of different sequences is refused at compression by the method's name (the SVD
+would read every row at positions 0…T−1, padding included), identical rows pass.
 
 Ranks are per group. When G does not divide the range, the last group has G' < G layers and ranks
 ``round(r·G'/G)`` (so a lossless rank G·H_kv·d stays lossless). With ``kept`` instead of ranks, the
@@ -51,6 +54,7 @@ from crosskv.core.lowrank import gram_factors, group_matrix
 from crosskv.methods.base import MethodConfig, Runner, register
 from crosskv.cache.attention import CompressedPrefix, installed
 from crosskv.cache.batch import check_one_sequence
+from crosskv.cache.layer import ReleasesRopePerForward
 from crosskv.cache.kernels.factored import factored_decode_scores
 from crosskv.cache.kernels.launch import use_kernel
 from crosskv.cache.plain import PlainLayer
@@ -296,7 +300,7 @@ class LowRankLayer(PrefixLayer):
             self.cache.compress_group(self.group)
 
 
-class LowRankCache(PrefixCache):
+class LowRankCache(ReleasesRopePerForward, PrefixCache):
     """xKV/SVD cache: ``LowRankLayer`` for layers in groups, :class:`~crosskv.cache.plain.PlainLayer` elsewhere.
 
     ``rope`` holds the RoPE tables of the forward in progress (see :meth:`update`): none between forwards.
@@ -319,15 +323,6 @@ class LowRankCache(PrefixCache):
         super().__init__(layers)
         self.shared = self.groups
         self.rope = rope.RopeTables(rotary)
-
-    def update(self, key_states, value_states, layer_idx: int, cache_kwargs=None):
-        """The layer's update; after the model's last layer the forward's RoPE tables are released, whichever
-        layers read them (a KVSharer consumer after the last group reads its producer's), so none outlives it."""
-        try:
-            return super().update(key_states, value_states, layer_idx, cache_kwargs)
-        finally:
-            if layer_idx == len(self.layers) - 1:
-                self.rope.release()
 
     def stored_tensors(self) -> Iterator[torch.Tensor]:
         yield from super().stored_tensors()

@@ -123,10 +123,9 @@ def run_factored_kernel(q: torch.Tensor, basis_k: torch.Tensor, factor_k: torch.
     if scores is not None:
         splits = -(-tokens // block_t)
     n_splits, split_len = split_plan(tokens, block_t, b * h, splits)
-    f32 = dict(dtype=torch.float32, device=q.device)
     if scores is None:
-        acc = torch.empty(b, h, n_splits, g, rank_v, **f32)
-        top, total = torch.empty(b, h, n_splits, g, **f32), torch.empty(b, h, n_splits, g, **f32)
+        acc = torch.empty(b, h, n_splits, g, rank_v, dtype=torch.float32, device=q.device)
+        top, total = torch.empty(b, h, n_splits, g, dtype=torch.float32, device=q.device), torch.empty(b, h, n_splits, g, dtype=torch.float32, device=q.device)
     else:
         acc = top = total = scores
     if cos.stride() != sin.stride():

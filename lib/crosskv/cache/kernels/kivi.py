@@ -73,9 +73,8 @@ def run_kivi_kernel(q: torch.Tensor, keys: QTensor, values: QTensor, scale: floa
     tokens = keys.length
     block_t = block(block_t)
     n_splits, split_len = split_plan(tokens, block_t, b * h, splits)
-    f32 = dict(dtype=torch.float32, device=q.device)
-    acc = torch.empty(b, h, n_splits, g, d, **f32)
-    top, total = torch.empty(b, h, n_splits, g, **f32), torch.empty(b, h, n_splits, g, **f32)
+    acc = torch.empty(b, h, n_splits, g, d, dtype=torch.float32, device=q.device)
+    top, total = torch.empty(b, h, n_splits, g, dtype=torch.float32, device=q.device), torch.empty(b, h, n_splits, g, dtype=torch.float32, device=q.device)
     k_scale, k_zero = _same_strides(keys.scale[..., 0], keys.zero[..., 0])      # (B, H, d, G)
     v_scale, v_zero = _same_strides(values.scale[..., 0], values.zero[..., 0])  # (B, H, T, G_d)
     LAUNCHES["kivi"] += 1

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import Cache
 
 from crosskv.cache.attention import compressed_kv
-from crosskv.cache.layer import HeldLayer
+from crosskv.cache.layer import HeldLayer, ReleasesRopePerForward
 from crosskv.cache.quant import QTensor, QuantSpec, quantize, split_residual
 from crosskv.core import budget
 from crosskv.core import rotary
@@ -246,7 +246,7 @@ class CommonKVLayer(HeldLayer):
             yield self.pos
 
 
-class CommonKVCache(Cache):
+class CommonKVCache(ReleasesRopePerForward, Cache):
     """Container of :class:`CommonKVLayer` s, one :class:`GroupStore` per layer group and the RoPE tables of the
     forward in progress (none between forwards)."""
 
@@ -254,14 +254,6 @@ class CommonKVCache(Cache):
                  rope: rotary.RopeTables):
         super().__init__(layers=layers)
         self.groups, self.stores, self.rope = groups, stores, rope
-
-    def update(self, key_states, value_states, layer_idx: int, cache_kwargs=None):
-        """The layer's update; after the model's last layer the forward's RoPE tables are released."""
-        try:
-            return super().update(key_states, value_states, layer_idx, cache_kwargs)
-        finally:
-            if layer_idx == len(self.layers) - 1:
-                self.rope.release()
 
     def stored_tensors(self) -> Iterator[torch.Tensor]:
         for layer in self.layers:
