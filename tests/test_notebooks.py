@@ -176,3 +176,24 @@ def test_shrunk_gpu_profile_runs_every_notebook(notebook, shrunk_gpu_root):
     assert not errors
     assert any(name.endswith(".png") for name in figures.written_files(executed)), f"{notebook.name} wrote no figure"
     assert str(where.figures).startswith(str(shrunk_gpu_root))
+
+
+def _answer(nb) -> str:
+    opening = next(c for c in nb["cells"] if c["cell_type"] == "code")
+    return next(_text(o, "text/markdown") for o in opening.get("outputs", []) if "**Answer:**" in _text(o, "text/markdown"))
+
+
+def test_frontier_answer_names_only_configurations_of_its_table():
+    """05's Answer names configurations (``family · configuration``) only where tab_05_best_at_budget holds them."""
+    from crosskv.evidence import report
+
+    notebook = next(nb for nb in NOTEBOOKS if nb.stem.startswith("05"))
+    answer = _answer(_committed(notebook))
+    figures_dir = figures.layout("cpu").figures
+    tidy = pd.read_csv(figures_dir / "tab_05_frontier.csv")
+    every = set(tidy["family"] + " · " + tidy["configuration"].astype(str))
+    best = pd.read_csv(figures_dir / "tab_05_best_at_budget.csv")
+    assert not report.answer_names_missing(answer, best, names=every)
+    assert {"use", "decision", "p_holm", "selection"} <= set(best.columns)
+    winners = best[best["decision"] == "winner"]
+    assert (winners["p_holm"] < 0.05).all(), winners
