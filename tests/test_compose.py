@@ -161,6 +161,11 @@ def test_eviction_refuses_a_batch_of_different_rows_naming_the_press(evict):
     two = torch.cat([ids(40, seed=1), ids(40, seed=2)])
     with pytest.raises(ValueError, match=f"evict='{evict}'.*batch of 2 different sequences"):
         run(runner, model, two, 36)
+    assert_identical_rows_run_as_one(runner, model)
+
+
+def assert_identical_rows_run_as_one(runner, model) -> None:
+    """A batch of two identical rows (the bench's batches) gives each row what one sequence gives."""
     same = ids(40, seed=1)
     batched, _ = run(runner, model, same.expand(2, -1), 36)
     alone, _ = run(runner, model, same, 36)
@@ -176,10 +181,7 @@ def test_quantization_refuses_a_batch_of_different_rows_naming_the_composition(b
     two = torch.cat([ids(40, seed=1), ids(40, seed=2)])
     with pytest.raises(ValueError, match=rf"compose \(base=full, bits={bits}\).*batch of 2 different sequences"):
         run(runner, model, two, 36)
-    same = ids(40, seed=1)
-    batched, _ = run(runner, model, same.expand(2, -1), 36)
-    alone, _ = run(runner, model, same, 36)
-    assert torch.allclose(batched[0], alone[0], atol=1e-5) and torch.equal(batched[0], batched[1])
+    assert_identical_rows_run_as_one(runner, model)
 
 
 def test_eviction_holds_no_scores_or_positions_after_the_prefill():
