@@ -68,7 +68,9 @@ class CompressedKV:
     """What a compressed layer's ``update`` returns as keys and as values: its prefix and exact tail.
 
     ``prefix`` precedes the tail; ``keys``/``values`` ``(B, H_kv, t, d)`` (``t`` may be 0); ``layer_idx``
-    names the layer in errors. ``shape`` is the held K shape ``(B, H_kv, T_c + t, d)``, so a wrapper that
+    names the layer in errors; ``visible`` ``(q, t)`` bool, when given (the static layout's preallocated tail,
+    :mod:`crosskv.cache.static`), says which tail rows each query reads — attention then ignores the model's mask
+    (every prefix row precedes every query). ``shape`` is the held K shape ``(B, H_kv, T_c + t, d)``, so a wrapper that
     only looks at shapes (a library's patch of every registered attention function, until :func:`reclaim`
     drops it) passes it through; any other tensor use (an attribute, indexing, a torch function) raises
     :class:`PrefixChannelError`.
@@ -78,6 +80,7 @@ class CompressedKV:
     keys: torch.Tensor
     values: torch.Tensor
     layer_idx: int | None = None
+    visible: torch.Tensor | None = None
 
     def misread(self, what: str) -> PrefixChannelError:
         return PrefixChannelError(
@@ -105,9 +108,10 @@ class CompressedKV:
 
 
 def compressed_kv(prefix: CompressedPrefix, keys: torch.Tensor, values: torch.Tensor,
-                  layer_idx: int | None = None) -> tuple[CompressedKV, CompressedKV]:
+                  layer_idx: int | None = None, visible: torch.Tensor | None = None
+                  ) -> tuple[CompressedKV, CompressedKV]:
     """The ``(keys, values)`` pair a compressed layer's ``update`` returns: the same :class:`CompressedKV` twice."""
-    kv = CompressedKV(prefix, keys, values, layer_idx)
+    kv = CompressedKV(prefix, keys, values, layer_idx, visible)
     return kv, kv
 
 
@@ -168,7 +172,8 @@ def crosskv_attention(module, query, key, value, attention_mask, dropout: float 
 
     ``query`` ``(B, Hq, q, d)``. With ``key`` a :class:`CompressedKV` (``value`` the same object): scores of
     prefix (``prefix.scores``) and tail are concatenated ``(B, H_kv, g·q, T_c + t)``, softmaxed in float32,
-    and ``out = prefix.apply(P_prefix) + P_tail·V_tail``. With tensors: the model's SDPA attention.
+    and ``out = prefix.apply(P_prefix) + P_tail·V_tail``; the key's ``visible`` (static layout), when given, masks the
+    tail in place of ``attention_mask``. With tensors: the model's SDPA attention.
     Returns ``((B, q, Hq, d), None)``.
     """
     if not isinstance(key, CompressedKV):
@@ -184,9 +189,12 @@ def crosskv_attention(module, query, key, value, attention_mask, dropout: float 
     q = query.reshape(b, h_kv, groups * q_len, d)
     scores = prefix.scores(q)                                              # (B, H_kv, g·q, T_c)
     if tail_k.shape[2]:
-        scores = torch.cat([scores, (q @ tail_k.transpose(-1, -2)).float()], dim=-1)
+        tail = (q @ tail_k.transpose(-1, -2)).float()                      # (B, H_kv, g·q, t)
+        if key.visible is not None:
+            tail = tail.view(b, h_kv, groups, q_len, -1).masked_fill(~key.visible, float("-inf")).view_as(tail)
+        scores = torch.cat([scores, tail], dim=-1)
     scores = scores * scale                                                # (B, H_kv, g·q, T)
-    bias = _causal_bias(attention_mask, q_len, kv_len, scores)
+    bias = None if key.visible is not None else _causal_bias(attention_mask, q_len, kv_len, scores)
     if bias is not None:
         scores = (scores.view(b, h_kv, groups, q_len, kv_len)
                   + bias.view(bias.shape[0], 1, 1, q_len, kv_len)).view(b, h_kv, groups * q_len, kv_len)

@@ -33,6 +33,8 @@ from typing import Callable
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from crosskv.cache.static import as_prefix
+
 
 class ReleasesRopePerForward:
     """Cache mixin for a cache whose layers share ``self.rope`` (:class:`crosskv.core.rotary.RopeTables`): the
@@ -85,6 +87,12 @@ class HeldLayer(DynamicLayer):
     def update(self, key_states, value_states, cache_kwargs=None):
         self.append(key_states, value_states)
         return self.attend_kv()
+
+    def frozen_prefix(self, capacity: int):
+        """The layer's held tokens as one read-only prefix for the static layout (:func:`crosskv.cache.static.freeze`,
+        room for ``capacity`` decode tokens): what attention reads now. A kind without an exact static layout
+        raises :class:`~crosskv.cache.static.StaticRefused` naming itself."""
+        return as_prefix(*self.attend_kv())
 
     def get_seq_length(self) -> int:
         return self.seen

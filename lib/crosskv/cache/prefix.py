@@ -24,6 +24,7 @@ from crosskv.cache.attention import CompressedPrefix, compressed_kv
 from crosskv.cache.eviction import evict_plain
 from crosskv.cache.layer import HeldLayer
 from crosskv.cache.plain import PlainLayer
+from crosskv.cache.static import StaticRefused
 from crosskv.cache.storage import layer_tensors
 from crosskv.cache.quant import QuantSpec, quantize_plain_layers
 
@@ -57,6 +58,13 @@ class PrefixLayer(HeldLayer):
         keys, values = self.prefix_kv()
         return (torch.cat([keys.to(self.keys.dtype), self.keys], dim=-2),
                 torch.cat([values.to(self.values.dtype), self.values], dim=-2))
+
+    def frozen_prefix(self, capacity: int):
+        """The compressed prefix and exact tail, frozen; refused when the layer rebuilds the prefix's K and V."""
+        if self.prefix_len and self.compressed_prefix() is None:
+            raise StaticRefused(f"layer {self.layer_idx} ({type(self).__name__}) rebuilds its prefix's K and V every "
+                                "step (no compressed prefix, e.g. xKV attention='reconstruct'): no static layout")
+        return super().frozen_prefix(capacity)
 
     def append(self, key_states, value_states) -> None:
         super().append(key_states, value_states)

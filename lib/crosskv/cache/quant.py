@@ -34,6 +34,7 @@ from transformers.cache_utils import DynamicLayer
 
 from crosskv.cache.attention import CompressedPrefix, ConcatPrefix, ExactPrefix, compressed_kv
 from crosskv.cache.layer import HeldLayer
+from crosskv.cache.static import StaticRefused
 
 BITS = (2, 4, 8)
 
@@ -391,6 +392,17 @@ class KiviLayer(HeldLayer):
         if len(keys) == 1:
             return keys[0], values[0]
         return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
+
+    def frozen_prefix(self, capacity: int):
+        """Context and stream frozen, for ``capacity`` decode tokens kept float in the static buffer: refused when
+        the dynamic layer would quantize stream tokens within them (the static layout never re-codes)."""
+        if not self.plain_kv and quantized_count(self.appended() + capacity, self.spec):
+            room = self.spec.residual + self.spec.group_size - 1 - self.appended()
+            raise StaticRefused(
+                f"the KiviLayer of layer {self.layer_idx} would quantize its appended stream within {capacity} decode "
+                f"tokens ({self.appended()} appended, residual {self.spec.residual}, group {self.spec.group_size}); "
+                f"the static layout keeps decoded tokens float: at most {max(room, 0)} fit")
+        return super().frozen_prefix(capacity)
 
     # --- editing -----------------------------------------------------------------------------------------
     def check_crop(self, max_length: int) -> None:

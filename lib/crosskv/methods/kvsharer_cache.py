@@ -14,6 +14,7 @@ from transformers.cache_utils import CacheLayerMixin
 from crosskv.cache.eviction import evict_plain
 from crosskv.cache.layer import HeldLayer
 from crosskv.cache.plain import PlainCache
+from crosskv.cache.static import ReadsProducer
 from crosskv.cache.storage import layer_tensors
 
 
@@ -58,6 +59,10 @@ class SharedLayer(HeldLayer):
         if isinstance(self.producer, HeldLayer):
             return self.producer.attend_kv()
         return self.producer.keys, self.producer.values
+
+    def frozen_prefix(self, capacity: int) -> ReadsProducer:
+        """In the static layout a consumer reads its producer's frozen context and buffer."""
+        return ReadsProducer(self.producer_idx)
 
     def held(self) -> int:
         """The producer's held tokens (the rows this layer attends to), less those it has seen beyond this layer:

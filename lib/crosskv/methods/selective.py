@@ -46,7 +46,8 @@ from typing import Iterator
 
 import torch
 
-from crosskv.cache.attention import CompressedKV, CompressedPrefix, compressed_kv, installed
+from crosskv.cache.attention import CompressedKV, CompressedPrefix, ConcatPrefix, ExactPrefix, compressed_kv, installed
+from crosskv.cache.static import StepPrefix
 from crosskv.core import rotary as rope
 from crosskv.core.capture import Rotary
 from crosskv.methods.base import MethodConfig, make_method, register
@@ -280,6 +281,28 @@ class SelectivePrefix(CompressedPrefix):
         return probs.gather(-1, index[..., None, :].expand(*probs.shape[:-1], -1)) @ values.to(probs.dtype)
 
 
+@dataclass(frozen=True)
+class SelectiveSteps(StepPrefix):
+    """A frozen selective prefix for the static layout: :meth:`at` the step's positions it is the
+    :class:`SelectivePrefix` a dynamic cache builds (RoPE of the query positions from the model's rotary module,
+    float32), computed inside the step from ``cache_position``."""
+
+    base: FactoredPrefix
+    config: "Selective"
+    rotary: Rotary
+    frequencies: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.base.length
+
+    def at(self, positions: torch.Tensor) -> SelectivePrefix:
+        like = torch.empty(0, device=self.base.basis_k.device)                         # float32 tables
+        cos, sin = self.rotary.cos_sin(positions, like)                                # (1, 1, n, d)
+        c = self.config
+        return SelectivePrefix(self.base, c.top_k, c.sinks, c.window, c.score_rank, cos, sin, self.frequencies)
+
+
 class SelectiveLayer(LowRankLayer):
     """A low-rank layer that hands attention a :class:`SelectivePrefix` for every block appended after
     compression (the block lies in the exact tail): ``n`` tokens are read as ``n`` decode steps."""
@@ -295,6 +318,14 @@ class SelectiveLayer(LowRankLayer):
             prefix = self.cache.selective_prefix(keys.prefix, first, self.appended)
             keys, values = compressed_kv(prefix, keys.keys, keys.values, self.layer_idx)
         return keys, values
+
+    def frozen_prefix(self, capacity: int):
+        """The factored prefix as :class:`SelectiveSteps` (each decode step selects anew), then the exact tail."""
+        keys, values = LowRankLayer.attend_kv(self)
+        if not isinstance(keys, CompressedKV):
+            return ExactPrefix(keys, values)
+        steps = self.cache.selective_steps(keys.prefix)
+        return ConcatPrefix((steps, ExactPrefix(keys.keys, keys.values))) if keys.keys.shape[-2] else steps
 
 
 class SelectiveCache(LowRankCache):
@@ -316,6 +347,11 @@ class SelectiveCache(LowRankCache):
         cos, sin = self.rope.at(range(first, first + steps), device)
         c = self.selective
         return SelectivePrefix(base, c.top_k, c.sinks, c.window, c.score_rank, cos, sin, self.frequencies.to(device))
+
+
+    def selective_steps(self, base: FactoredPrefix) -> SelectiveSteps:
+        """``base`` for the static layout: selected anew at each step's positions (:class:`SelectiveSteps`)."""
+        return SelectiveSteps(base, self.selective, self.rotary, self.frequencies.to(base.basis_k.device))
 
 
 class SelectiveRunner(LowRankRunner):

@@ -23,6 +23,7 @@ from transformers import Cache
 from crosskv.cache.attention import compressed_kv
 from crosskv.cache.layer import HeldLayer, ReleasesRopePerForward
 from crosskv.cache.quant import QTensor, QuantSpec, quantize, split_residual
+from crosskv.cache.static import StaticRefused
 from crosskv.core import budget
 from crosskv.core import rotary
 from crosskv.core.capture import KVShape
@@ -82,6 +83,12 @@ class CommonKVLayer(HeldLayer):
         self.qlat: QTensor | None = None
         self.pos = torch.zeros(0, dtype=torch.int32, device=device)
         self.buffer: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def frozen_prefix(self, capacity: int):
+        """Refused: every step stores the forward's own latent (from the replaced projections) and rebuilds the
+        keys of a merged, position-scattered held order; no static layout is implemented for CommonKV."""
+        raise StaticRefused(f"CommonKV (layer {self.layer_idx}) has no static decode layout: each step stores the "
+                            "forward's latent and rebuilds keys over its merged entries")
 
     # --- transformers protocol
     def lazy_initialization(self, key_states, value_states) -> None:
