@@ -18,8 +18,8 @@ ignores the model's mask. A prefix that depends on the step (selective: RoPE at 
 :class:`StepPrefix`, resolved from ``cache_position`` inside the step.
 
 The source cache is never written: the appended tokens live in the buffer only, so dropping them is dropping the
-static cache. A layer kind that cannot be frozen exactly raises :class:`StaticRefused` naming it (CommonKV's latent
-cache; xKV's ``attention="reconstruct"``; a KIVI stream whose decode would quantize; sliding-window layers).
+static cache. A layer kind that cannot be frozen exactly raises :class:`StaticRefused` naming it (xKV's
+``attention="reconstruct"``; a KIVI stream whose decode would quantize; sliding-window layers).
 """
 from __future__ import annotations
 
@@ -185,12 +185,12 @@ def _frozen(layer, capacity: int, index: int):
     return ExactPrefix(layer.keys, layer.values)
 
 
-def _like(layer, prefix) -> torch.Tensor:
-    """A ``(B, H_kv, ·, d)`` tensor of the layer's K dtype and device (the buffer's template)."""
-    if getattr(layer, "keys", None) is not None and layer.keys.dim() == 4:
-        return layer.keys
-    raise StaticRefused(f"layer {getattr(layer, 'layer_idx', '?')} ({type(layer).__name__}) has no exact rows to "
-                        "size a static buffer from")
+def _template(layer) -> torch.Tensor:
+    """A ``(B, H_kv, ·, d)`` tensor of the layer's K dtype and device: its exact rows, or its ``buffer_template()``
+    (a layer that holds no exact rows, e.g. CommonKV's latents)."""
+    if hasattr(layer, "buffer_template"):
+        return layer.buffer_template()
+    return layer.keys
 
 
 def freeze(cache: Cache, capacity: int, start: int) -> StaticDecodeCache:
@@ -205,12 +205,12 @@ def freeze(cache: Cache, capacity: int, start: int) -> StaticDecodeCache:
         raise ValueError(f"start={start}: the first decode position must follow the {cache.get_seq_length()} tokens "
                          "the cache holds (freeze a cache after its prefill)")
     frozen = [_frozen(layer, capacity, index) for index, layer in enumerate(cache.layers)]
-    device = next(layer.keys.device for layer in cache.layers if getattr(layer, "keys", None) is not None)
-    length = torch.full((), start, dtype=torch.long, device=device)
+    templates = {i: _template(layer) for i, (layer, prefix) in enumerate(zip(cache.layers, frozen))
+                 if not isinstance(prefix, ReadsProducer)}
+    length = torch.full((), start, dtype=torch.long, device=templates[min(templates)].device)
     layers: list[CacheLayerMixin | None] = [None] * len(frozen)
-    for index, (layer, prefix) in enumerate(zip(cache.layers, frozen)):
-        if not isinstance(prefix, ReadsProducer):
-            layers[index] = StaticLayer(prefix, _like(layer, prefix), start, capacity, length, index)
+    for index, template in templates.items():
+        layers[index] = StaticLayer(frozen[index], template, start, capacity, length, index)
     for index, prefix in enumerate(frozen):
         if isinstance(prefix, ReadsProducer):
             producer = layers[prefix.index]

@@ -18,7 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
+from torch import nn
+
 from crosskv.cache.attention import CompressedPrefix
+from crosskv.cache.quant import Stored, dense
+from crosskv.cache.static import StepPrefix
+from crosskv.core import rotary
 from crosskv.core.capture import KVShape
 
 
@@ -66,3 +71,40 @@ class LatentPrefix(CompressedPrefix):
         if self.bias is not None:
             out = out + probs.sum(-1, keepdim=True) * self.bias.view(h_kv, 1, -1)
         return out
+
+
+@dataclass(frozen=True)
+class LatentSteps(StepPrefix):
+    """A CommonKV layer's held tokens frozen for the static layout (:mod:`crosskv.cache.static`): every step
+    :meth:`at` rebuilds the keys from the stored latents as a dynamic cache does (R_k·c, RoPE of each token's own
+    position from the model's rotary module) and hands the latents on as values (:class:`LatentPrefix`).
+
+    ``pieces``: held order, ``(latents (B, n_i, r) float or codes, positions (n_i,) int32)``; ``up_k`` the layer's
+    R_k module, ``k_norm`` the model's key norm or None; ``up``/``bias`` R_v and b_v; ``dtype`` the keys' dtype.
+    """
+
+    pieces: tuple[tuple[Stored, torch.Tensor], ...]
+    up_k: nn.Module
+    k_norm: nn.Module | None
+    rope: rotary.Rotary
+    up: torch.Tensor
+    bias: torch.Tensor | None
+    shape: KVShape
+    dtype: torch.dtype
+
+    @property
+    def length(self) -> int:
+        return sum(pos.numel() for _, pos in self.pieces)
+
+    def at(self, positions: torch.Tensor) -> LatentPrefix:
+        keys, latents = [], []
+        for stored, pos in self.pieces:
+            lat = dense(stored).to(pos.device, self.dtype)                          # (B, n, r)
+            k = self.up_k(lat)
+            k = k.view(*k.shape[:2], self.shape.kv_heads, self.shape.head_dim)     # (B, n, H_kv, d)
+            if self.k_norm is not None:
+                k = self.k_norm(k)
+            k = k.transpose(1, 2)                                                   # (B, H_kv, n, d)
+            keys.append(rotary.apply(k, *self.rope.cos_sin(pos, k)))
+            latents.append(lat)
+        return LatentPrefix(tuple(keys), tuple(latents), self.up, self.bias, self.shape.kv_heads)

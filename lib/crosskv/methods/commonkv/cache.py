@@ -20,14 +20,13 @@ import torch
 from torch import nn
 from transformers import Cache
 
-from crosskv.cache.attention import compressed_kv
+from crosskv.cache.attention import ExactPrefix, compressed_kv
 from crosskv.cache.layer import HeldLayer, ReleasesRopePerForward
 from crosskv.cache.quant import QTensor, QuantSpec, quantize, split_residual
-from crosskv.cache.static import StaticRefused
 from crosskv.core import budget
 from crosskv.core import rotary
 from crosskv.core.capture import KVShape
-from crosskv.methods.commonkv.attention import LatentPrefix, latent_values_cheaper
+from crosskv.methods.commonkv.attention import LatentPrefix, LatentSteps, latent_values_cheaper
 from crosskv.methods.commonkv.weights import LatentSlot, LayerProjections
 
 
@@ -85,10 +84,27 @@ class CommonKVLayer(HeldLayer):
         self.buffer: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def frozen_prefix(self, capacity: int):
-        """Refused: every step stores the forward's own latent (from the replaced projections) and rebuilds the
-        keys of a merged, position-scattered held order; no static layout is implemented for CommonKV."""
-        raise StaticRefused(f"CommonKV (layer {self.layer_idx}) has no static decode layout: each step stores the "
-                            "forward's latent and rebuilds keys over its merged entries")
+        """The held tokens for the static layout: the latents (merged entries, codes, float) as :class:`LatentSteps`
+        (keys rebuilt every step, as here), or the rebuilt buffer with ``attend="buffer"``. Decoded tokens then go to
+        the static buffer as the exact K/V the latent projections give (R_k·c, R_v·c)."""
+        if self.attend == "buffer":
+            return ExactPrefix(*self.buffer)
+        pieces = []
+        if len(self.store):
+            latents = self.store.qlat if self.store.qlat is not None else self.store.lat
+            pieces.append((latents, self.store.pos.to(self.device)))
+        n_q = 0 if self.qlat is None else self.qlat.length
+        if n_q:
+            pieces.append((self.qlat, self.pos[:n_q]))
+        if self.lat is not None and self.lat.shape[-2]:
+            pieces.append((self.lat, self.pos[n_q:]))
+        return LatentSteps(tuple(pieces), self.proj.up_k, self.k_norm, self.rope.rotary, self.proj.up_v.weight,
+                           self.proj.up_v.bias, self.shape, self.dtype)
+
+    def buffer_template(self) -> torch.Tensor:
+        """An empty ``(B, H_kv, 0, d)`` tensor of the keys' dtype and device (the static buffer's template)."""
+        batch = (self.lat if self.lat is not None else self.qlat.codes).shape[0]
+        return torch.empty(batch, self.shape.kv_heads, 0, self.shape.head_dim, dtype=self.dtype, device=self.device)
 
     # --- transformers protocol
     def lazy_initialization(self, key_states, value_states) -> None:
