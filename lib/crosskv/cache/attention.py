@@ -39,6 +39,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from crosskv.cache.kernels.launch import use_kernel
+
 ATTENTION = "crosskv"
 
 
@@ -61,6 +63,13 @@ class CompressedPrefix:
     def apply(self, probs: torch.Tensor) -> torch.Tensor:
         """``probs`` ``(B, H_kv, n, T_c)`` (query dtype) → ``probs·V`` ``(B, H_kv, n, d)``."""
         raise NotImplementedError
+
+    def decode(self, q: torch.Tensor, tail_k: torch.Tensor, tail_v: torch.Tensor, scale: float,
+               bias: torch.Tensor | None) -> torch.Tensor | None:
+        """One decode step fused by a Triton kernel (:mod:`crosskv.cache.kernels`) over the prefix and the exact tail
+        ``(B, H_kv, t, d)``: ``q`` ``(B, H_kv, g, d)``, ``bias`` ``(B, T_c + t)`` additive or ``None`` →
+        ``(B, H_kv, g, d)``; ``None`` when this prefix kind has no kernel (the channel's two calls then run)."""
+        return None
 
 
 @dataclass(frozen=True)
@@ -146,6 +155,23 @@ class ConcatPrefix(CompressedPrefix):
     def scores(self, q: torch.Tensor) -> torch.Tensor:
         return torch.cat([segment.scores(q) for segment in self.segments], dim=-1)  # (B, H_kv, n, T_c)
 
+    def flat(self) -> list[CompressedPrefix]:
+        """The segments with nested concatenations expanded, in token order."""
+        out = []
+        for segment in self.segments:
+            out += segment.flat() if isinstance(segment, ConcatPrefix) else [segment]
+        return out
+
+    def decode(self, q, tail_k, tail_v, scale, bias):
+        """The first segment's kernel when every later segment is exact rows (a KIVI context: codes, then its float
+        window): those rows join the tail."""
+        first, *rest = self.flat()
+        if not rest or not all(isinstance(s, ExactPrefix) for s in rest):
+            return None
+        keys = torch.cat([s.keys for s in rest] + [tail_k], dim=-2)
+        values = torch.cat([s.values for s in rest] + [tail_v], dim=-2)
+        return first.decode(q, keys.to(q.dtype), values.to(q.dtype), scale, bias)
+
     def apply(self, probs: torch.Tensor) -> torch.Tensor:
         out, start = None, 0
         for segment in self.segments:
@@ -167,12 +193,25 @@ def _causal_bias(attention_mask, q_len: int, kv_len: int, like: torch.Tensor) ->
     return attention_mask.to(like.dtype)
 
 
+def _decode_bias(key: CompressedKV, attention_mask, kv_len: int, batch: int, like: torch.Tensor) -> torch.Tensor | None:
+    """A one-query step's additive bias ``(B, T_c + t)`` float32 for a kernel: from the static layout's ``visible``
+    (the prefix all visible), from the model's mask, or ``None`` when every row is visible."""
+    if key.visible is not None:
+        tail = torch.zeros(key.visible.shape[-1], dtype=torch.float32, device=like.device).masked_fill(
+            ~key.visible[-1], float("-inf"))
+        prefix = tail.new_zeros(kv_len - tail.shape[0])
+        return torch.cat([prefix, tail]).expand(batch, -1)
+    bias = _causal_bias(attention_mask, 1, kv_len, like.float())
+    return None if bias is None else bias.reshape(bias.shape[0], kv_len).expand(batch, -1)
+
+
 def crosskv_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """Attention over a compressed prefix and an exact tail, without concatenating their K or V.
 
     ``query`` ``(B, Hq, q, d)``. With ``key`` a :class:`CompressedKV` (``value`` the same object): scores of
     prefix (``prefix.scores``) and tail are concatenated ``(B, H_kv, g·q, T_c + t)``, softmaxed in float32,
-    and ``out = prefix.apply(P_prefix) + P_tail·V_tail``; the key's ``visible`` (static layout), when given, masks the
+    and ``out = prefix.apply(P_prefix) + P_tail·V_tail`` — a one-query step where a Triton kernel runs
+    (:func:`~crosskv.cache.kernels.launch.use_kernel`) goes through ``prefix.decode`` instead, fused; the key's ``visible`` (static layout), when given, masks the
     tail in place of ``attention_mask``. With tensors: the model's SDPA attention.
     Returns ``((B, q, Hq, d), None)``.
     """
@@ -187,6 +226,10 @@ def crosskv_attention(module, query, key, value, attention_mask, dropout: float 
     groups = hq // h_kv
     scale = scaling if scaling is not None else d ** -0.5
     q = query.reshape(b, h_kv, groups * q_len, d)
+    if q_len == 1 and use_kernel(q):
+        out = prefix.decode(q, tail_k, tail_v, scale, _decode_bias(key, attention_mask, kv_len, b, q))
+        if out is not None:                                                # (B, H_kv, g, d)
+            return out.view(b, hq, 1, d).transpose(1, 2).contiguous(), None
     scores = prefix.scores(q)                                              # (B, H_kv, g·q, T_c)
     if tail_k.shape[2]:
         tail = (q @ tail_k.transpose(-1, -2)).float()                      # (B, H_kv, g·q, t)

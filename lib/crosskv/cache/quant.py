@@ -33,6 +33,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from crosskv.cache.attention import CompressedPrefix, ConcatPrefix, ExactPrefix, compressed_kv
+from crosskv.cache.kernels.kivi import kivi_decode_attention
 from crosskv.cache.layer import HeldLayer
 from crosskv.cache.static import StaticRefused
 
@@ -232,6 +233,10 @@ class QuantizedPrefix(CompressedPrefix):
         zero = pf @ v.zero.squeeze(-1).float()                             # (B, H, n, G_d)
         out = out.transpose(2, 3) + zero.unsqueeze(-1)                     # (B, H, n, G_d, gs)
         return out.reshape(b, h, n, -1)[..., :v.length].to(probs.dtype)
+
+    def decode(self, q, tail_k, tail_v, scale, bias):
+        """The KIVI kernel: attention on the packed codes, dequantized in registers."""
+        return kivi_decode_attention(q, self.keys, self.values, tail_k, tail_v, scale, bias)
 
 
 def quantized_count(appended: int, spec: QuantSpec) -> int:

@@ -47,6 +47,7 @@ from typing import Iterator
 import torch
 
 from crosskv.cache.attention import CompressedKV, CompressedPrefix, ConcatPrefix, ExactPrefix, compressed_kv, installed
+from crosskv.cache.kernels.selective import selective_decode_attention
 from crosskv.cache.static import StepPrefix
 from crosskv.core import rotary as rope
 from crosskv.core.capture import Rotary
@@ -271,6 +272,15 @@ class SelectivePrefix(CompressedPrefix):
         exact = (q @ keys.to(q.dtype).transpose(-1, -2)).float()                      # (B, H_kv, g, K)
         out = exact.new_full((*q.shape[:-1], self.length), float("-inf"))
         return out.scatter_(-1, index[..., None, :].expand_as(exact), exact)
+
+    def decode(self, q, tail_k, tail_v, scale, bias):
+        """One step in one launch: the chosen tokens (one top-k) rebuilt and attended with the tail by the kernel."""
+        if self.steps > 1:
+            return None
+        base = self.base
+        index = self.choose(q, q.shape[-1] ** -0.5)[:, :, 0]                            # (B, H_kv, K)
+        return selective_decode_attention(q, base.basis_k, base.factor_k, base.basis_v, base.factor_v,
+                                          base.cos[0, 0].T, base.sin[0, 0].T, index, tail_k, tail_v, scale, bias)
 
     def apply(self, probs: torch.Tensor) -> torch.Tensor:
         """``probs`` ``(B, H_kv, g·n, T_c)``, zero off each query's chosen tokens → ``(B, H_kv, g·n, d)``."""

@@ -55,7 +55,7 @@ from crosskv.methods.base import MethodConfig, Runner, register
 from crosskv.cache.attention import CompressedPrefix, installed
 from crosskv.cache.batch import check_one_sequence
 from crosskv.cache.layer import ReleasesRopePerForward
-from crosskv.cache.kernels.factored import factored_decode_scores
+from crosskv.cache.kernels.factored import factored_decode_attention, factored_decode_scores
 from crosskv.cache.kernels.launch import use_kernel
 from crosskv.cache.plain import PlainLayer
 from crosskv.cache.prefix import PrefixCache, PrefixLayer
@@ -456,6 +456,11 @@ class FactoredPrefix(CompressedPrefix):
         b, h_kv, _, d = q.shape
         keys_t = (self.factor_k.transpose(1, 2) @ self.basis_k.transpose(1, 2)).view(b, h_kv, d, -1)
         return (q @ rope.apply(keys_t.to(q.dtype), self.cos.to(q.dtype), self.sin.to(q.dtype), dim=-2)).float()
+
+    def decode(self, q, tail_k, tail_v, scale, bias):
+        """The factored kernel: key tiles rebuilt in registers with RoPE, values absorbed (no K or V built)."""
+        return factored_decode_attention(q, self.basis_k, self.factor_k, self.basis_v, self.factor_v,
+                                         self.cos[0, 0].T, self.sin[0, 0].T, tail_k, tail_v, scale, bias)
 
     def apply(self, probs: torch.Tensor) -> torch.Tensor:
         """``probs`` ``(B, H_kv, n, T_c)`` → ``(probs·basis_v)·factor_v`` ``(B, H_kv, n, d)``."""

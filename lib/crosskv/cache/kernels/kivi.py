@@ -9,11 +9,15 @@ says so, else :func:`kivi_decode_attention_eager` (codes dequantized densely).
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from crosskv.cache.kernels.combine import default_scale, dense_decode_attention, merge, tail_partial
 from crosskv.cache.kernels.launch import LAUNCHES, block, precision, split_plan, use_kernel
-from crosskv.cache.quant import QTensor
+
+if TYPE_CHECKING:  # crosskv.cache.quant dispatches to this module; the kernel only reads a QTensor's fields
+    from crosskv.cache.quant import QTensor
 
 BLOCK_T = 64  # tokens per tile on a GPU (untuned)
 
