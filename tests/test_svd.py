@@ -290,3 +290,29 @@ def test_after_reset_a_prompt_of_another_batch_size_scores_as_alone(random_tiny)
         alone = drive_cache(model, runner, runner.new_cache(), ids[:, :40], ids[:, 40:])
     for got, want in zip(again, alone):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_a_quantized_group_basis_is_dequantized_once_per_forward(random_tiny, monkeypatch):
+    """xKV G=2 with 4-bit codes: each forward dequantizes each group's two bases once (not once per layer that
+    reads them), and the dequantized copies are gone after the forward (the census then equals kv_bytes)."""
+    from crosskv.cache.census import RunCensus
+    from crosskv.cache.quant import QTensor
+
+    model, tokenizer = random_tiny
+    method = make_method("compose", base="xkv", base_params="group_size=2;kept=0.5", bits=4, group_size=8, residual=8)
+    runner = method.bind(model, tokenizer)
+    calls = []
+    original = QTensor.dequantize
+    monkeypatch.setattr(QTensor, "dequantize", lambda self: calls.append(self) or original(self))
+    context, question = torch.randint(100, 2000, (1, 48)), torch.randint(100, 2000, (1, 4))
+    with torch.no_grad(), runner.applied():
+        census = RunCensus(runner)
+        cache = runner.new_cache()
+        drive_cache(model, runner, cache, context, question, decode_steps=0)
+        calls.clear()
+        model(torch.tensor([[7]]), past_key_values=cache, position_ids=torch.tensor([[52]]))
+        bases = [q for group in cache.groups for q in (group.held_k, group.held_v)]
+        assert len(bases) == 4 and all(isinstance(q, QTensor) for q in bases)
+        assert [sum(c is q for c in calls) for q in bases] == [1, 1, 1, 1]
+        assert all(not group.step for group in cache.groups)
+        assert census.held(cache) == kv_bytes(cache)

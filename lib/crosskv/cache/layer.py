@@ -38,15 +38,20 @@ from crosskv.cache.static import as_prefix
 
 class ReleasesRopePerForward:
     """Cache mixin for a cache whose layers share ``self.rope`` (:class:`crosskv.core.rotary.RopeTables`): the
-    forward's tables are released after the model's last layer, whichever layers read them (a KVSharer consumer
-    after the last group reads its producer's), so no table outlives the forward it was built for."""
+    forward's tables (and whatever else :meth:`forward_done` drops) are released after the model's last layer,
+    whichever layers read them (a KVSharer consumer after the last group reads its producer's), so nothing made
+    for one forward outlives it."""
 
     def update(self, key_states, value_states, layer_idx: int, cache_kwargs=None):
         try:
             return super().update(key_states, value_states, layer_idx, cache_kwargs)
         finally:
             if layer_idx == len(self.layers) - 1:
-                self.rope.release()
+                self.forward_done()
+
+    def forward_done(self) -> None:
+        """Release what this forward made for its layers: the RoPE tables."""
+        self.rope.release()
 
 
 class HeldLayer(DynamicLayer):

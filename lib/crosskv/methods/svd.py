@@ -59,7 +59,7 @@ from crosskv.cache.kernels.factored import factored_decode_attention, factored_d
 from crosskv.cache.kernels.launch import use_kernel
 from crosskv.cache.plain import PlainLayer
 from crosskv.cache.prefix import PrefixCache, PrefixLayer
-from crosskv.cache.quant import QuantSpec, Stored, dense, parts, quantize_rows
+from crosskv.cache.quant import QTensor, QuantSpec, Stored, dense, parts, quantize_rows
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,8 @@ class LowRankGroup:
     """A group's shared token bases ``(B, T_c, r_k)`` and ``(B, T_c, r_v)`` (``None`` until compressed).
 
     The bases are held as floats or, after :meth:`quantize_`, as codes only; reading ``basis_k`` /
-    ``basis_v`` returns floats (dequantized on access, a per-step temporary). ``positions`` ``(T_c,)``:
+    ``basis_v`` returns floats, codes dequantized once per forward for every layer of the group (kept in
+    ``step`` until the cache's ``forward_done``, and counted by :meth:`tensors` while kept). ``positions`` ``(T_c,)``:
     absolute positions of the compressed tokens when an evicting composition kept a subset; ``None``
     means ``0…T_c−1`` and holds nothing.
     """
@@ -220,9 +221,19 @@ class LowRankGroup:
         self.held_k: Stored | None = None
         self.held_v: Stored | None = None
         self.positions: torch.Tensor | None = None  # (T_c,) int32 kept absolute positions; None: 0…T_c−1
+        self.step: dict[str, torch.Tensor] = {}  # bases dequantized in the forward in progress
 
-    basis_k = property(lambda self: dense(self.held_k), lambda self, x: setattr(self, "held_k", x))
-    basis_v = property(lambda self: dense(self.held_v), lambda self, x: setattr(self, "held_v", x))
+    def dense_once(self, name: str) -> torch.Tensor | None:
+        """The float basis ``held_k``/``held_v`` (``name`` ``"k"``/``"v"``): codes dequantized once per forward."""
+        held = getattr(self, f"held_{name}")
+        if not isinstance(held, QTensor):
+            return held
+        if name not in self.step:
+            self.step[name] = held.dequantize()
+        return self.step[name]
+
+    basis_k = property(lambda self: self.dense_once("k"), lambda self, x: setattr(self, "held_k", x))
+    basis_v = property(lambda self: self.dense_once("v"), lambda self, x: setattr(self, "held_v", x))
 
     def prefix_positions(self, tokens: int, device) -> torch.Tensor:
         """Absolute positions ``(T_c,)`` int64 of the group's compressed tokens."""
@@ -239,14 +250,17 @@ class LowRankGroup:
         yield from parts(self.held_v)
         if self.positions is not None:
             yield self.positions
+        yield from self.step.values()
 
     def quantize_(self, spec: QuantSpec) -> None:
         """Hold the bases as codes, quantized per token (groups along the rank axis)."""
         self.held_k, self.held_v = quantize_rows(self.held_k, spec), quantize_rows(self.held_v, spec)
+        self.step = {}
 
     def release(self) -> None:
         """Drop the bases and kept positions (for :meth:`LowRankCache.reset`): the group can be compressed again."""
         self.held_k = self.held_v = self.positions = None
+        self.step = {}
 
 
 class LowRankLayer(PrefixLayer):
@@ -332,6 +346,12 @@ class LowRankCache(ReleasesRopePerForward, PrefixCache):
         """Forget every token as a new cache: bases, factors, exact tails (:meth:`PrefixCache.reset`), RoPE tables."""
         super().reset()
         self.rope.release()
+
+    def forward_done(self) -> None:
+        """Release the forward's RoPE tables and the bases its layers dequantized."""
+        super().forward_done()
+        for group in self.groups:
+            group.step = {}
 
     def prefix_tables(self, group: LowRankGroup, tokens: int, device, dtype: torch.dtype, transposed: bool = False):
         """cos, sin ``(1, 1, T_c, d)`` (``transposed``: ``(1, 1, d, T_c)``) at ``group``'s ``tokens`` prefix
