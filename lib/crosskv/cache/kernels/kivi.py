@@ -9,15 +9,13 @@ says so, else :func:`kivi_decode_attention_eager` (codes dequantized densely).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from crosskv.cache.kernels.combine import default_scale, dense_decode_attention, merge, tail_partial
 from crosskv.cache.kernels.launch import LAUNCHES, block, precision, split_plan, use_kernel
 
-if TYPE_CHECKING:  # crosskv.cache.quant dispatches to this module; the kernel only reads a QTensor's fields
-    from crosskv.cache.quant import QTensor
+# ``QTensor`` below is crosskv.cache.quant's (annotations only: that module dispatches to this one, and the kernel
+# reads a QTensor's fields without importing it)
 
 BLOCK_T = 64  # tokens per tile on a GPU (untuned)
 
