@@ -8,6 +8,7 @@ the logits of the same steps with the kernels off (≤ 1e-4).
 """
 from __future__ import annotations
 
+import copy
 import os
 import re
 import subprocess
@@ -22,6 +23,7 @@ from crosskv.cache.static import freeze
 from crosskv.methods import make_method
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRETED else ("cuda" if torch.cuda.is_available() else None)
 CONTEXT, QUESTION, STEPS = 40, 4, 3
 TOLERANCE = 1e-4
 CONFIGS = {  # method → (name, params, the kernel its decode steps launch)
@@ -30,27 +32,27 @@ CONFIGS = {  # method → (name, params, the kernel its decode steps launch)
                   "factored"),
     "kivi": ("compose", {"base": "full", "bits": 4, "group_size": 8, "residual": 8}, "kivi"),
 }
-interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 child process of "
-                                                         "test_fused_decode_under_the_interpreter")
+on_kernel_device = pytest.mark.skipif(DEVICE is None, reason="on CPU this runs in the TRITON_INTERPRET=1 child "
+                                                              "process of test_fused_decode_under_the_interpreter")
 
 
 def decode_logits(runner, static: bool) -> torch.Tensor:
     """Context compressed, question appended, ``STEPS`` one-token steps (dynamic or static) → logits ``(STEPS, V)``."""
     model = runner.model
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(100, 20000, (1, CONTEXT + QUESTION + STEPS), generator=generator)
+    ids = torch.randint(100, 20000, (1, CONTEXT + QUESTION + STEPS), generator=generator).to(DEVICE)
     with torch.no_grad(), runner.applied(), attention.installed(model):
         cache = runner.new_cache()
         with runner.prefill(cache):
-            model(ids[:, :CONTEXT], past_key_values=cache, position_ids=torch.arange(CONTEXT)[None])
+            model(ids[:, :CONTEXT], past_key_values=cache, position_ids=torch.arange(CONTEXT, device=DEVICE)[None])
         runner.compress(cache)
         model(ids[:, CONTEXT:CONTEXT + QUESTION], past_key_values=cache,
-              position_ids=torch.arange(CONTEXT, CONTEXT + QUESTION)[None])
+              position_ids=torch.arange(CONTEXT, CONTEXT + QUESTION, device=DEVICE)[None])
         start = CONTEXT + QUESTION
         target = freeze(cache, STEPS, start) if static else cache
         out = []
         for i in range(STEPS):
-            position = torch.tensor([start + i])
+            position = torch.tensor([start + i], device=DEVICE)
             extra = {"cache_position": position} if static else {}
             logits = model(ids[:, start + i:start + i + 1], past_key_values=target, position_ids=position[None],
                            **extra).logits
@@ -58,12 +60,14 @@ def decode_logits(runner, static: bool) -> torch.Tensor:
     return torch.stack(out)
 
 
-@interpreted
+@on_kernel_device
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 @pytest.mark.parametrize("method", sorted(CONFIGS))
 def test_fused_kernels_match_the_channel(method, static, random_tiny, monkeypatch):
     name, params, kernel = CONFIGS[method]
-    runner = make_method(name, **params).bind(*random_tiny)
+    model, tokenizer = random_tiny
+    model = model if DEVICE == "cpu" else copy.deepcopy(model).to(DEVICE)
+    runner = make_method(name, **params).bind(model, tokenizer)
     LAUNCHES.clear()
     fused = decode_logits(runner, static)
     assert LAUNCHES[kernel] >= STEPS, f"{method}: decode steps launched {dict(LAUNCHES)}, expected {kernel!r}"

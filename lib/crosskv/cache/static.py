@@ -23,7 +23,9 @@ static cache. A layer kind that cannot be frozen exactly raises :class:`StaticRe
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any, Iterator
 
 import torch
 from transformers import Cache
@@ -77,6 +79,18 @@ def prefix_length(prefix) -> int:
     return prefix.length
 
 
+def tensors_of(obj: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in ``obj``'s dataclass fields, tuples and lists (a frozen prefix), recursively."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from tensors_of(item)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for field in dataclasses.fields(obj):
+            yield from tensors_of(getattr(obj, field.name))
+
+
 class StaticLayer(CacheLayerMixin):
     """One layer: a frozen context ``prefix`` and a buffer of ``capacity`` rows for positions ``start…``."""
 
@@ -92,9 +106,9 @@ class StaticLayer(CacheLayerMixin):
         self.values = like.new_zeros(b, h, capacity, d)
         self.rows = torch.arange(start, start + capacity, device=like.device)      # (capacity,) absolute positions
         self.dtype, self.device, self.is_initialized = like.dtype, like.device, True
-        if not torch.compiler.is_compiling():
-            torch._dynamo.mark_static_address(self.keys)
-            torch._dynamo.mark_static_address(self.values)
+        if not torch.compiler.is_compiling():  # fixed addresses: CUDA graphs read them in place, never copy them
+            for tensor in (self.keys, self.values, self.rows, self.length, *tensors_of(prefix)):
+                torch._dynamo.mark_static_address(tensor)
 
     def lazy_initialization(self, key_states, value_states) -> None:
         """Allocated at construction."""

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from crosskv.evidence import figures
-from crosskv.integrations.argtypes import nonnegative_int, output_file, output_folder, positive_int
+from crosskv.integrations.argtypes import nonnegative_int, output_file, output_folder, positive_float, positive_int
 from crosskv.methods import kvsharer
 from crosskv.core.params import coerce
 
@@ -235,7 +235,7 @@ def configure_bench(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--model", default="smollm2-135m", help="alias, random:<shape>, local folder or hub id")
     p.add_argument("--contexts", type=positive_int, nargs="+", default=[2048, 4096])
-    p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1])
+    p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=None, help="default: 1")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
                    help="method names or name:key=value,… specs (default: %(default)s)")
     p.add_argument("--repeats", type=positive_int, default=3)
@@ -243,7 +243,11 @@ def configure_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-tokens", type=positive_int, default=32)
     p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES), choices=MODES,
-                   help="eager, and/or compiled: decode steps under torch.compile(fullgraph=True) (default: eager)")
+                   help="eager; compiled: decode steps under torch.compile(fullgraph=True, dynamic=True); static: "
+                        "the cache frozen after the question, steps under mode=reduce-overhead (default: eager)")
+    p.add_argument("--memory-gb", type=positive_float, default=None, metavar="GB",
+                   help="throughput at fixed memory: each method runs at the largest batch whose weights, cache and "
+                        "peak temporaries fit in GB GiB (from a batch-1 run; excludes --batch-sizes)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out", type=output_file, default=None, help="also write the table as CSV to this file")
@@ -255,10 +259,13 @@ def run_bench(args: argparse.Namespace) -> int:
     from crosskv.core.models import load_model
 
     refuse_meta(args)
+    if args.memory_gb is not None and args.batch_sizes:
+        raise ValueError(f"--memory-gb {args.memory_gb} picks each method's batch: drop --batch-sizes")
     set_threads(args)
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
-    table = bench(model, tokenizer, args.methods, args.contexts, batch_sizes=args.batch_sizes, repeats=args.repeats,
-                  warmup=args.warmup, decode_tokens=args.decode_tokens, seed=args.seed, modes=args.modes)
+    table = bench(model, tokenizer, args.methods, args.contexts, batch_sizes=args.batch_sizes or [1],
+                  repeats=args.repeats, warmup=args.warmup, decode_tokens=args.decode_tokens, seed=args.seed,
+                  modes=args.modes, memory_gb=args.memory_gb)
     shown = table.drop(columns=["device", "machine", "model", "dtype"])
     print(f"{table['model'][0]} ({table['dtype'][0]}) on {table['machine'][0]}, device {table['device'][0]}")
     print(shown.to_markdown(index=False, floatfmt=".4g"))
