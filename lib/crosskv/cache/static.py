@@ -73,12 +73,6 @@ def resolve(prefix, positions: torch.Tensor) -> CompressedPrefix:
     return prefix
 
 
-def prefix_length(prefix) -> int:
-    if isinstance(prefix, ConcatPrefix):
-        return sum(prefix_length(s) for s in prefix.segments)
-    return prefix.length
-
-
 def tensors_of(obj: Any) -> Iterator[torch.Tensor]:
     """Every tensor in ``obj``'s dataclass fields, tuples and lists (a frozen prefix), recursively."""
     if isinstance(obj, torch.Tensor):
@@ -132,7 +126,7 @@ class StaticLayer(CacheLayerMixin):
 
     def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
         """Fixed sizes (the ``crosskv`` attention masks the buffer itself): context rows + capacity, no offset."""
-        return prefix_length(self.prefix) + self.capacity, 0
+        return self.prefix.length + self.capacity, 0
 
     def get_max_cache_shape(self) -> int:
         return self.start + self.capacity
