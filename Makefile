@@ -8,7 +8,7 @@ PROFILE ?= cpu
 # notebooks executed at once by `make figures` (each its own process, cores/JOBS threads); one at a time on a GPU
 JOBS ?= $(if $(filter gpu,$(PROFILE)),1,$(shell nproc))
 
-.PHONY: help setup assets test test-fast figures smoke lab bench gpu clean
+.PHONY: help setup assets test test-fast test-smoke figures smoke lab bench gpu clean
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
@@ -26,11 +26,18 @@ setup: $(STAMP)  ## create .venv and install crosskv (editable); idempotent
 assets: setup  ## fetch, verify and convert the embedded model and essay corpus into data/assets
 	$(PY) -m crosskv assets
 
-test: setup assets  ## run the whole test suite (the CI command)
-	$(PY) -m pytest -q --durations=10
+# pytest-xdist: one worker per core, each with one torch thread; the cases of each notebook run (one module
+# fixture) go to one worker (tests/conftest.py)
+TEST_WORKERS := -n auto
+
+test: setup assets  ## run the test suite (the CI command): all but the smoke-profile notebook run (make test-smoke)
+	$(PY) -m pytest -q $(TEST_WORKERS) -m "not smoke_profile" --durations=10
+
+test-smoke: setup assets  ## every notebook executed with the smoke profile on the embedded model, and checked (~4 min)
+	$(PY) -m pytest -q $(TEST_WORKERS) -m smoke_profile tests/test_notebooks.py
 
 test-fast: setup  ## unit tests only: no model loaded (tiny random ones at most; enforced in tests/conftest.py), no notebooks
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q $(TEST_WORKERS) -m "not slow"
 
 figures: setup assets  ## execute every notebook on the embedded model (PROFILE=cpu) and regenerate figures/
 	$(PY) -m crosskv figures --profile $(PROFILE) --jobs $(JOBS)
@@ -41,7 +48,7 @@ smoke: setup assets  ## execute every notebook with the smoke profile into build
 bench: setup assets  ## prefill/compress/decode speed, held bytes and peak memory of the methods vs full
 	$(PY) -m crosskv bench
 
-gpu: setup assets  ## on a CUDA machine: the -m gpu tests and the 8B-shape bench (32K/112K, eager/compiled) into build/gpu
+gpu: setup assets  ## on a CUDA machine: kernel and -m gpu tests, the 8B-shape bench (eager/static 32K, 40 GB throughput, 112K) into build/gpu
 	PYTHON=$(abspath $(PY)) .ci/gpu
 
 lab: setup assets  ## start JupyterLab with the project kernel

@@ -6,10 +6,44 @@ before the model loads, and one that calls ``load_model`` on the embedded model 
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 EMBEDDED_FIXTURES = ("model32", "model16")
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``make test``: one worker per core) each worker and the processes it starts (notebook
+    kernels, ``TRITON_INTERPRET`` children, scripts) use one torch thread, so the workers do not oversubscribe
+    the cores (and reductions run in one fixed order)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+
+
+# parametrized tests whose cases share one expensive module fixture (every notebook executed once): under
+# pytest-xdist all cases of each run on one worker, so the fixture runs once (xdist 3.8's own `xdist_group`
+# marks do not group under pytest 9, which ignores the node-id suffix they add)
+ONE_WORKER = ("tests/test_notebooks.py::test_smoke_run_writes_figures_and_finite_results",
+              "tests/test_notebooks.py::test_shrunk_gpu_profile_runs_every_notebook")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``-n N`` (xdist's default ``--dist load``): one test at a time to the next free worker, except the cases
+    of a function in :data:`ONE_WORKER`, sent together to one worker (and first: units go largest first)."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class OneWorkerFunctions(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            function = nodeid.split("[", 1)[0]
+            return function if function in ONE_WORKER else nodeid
+
+    return OneWorkerFunctions(config, log)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -165,15 +165,20 @@ def test_the_gpu_script_runs_every_stage_on_a_tiny_model(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "GPU_MODEL": "random:tiny",
-           "GPU_DEVICE": "cpu", "GPU_SHORT": "96", "GPU_LONG": "128", "GPU_REPEATS": "1", "GPU_DECODE": "2"}
+           "GPU_DEVICE": "cpu", "GPU_SHORT": "96", "GPU_LONG": "128", "GPU_REPEATS": "1", "GPU_DECODE": "2",
+           "GPU_MEMORY_GB": "0.02", "GPU_STATIC": "full"}  # one reduce-overhead compile (test_bench_modes has more)
     done = subprocess.run(["bash", str(root / ".ci" / "gpu")], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     stages = (tmp_path / "stages.txt").read_text().splitlines()
     assert [line.split(":")[0] for line in stages] == [
-        "stage pytest_gpu", "stage bench_short_eager", "stage bench_long_eager", "stage bench_short_compiled"]
+        "stage pytest_gpu", "stage bench_short_eager", "stage bench_short_static", "stage bench_memory",
+        "stage bench_long_eager"]
     assert all("rc=0 " in line for line in stages), stages
-    compiled = pd.read_csv(tmp_path / "bench_short_compiled.csv")
-    assert set(compiled["mode"]) == {"compiled"} and compiled["decode_tok_s"].notna().all()
+    static = pd.read_csv(tmp_path / "bench_short_static.csv")
+    assert set(static["mode"]) == {"static"} and static["decode_tok_s"].notna().all()
+    assert (static["recompiles"] == 0).all()
+    memory = pd.read_csv(tmp_path / "bench_memory.csv")
+    assert (memory["fit_batch"] >= 1).all() and memory["decode_tok_s"].notna().all()
     assert len(pd.read_csv(tmp_path / "bench_short_eager.csv")) == 6
 
 

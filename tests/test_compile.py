@@ -1,5 +1,12 @@
-"""A decode step that compiles: every method's decode under torch.compile(fullgraph=True) gives eager's tokens."""
+"""A decode step that compiles: every method's decode under torch.compile(fullgraph=True) gives eager's tokens.
+
+Dynamo (one graph, no break, its guards) is what the methods' code must survive; the tests compile with dynamo's
+``eager`` backend, which runs the traced graph as it is (inductor's code generation is torch's own, and its cold
+compile costs ~30 s per method here; the bench's static rows use it, tests/test_bench_modes.py).
+"""
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
@@ -10,6 +17,12 @@ METHODS = ["full", "xkv:group_size=2,rank_k=8", "svd:rank_k=8", "minicache:start
            "compose:base=full,bits=4,residual=16,group_size=16",
            "selective:base=xkv,base_params=group_size=2;rank_k=8,top_k=8,sinks=2,window=4",  # chooses 14 of 48
            "commonkv:group_size=2,rank_ratio=0.5,calibration=2,calibration_length=16", "kvsharer:rate=0.5"]
+
+
+@pytest.fixture
+def eager_backend(monkeypatch):
+    """``torch.compile`` with dynamo's eager backend for the test's duration."""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
 
 
 def _greedy(model, runner, forward, context, steps: int = 5) -> list[int]:
@@ -29,7 +42,7 @@ def _greedy(model, runner, forward, context, steps: int = 5) -> list[int]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
-def test_compiled_decode_gives_the_eager_tokens(tiny_model, method):
+def test_compiled_decode_gives_the_eager_tokens(tiny_model, method, eager_backend):
     model, tokenizer = tiny_model
     runner = parse_method(method).bind(model, tokenizer)
     context = torch.randint(100, 1000, (1, 48), generator=torch.Generator().manual_seed(0))
@@ -53,7 +66,7 @@ def test_a_decode_that_does_not_compile_is_refused_naming_the_method():
 
 
 @pytest.mark.slow
-def test_bench_reports_eager_and_compiled_rows(tiny_model):
+def test_bench_reports_eager_and_compiled_rows(tiny_model, eager_backend):
     from crosskv.run.bench import bench
 
     model, tokenizer = tiny_model

@@ -1,8 +1,9 @@
 """The cache contract, proven for every registered method and every accepted composition (random:tiny, float32).
 
 Every configuration — each method in :data:`crosskv.methods.REGISTRY` with the small parameters of
-:data:`TINY_PARAMS`, and each accepted row of :func:`crosskv.methods.compose.composition_matrix` — is checked on
-a compressed context for each property below; hypothesis draws context lengths, block lengths (crossing KIVI's
+:data:`TINY_PARAMS`, and each accepted ``(base, evict)`` pair of :func:`crosskv.methods.compose.composition_matrix`,
+unquantized and at one bit width rotated so every base and every eviction meets every width (:func:`_compositions`)
+— is checked on a compressed context for each property below; hypothesis draws context lengths, block lengths (crossing KIVI's
 float window of ``residual=16`` tokens and its groups of 8) and conversations (derandomized: CI sees the same
 examples every run; no shrinking, so a failure costs one example).
 
@@ -79,13 +80,31 @@ def _base_params(base: str) -> dict:
     return {k: v for k, v in TINY_PARAMS.get(base, {}).items() if k != "base_params"}
 
 
+def _compositions() -> list[dict]:
+    """The accepted rows of the composition matrix checked here: every accepted ``(base, evict)`` pair
+    unquantized and at one bit width, the width rotated over the pairs so every base and every eviction meets
+    every width (the widths share one storage path; their packing is unit-tested in test_quant). A base accepted
+    under fewer evictions than there are widths keeps every width."""
+    accepted = [row for row in composition_matrix() if row["supported"]]
+    pairs = list(dict.fromkeys((row["base"], row["evict"]) for row in accepted))
+    bases = list(dict.fromkeys(base for base, _ in pairs))
+    widths = sorted({row["bits"] for row in accepted} - {0})
+
+    def checked(row) -> bool:
+        evictions = [evict for base, evict in pairs if base == row["base"]]
+        if row["bits"] == 0 or len(evictions) < len(widths):
+            return True
+        turn = bases.index(row["base"]) + evictions.index(row["evict"])
+        return row["bits"] == widths[turn % len(widths)]
+
+    return [row for row in accepted if checked(row)]
+
+
 def _configurations() -> list[tuple[str, str, dict]]:
     """``(id, method name, params)`` for every registered method (compose as its matrix rows) and every
-    accepted row of the composition matrix."""
+    composition of :func:`_compositions`."""
     specs = [(name, name, TINY_PARAMS.get(name, {})) for name in sorted(REGISTRY) if name != "compose"]
-    for row in composition_matrix():
-        if not row["supported"]:
-            continue
+    for row in _compositions():
         params = {**TINY_PARAMS["compose"], "base": row["base"], "evict": row["evict"], "bits": row["bits"],
                   "base_params": _joined(_base_params(row["base"])),
                   "evict_ratio": EVICT_RATIO if row["evict"] != "none" else 0.0}
@@ -217,6 +236,17 @@ def test_every_registered_method_has_tiny_params():
     assert not missing, (f"registered method(s) {missing} have no entry in TINY_PARAMS (tests/test_contract.py): "
                          "give each its small valid parameters for random:tiny ({} if the defaults fit)")
     assert not sorted(set(TINY_PARAMS) - set(REGISTRY)), "TINY_PARAMS names methods that are not registered"
+
+
+def test_the_compositions_checked_cover_every_pair_base_eviction_and_width():
+    """Every accepted ``(base, evict)`` pair is checked unquantized, and every ``(base, bits)`` and
+    ``(evict, bits)`` the composition matrix accepts is checked in some row."""
+    accepted = [row for row in composition_matrix() if row["supported"]]
+    checked = [params for _, name, params in CONFIGURATIONS if name == "compose"]
+    for keys in (("base", "evict"), ("base", "bits"), ("evict", "bits")):
+        want = {tuple(row[k] for k in keys) for row in accepted if "bits" in keys or row["bits"] == 0}
+        missing = want - {tuple(params[k] for k in keys) for params in checked if "bits" in keys or params["bits"] == 0}
+        assert not missing, f"no composition checked for {keys} = {sorted(missing)}"
 
 
 # --- (a) a block scores as its steps ---------------------------------------------------------------------

@@ -131,16 +131,13 @@ def smoke_root(tmp_path_factory):
     return root
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[nb.stem for nb in NOTEBOOKS])
-def test_smoke_run_writes_figures_and_finite_results(notebook, smoke_root):
-    tmp_path = smoke_root
-    executed = figures.layout("smoke", tmp_path).notebooks / notebook.name
+def check_run(executed, where, root) -> None:
+    """An executed notebook of a run into ``root``: its recorded time, its own figures written (non-empty, finite
+    tables, every one shown; score tables with intervals), no error output, clean cells, this library."""
     assert figures.recorded_seconds(executed) is not None
-    where = figures.layout("smoke", tmp_path)
     outputs = figures.written_files(executed)
-    assert any(name.endswith(".png") for name in outputs), f"{notebook.name} wrote no figure"
-    assert all(name[4:6] == notebook.stem[:2] for name in outputs), outputs  # only its own, though run in parallel
+    assert any(name.endswith(".png") for name in outputs), f"{executed.name} wrote no figure"
+    assert all(name[4:6] == executed.stem[:2] for name in outputs), outputs  # only its own, though run in parallel
     for name in outputs:
         path = where.figures / name
         assert path.is_file() and path.stat().st_size > 0
@@ -150,11 +147,19 @@ def test_smoke_run_writes_figures_and_finite_results(notebook, smoke_root):
     errors = [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
     check_executed(executed, where.figures, pool_band=False)  # every written figure shown; score tables carry intervals
-    assert not hygiene_problems(nb, notebook.name)
+    assert not hygiene_problems(nb, executed.name)
     assert provenance_of(nb)["code_fingerprint"] == code_fingerprint()
     assert all(c.get("execution_count") is None for c in nb["cells"] if c["cell_type"] == "code")
-    # committed figures are never touched by a smoke run
-    assert str(where.figures).startswith(str(tmp_path))
+    # committed figures are never touched by a run into a build
+    assert str(where.figures).startswith(str(root))
+
+
+@pytest.mark.slow
+@pytest.mark.smoke_profile
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[nb.stem for nb in NOTEBOOKS])
+def test_smoke_run_writes_figures_and_finite_results(notebook, smoke_root):
+    where = figures.layout("smoke", smoke_root)
+    check_run(where.notebooks / notebook.name, where, smoke_root)
 
 
 @pytest.fixture(scope="module")
@@ -170,12 +175,7 @@ def shrunk_gpu_root(tmp_path_factory):
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[nb.stem for nb in NOTEBOOKS])
 def test_shrunk_gpu_profile_runs_every_notebook(notebook, shrunk_gpu_root):
     where = figures.layout("gpu", shrunk_gpu_root, shrunk=True)
-    executed = where.notebooks / notebook.name
-    nb = json.loads(executed.read_text())
-    errors = [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
-    assert not errors
-    assert any(name.endswith(".png") for name in figures.written_files(executed)), f"{notebook.name} wrote no figure"
-    assert str(where.figures).startswith(str(shrunk_gpu_root))
+    check_run(where.notebooks / notebook.name, where, shrunk_gpu_root)
 
 
 def _answer(nb) -> str:
