@@ -11,11 +11,10 @@ from __future__ import annotations
 import copy
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
+from interpreter import run_interpreted
 
 from crosskv.cache import attention
 from crosskv.cache.kernels.launch import LAUNCHES
@@ -81,9 +80,5 @@ def test_fused_decode_under_the_interpreter():
     if INTERPRETED:
         pytest.skip("this is the interpreter child process")
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
-                            "fused_kernels_match", __file__], env=env, capture_output=True, text=True, timeout=300)
-    summary = child.stdout.strip().splitlines()[-1] if child.stdout.strip() else child.stderr[-2000:]
-    assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-2000:]
+    summary = run_interpreted(__file__, "fused_kernels_match")
     assert re.search(r"\b6 passed\b", summary) and not re.search(r"skipped|failed|error", summary), summary

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
+from interpreter import run_interpreted
 
 from crosskv.cache.kernels import launch
 from crosskv.cache.kernels.factored import (factored_decode_attention, factored_decode_attention_eager,
@@ -139,11 +138,7 @@ def test_kernel_comparisons_pass_under_the_interpreter():
     if INTERPRETED:
         pytest.skip("this is the interpreter child process")
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "match_eager",
-                            __file__], env=env, capture_output=True, text=True, timeout=300)
-    summary = child.stdout.strip().splitlines()[-1] if child.stdout.strip() else child.stderr[-2000:]
-    assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-2000:]
+    summary = run_interpreted(__file__, "match_eager")
     assert re.search(r"\b\d+ passed\b", summary) and not re.search(r"skipped|failed|error", summary), summary
 
 
