@@ -36,6 +36,20 @@ def test_more_bits_less_error_and_packing_size():
         assert sum(t.numel() * t.element_size() for t in q.tensors()) == accounting.quantized_bytes(4, 256, bits, 32)
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_codes_are_packed_in_planes(bits):
+    """Byte ``j`` of a group of ``n`` values holds values ``j, j + n/per, …`` from its lowest bits up (the layout the
+    KIVI kernel reads); the values here are their own codes (min 0, step 1)."""
+    per, levels = 8 // bits, 2 ** bits - 1
+    values = (torch.arange(32) * 7 % (levels + 1)).float()
+    values[0], values[1] = 0, levels                                   # scale exactly 1, zero exactly 0
+    q = quantize(values[None], bits, 32)
+    plane = 32 // per
+    want = sum(values[s * plane:(s + 1) * plane].to(torch.int64) << (s * bits) for s in range(per))
+    assert torch.equal(q.codes[0, 0].to(torch.int64), want)
+    assert torch.equal(q.dequantize()[0], values)
+
+
 def test_constant_group_and_dtype_preserved():
     x = torch.full((3, 64), 2.5, dtype=torch.bfloat16)
     q = quantize(x, 2, 32)

@@ -56,8 +56,8 @@ def test_select_tokens_keeps_sinks_window_and_the_top_k_of_the_rest():
     mass[0, 0, [0, 7, 12, 19]] = torch.tensor([9.0, 5.0, 4.0, 8.0])  # 0 and 19 are sink/window anyway
     mass[0, 1, [3, 15, 16]] = torch.tensor([1.0, 3.0, 2.0])
     index = select_tokens(mass, top_k=2, sinks=2, window=3)
-    assert index[0, 0].tolist() == [0, 1, 7, 12, 17, 18, 19]
-    assert index[0, 1].tolist() == [0, 1, 15, 16, 17, 18, 19]
+    assert sorted(index[0, 0].tolist()) == [0, 1, 7, 12, 17, 18, 19] and index[0, 0, :5].tolist() == [0, 1, 17, 18, 19]
+    assert sorted(index[0, 1].tolist()) == [0, 1, 15, 16, 17, 18, 19]
     assert select_tokens(mass, top_k=15, sinks=2, window=3)[0, 1].tolist() == list(range(20))
 
 
@@ -101,7 +101,7 @@ def test_fewer_tokens_attend_exactly_over_the_chosen_ones_and_the_tail():
     q = query.view(b, h_kv, g, d)
     index = prefix.choose(q, d ** -0.5)[:, :, 0]  # one decode step; scores() ranks with the standard 1/√d temperature
     assert index.shape == (b, h_kv, 11) and (index[..., :2] == torch.tensor([0, 1])).all()
-    assert (index[..., -3:] == torch.tensor([37, 38, 39])).all()
+    assert (index[..., 2:5] == torch.tensor([37, 38, 39])).all()
     keys, values = rebuild_selected(base, index)
     bias = torch.zeros(b, 40 + tail).masked_fill(~mask.view(b, -1), float("-inf"))
     scores = torch.cat([q @ keys.transpose(-1, -2), q @ tail_k.transpose(-1, -2)], -1) * 0.3

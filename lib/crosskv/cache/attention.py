@@ -39,8 +39,6 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from crosskv.cache.kernels.launch import use_kernel
-
 ATTENTION = "crosskv"
 
 
@@ -64,12 +62,17 @@ class CompressedPrefix:
         """``probs`` ``(B, H_kv, n, T_c)`` (query dtype) → ``probs·V`` ``(B, H_kv, n, d)``."""
         raise NotImplementedError
 
+    def fuses(self, q: torch.Tensor) -> bool:
+        """Whether :meth:`decode` runs one-query steps for ``q`` (a Triton kernel, or a cheaper eager path than the
+        channel's two calls); by default no: the channel's :meth:`scores` and :meth:`apply` run."""
+        return False
+
     def decode(self, q: torch.Tensor, tail_k: torch.Tensor, tail_v: torch.Tensor, scale: float,
-               bias: torch.Tensor | None) -> torch.Tensor | None:
-        """One decode step fused by a Triton kernel (:mod:`crosskv.cache.kernels`) over the prefix and the exact tail
-        ``(B, H_kv, t, d)``: ``q`` ``(B, H_kv, g, d)``, ``bias`` ``(B, T_c + t)`` additive or ``None`` →
-        ``(B, H_kv, g, d)``; ``None`` when this prefix kind has no kernel (the channel's two calls then run)."""
-        return None
+               bias: torch.Tensor | None) -> torch.Tensor:
+        """One decode step over the prefix and the exact tail ``(B, H_kv, t, d)``, fused (a Triton kernel of
+        :mod:`crosskv.cache.kernels`, or the prefix's own eager path) where :meth:`fuses`: ``q`` ``(B, H_kv, g, d)``,
+        ``bias`` ``(B, T_c + t)`` additive or ``None`` → ``(B, H_kv, g, d)``."""
+        raise NotImplementedError(f"{type(self).__name__} has no fused decode step")
 
 
 @dataclass(frozen=True)
@@ -162,12 +165,15 @@ class ConcatPrefix(CompressedPrefix):
             out += segment.flat() if isinstance(segment, ConcatPrefix) else [segment]
         return out
 
-    def decode(self, q, tail_k, tail_v, scale, bias):
-        """The first segment's kernel when every later segment is exact rows (a KIVI context: codes, then its float
-        window): those rows join the tail."""
+    def fuses(self, q: torch.Tensor) -> bool:
+        """The first segment's fused step, when every later segment is exact rows (a KIVI context: codes, then its
+        float window)."""
         first, *rest = self.flat()
-        if not rest or not all(isinstance(s, ExactPrefix) for s in rest):
-            return None
+        return bool(rest) and all(isinstance(s, ExactPrefix) for s in rest) and first.fuses(q)
+
+    def decode(self, q, tail_k, tail_v, scale, bias):
+        """The first segment's fused step, the later (exact) segments' rows joining the tail."""
+        first, *rest = self.flat()
         keys = torch.cat([s.keys for s in rest] + [tail_k], dim=-2)
         values = torch.cat([s.values for s in rest] + [tail_v], dim=-2)
         return first.decode(q, keys.to(q.dtype), values.to(q.dtype), scale, bias)
@@ -210,8 +216,9 @@ def crosskv_attention(module, query, key, value, attention_mask, dropout: float 
 
     ``query`` ``(B, Hq, q, d)``. With ``key`` a :class:`CompressedKV` (``value`` the same object): scores of
     prefix (``prefix.scores``) and tail are concatenated ``(B, H_kv, g·q, T_c + t)``, softmaxed in float32,
-    and ``out = prefix.apply(P_prefix) + P_tail·V_tail`` — a one-query step where a Triton kernel runs
-    (:func:`~crosskv.cache.kernels.launch.use_kernel`) goes through ``prefix.decode`` instead, fused; the key's ``visible`` (static layout), when given, masks the
+    and ``out = prefix.apply(P_prefix) + P_tail·V_tail`` — a one-query step whose prefix :meth:`~CompressedPrefix.fuses`
+    (a Triton kernel, :func:`~crosskv.cache.kernels.launch.use_kernel`, or a cheaper eager path) goes through
+    ``prefix.decode`` instead; the key's ``visible`` (static layout), when given, masks the
     tail in place of ``attention_mask``. With tensors: the model's SDPA attention.
     Returns ``((B, q, Hq, d), None)``.
     """
@@ -226,10 +233,9 @@ def crosskv_attention(module, query, key, value, attention_mask, dropout: float 
     groups = hq // h_kv
     scale = scaling if scaling is not None else d ** -0.5
     q = query.reshape(b, h_kv, groups * q_len, d)
-    if q_len == 1 and use_kernel(q):
-        out = prefix.decode(q, tail_k, tail_v, scale, _decode_bias(key, attention_mask, kv_len, b, q))
-        if out is not None:                                                # (B, H_kv, g, d)
-            return out.view(b, hq, 1, d).transpose(1, 2).contiguous(), None
+    if q_len == 1 and prefix.fuses(q):
+        out = prefix.decode(q, tail_k, tail_v, scale, _decode_bias(key, attention_mask, kv_len, b, q))  # (B, H_kv, g, d)
+        return out.view(b, hq, 1, d).transpose(1, 2).contiguous(), None
     scores = prefix.scores(q)                                              # (B, H_kv, g·q, T_c)
     if tail_k.shape[2]:
         tail = (q @ tail_k.transpose(-1, -2)).float()                      # (B, H_kv, g·q, t)

@@ -34,6 +34,7 @@ from transformers.cache_utils import DynamicLayer
 
 from crosskv.cache.attention import CompressedPrefix, ConcatPrefix, ExactPrefix, compressed_kv
 from crosskv.cache.kernels.kivi import kivi_decode_attention
+from crosskv.cache.kernels.launch import use_kernel
 from crosskv.cache.layer import HeldLayer
 from crosskv.cache.static import StaticRefused
 
@@ -114,9 +115,12 @@ class QTensor:
 
 
 def unpack(codes: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
-    """Packed ``codes`` ``(..., n)`` uint8 → ``(..., n·8/bits)`` integer codes in ``dtype``, lowest bits first."""
-    shifts = torch.arange(8 // bits, dtype=torch.uint8, device=codes.device) * bits
-    return ((codes.unsqueeze(-1) >> shifts) & (2 ** bits - 1)).flatten(-2).to(dtype)
+    """Packed ``codes`` ``(..., n)`` uint8 → ``(..., n·8/bits)`` integer codes in ``dtype``: the lowest ``bits`` of
+    every byte first, then the next (the planar layout of :func:`quantize`). Each plane is one elementwise op over
+    the bytes, which compilers vectorize (an interleaved layout's per-value shift does not)."""
+    levels = 2 ** bits - 1
+    planes = [(codes >> shift) & levels for shift in range(0, 8, bits)]
+    return torch.cat(planes, dim=-1).to(dtype)
 
 
 def _round_down_half(x: torch.Tensor) -> torch.Tensor:
@@ -153,7 +157,8 @@ def quantize(x: torch.Tensor, bits: int, group_size: int, axis: int = -1) -> QTe
     codes = ((grouped - zero.float()) / scale.float()).round().clamp(0, levels).to(torch.uint8)
     per = 8 // bits
     shifts = torch.arange(per, dtype=torch.uint8, device=x.device) * bits
-    packed = (codes.unflatten(-1, (-1, per)) << shifts).sum(-1, dtype=torch.uint8)  # (*rest, G, gs/per)
+    # planar: byte j of a group holds values j, j + gs/per, j + 2·gs/per, … in its lowest bits upwards
+    packed = (codes.unflatten(-1, (per, -1)) << shifts[:, None]).sum(-2, dtype=torch.uint8)  # (*rest, G, gs/per)
     return QTensor(packed, scale, zero, bits, axis, length, x.dtype)
 
 
@@ -233,6 +238,10 @@ class QuantizedPrefix(CompressedPrefix):
         zero = pf @ v.zero.squeeze(-1).float()                             # (B, H, n, G_d)
         out = out.transpose(2, 3) + zero.unsqueeze(-1)                     # (B, H, n, G_d, gs)
         return out.reshape(b, h, n, -1)[..., :v.length].to(probs.dtype)
+
+    def fuses(self, q: torch.Tensor) -> bool:
+        """Where the KIVI kernel runs (:func:`~crosskv.cache.kernels.launch.use_kernel`)."""
+        return use_kernel(q)
 
     def decode(self, q, tail_k, tail_v, scale, bias):
         """The KIVI kernel: attention on the packed codes, dequantized in registers."""

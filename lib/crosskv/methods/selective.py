@@ -47,6 +47,7 @@ from typing import Iterator
 import torch
 
 from crosskv.cache.attention import CompressedKV, CompressedPrefix, ConcatPrefix, ExactPrefix, compressed_kv, installed
+from crosskv.cache.kernels.launch import use_kernel
 from crosskv.cache.kernels.selective import selective_decode_attention
 from crosskv.cache.static import StepPrefix
 from crosskv.core import rotary as rope
@@ -142,7 +143,8 @@ def select_count(tokens: int, top_k: int, sinks: int, window: int) -> int:
 
 
 def select_tokens(mass: torch.Tensor, top_k: int, sinks: int, window: int) -> torch.Tensor:
-    """Prefix indices to rebuild per KV head: ``mass`` ``(B, H_kv, T_c)`` → ``(B, H_kv, K)`` int64, sorted.
+    """Prefix indices to rebuild per KV head: ``mass`` ``(B, H_kv, T_c)`` → ``(B, H_kv, K)`` int64: sinks and
+    window in order, then the top-k unordered (attention does not depend on the order).
 
     The first ``sinks`` and last ``window`` positions always; of the rest the ``top_k`` largest. When
     they cover the prefix, every index ``0…T_c−1`` (``K = T_c``).
@@ -153,32 +155,55 @@ def select_tokens(mass: torch.Tensor, top_k: int, sinks: int, window: int) -> to
     middle = mass[..., sinks:t - window]                                     # (B, H_kv, T_c − fixed)
     chosen = middle.topk(top_k, dim=-1, sorted=False).indices + sinks
     ends = torch.cat([torch.arange(sinks, device=mass.device), torch.arange(t - window, t, device=mass.device)])
-    return torch.cat([ends.expand(b, h_kv, -1), chosen], dim=-1).sort(-1).values
+    return torch.cat([ends.expand(b, h_kv, -1), chosen], dim=-1)
 
 
-def rebuild_selected(prefix: FactoredPrefix, index: torch.Tensor, keys: bool = True,
-                     values: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Exact post-RoPE keys and values of the chosen prefix tokens (each only when asked).
+def rebuild_selected(prefix: FactoredPrefix, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact post-RoPE keys and values of the chosen prefix tokens.
 
     ``index`` ``(B, H_kv, K)`` → keys, values ``(B, H_kv, K, d)`` each: ``RoPE(basis_k[t]·factor_k)`` with
     the prefix's cos/sin at each token's absolute position, and ``basis_v[t]·factor_v``.
     """
     b, h_kv, k = index.shape
-    batch = torch.arange(b, device=index.device)[:, None, None]
+    tokens = prefix.length
+    flat = (index + tokens * torch.arange(b, device=index.device)[:, None, None]).reshape(-1)  # (B·H_kv·K,)
 
     def rows(basis: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-        picked = basis[batch, index]                                          # (B, H_kv, K, r)
-        per_head = factor.view(b, factor.shape[1], h_kv, -1).transpose(1, 2)  # (B, H_kv, r, d)
+        picked = basis.reshape(b * tokens, -1).index_select(0, flat).view(b, h_kv, k, -1)  # (B, H_kv, K, r)
+        per_head = factor.view(b, factor.shape[1], h_kv, -1).transpose(1, 2)              # (B, H_kv, r, d)
         return picked @ per_head
 
-    rebuilt_k = rebuilt_v = None
-    if keys:
-        pre = rows(prefix.basis_k, prefix.factor_k)
-        cos, sin = prefix.cos[0, 0].T[index], prefix.sin[0, 0].T[index]       # (B, H_kv, K, d)
-        rebuilt_k = rope.apply(pre, cos.to(pre.dtype), sin.to(pre.dtype))
-    if values:
-        rebuilt_v = rows(prefix.basis_v, prefix.factor_v)
-    return rebuilt_k, rebuilt_v
+    def table(t: torch.Tensor) -> torch.Tensor:                             # (1, 1, d, T_c) → (B, H_kv, K, d)
+        return t[0, 0].index_select(1, index.reshape(-1)).T.reshape(b, h_kv, k, -1)
+
+    pre = rows(prefix.basis_k, prefix.factor_k)
+    cos, sin = table(prefix.cos).to(pre.dtype), table(prefix.sin).to(pre.dtype)
+    return rope.apply(pre, cos, sin), rows(prefix.basis_v, prefix.factor_v)
+
+
+def chosen_bias(bias: torch.Tensor | None, index: torch.Tensor, tokens: int) -> torch.Tensor | None:
+    """A step's additive ``bias`` ``(B, T_c + t)`` read at the chosen prefix tokens ``index`` ``(B, H_kv, K)`` and
+    the tail → ``(B, H_kv, 1, K + t)``, or ``None``."""
+    if bias is None:
+        return None
+    b, h_kv, _ = index.shape
+    picked = bias[:, :tokens].gather(-1, index.reshape(b, -1)).view(b, h_kv, -1)           # (B, H_kv, K)
+    tail = bias[:, None, tokens:].expand(b, h_kv, -1)                                      # (B, H_kv, t)
+    return torch.cat([picked, tail], dim=-1)[:, :, None]
+
+
+def attend_chosen(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tail_k: torch.Tensor,
+                  tail_v: torch.Tensor, scale: float, bias: torch.Tensor | None) -> torch.Tensor:
+    """One decode step over the chosen rows and the tail, as the channel computes it (float32 softmax, products in
+    ``q``'s dtype): ``q`` ``(B, H_kv, g, d)``, ``keys``/``values`` ``(B, H_kv, K, d)`` post-RoPE, tail
+    ``(B, H_kv, t, d)``, ``bias`` ``(B, H_kv, 1, K + t)`` or ``None`` → ``(B, H_kv, g, d)``."""
+    scores = torch.cat([(q @ keys.transpose(-1, -2)).float(), (q @ tail_k.transpose(-1, -2)).float()], dim=-1)
+    scores = scores * scale                                                               # (B, H_kv, g, K + t)
+    if bias is not None:
+        scores = scores + bias
+    probs = scores.softmax(-1).to(q.dtype)
+    chosen = keys.shape[-2]
+    return probs[..., :chosen] @ values + probs[..., chosen:] @ tail_v
 
 
 def scorer_recall(prefix: "SelectivePrefix", query: torch.Tensor) -> tuple[float, float]:
@@ -208,12 +233,11 @@ class SelectivePrefix(CompressedPrefix):
 
     ``base`` the layer's :class:`FactoredPrefix`; ``cos``, ``sin`` ``(1, 1, n, d)`` RoPE at the absolute
     positions of the ``n`` queries (one per decode step; to undo it); ``frequencies`` ``(d,)`` 1 on the
-    dimensions the scorer reads, else 0. Through the channel's two calls: :meth:`scores` returns exact
-    ``q·RoPE(K)ᵀ`` on each query's chosen tokens and ``-inf`` elsewhere, so the channel's softmax gives
-    the others exactly zero weight; :meth:`apply` applies the values of the tokens of non-zero weight.
-    One query (a decode step) rebuilds only its chosen keys and values (:meth:`apply` takes the ``K``
-    largest weights, so a chosen token whose weight underflowed to zero may swap for another zero-weight
-    one, which changes nothing); a block of ``n`` steps rebuilds every key once and masks per query.
+    dimensions the scorer reads, else 0. One query (a decode step) goes through :meth:`decode`: one top-k,
+    only the chosen keys and values rebuilt, one softmax over them and the tail. A block of ``n`` steps goes
+    through the channel's two calls: :meth:`scores` rebuilds every key once and returns exact ``q·RoPE(K)ᵀ`` on
+    each query's chosen tokens and ``-inf`` elsewhere, so the softmax gives the others exactly zero weight, and
+    :meth:`apply` is the base's factored values.
     """
 
     base: FactoredPrefix
@@ -259,36 +283,34 @@ class SelectivePrefix(CompressedPrefix):
         return select_tokens(mass, self.top_k, self.sinks, self.window).view(b, h_kv, n, -1)
 
     def scores(self, q: torch.Tensor) -> torch.Tensor:
-        """``q`` ``(B, H_kv, g·n, d)`` → ``(B, H_kv, g·n, T_c)`` float32, ``-inf`` off each query's chosen."""
+        """``q`` ``(B, H_kv, g·n, d)`` → ``(B, H_kv, g·n, T_c)`` float32, ``-inf`` off each query's chosen tokens
+        (a block of ``n`` steps: every prefix key rebuilt once; one step goes through :meth:`decode`)."""
         index = self.choose(q, q.shape[-1] ** -0.5)                                   # (B, H_kv, n, K)
-        if self.steps > 1:
-            b, h_kv, rows, _ = q.shape
-            exact = self.base.scores(q).view(b, h_kv, rows // self.steps, self.steps, -1)
-            allowed = torch.zeros(b, h_kv, self.steps, self.length, dtype=torch.bool, device=q.device)
-            allowed.scatter_(-1, index, True)
-            return exact.masked_fill(~allowed[:, :, None], float("-inf")).view(b, h_kv, rows, -1)
-        index = index[:, :, 0]
-        keys, _ = rebuild_selected(self.base, index, values=False)
-        exact = (q @ keys.to(q.dtype).transpose(-1, -2)).float()                      # (B, H_kv, g, K)
-        out = exact.new_full((*q.shape[:-1], self.length), float("-inf"))
-        return out.scatter_(-1, index[..., None, :].expand_as(exact), exact)
+        b, h_kv, rows, _ = q.shape
+        exact = self.base.scores(q).view(b, h_kv, rows // self.steps, self.steps, -1)
+        allowed = torch.zeros(b, h_kv, self.steps, self.length, dtype=torch.bool, device=q.device)
+        allowed.scatter_(-1, index, True)
+        return exact.masked_fill(~allowed[:, :, None], float("-inf")).view(b, h_kv, rows, -1)
+
+    def fuses(self, q: torch.Tensor) -> bool:
+        """One query (a decode step): chosen once, attended over the chosen tokens and the tail only."""
+        return self.steps == 1
 
     def decode(self, q, tail_k, tail_v, scale, bias):
-        """One step in one launch: the chosen tokens (one top-k) rebuilt and attended with the tail by the kernel."""
-        if self.steps > 1:
-            return None
+        """One step with one top-k: the chosen tokens rebuilt and attended with the tail — by the kernel in one
+        launch where it runs, else eagerly over the ``K + t`` rows (no ``T_c``-long scores)."""
         base = self.base
         index = self.choose(q, q.shape[-1] ** -0.5)[:, :, 0]                            # (B, H_kv, K)
-        return selective_decode_attention(q, base.basis_k, base.factor_k, base.basis_v, base.factor_v,
-                                          base.cos[0, 0].T, base.sin[0, 0].T, index, tail_k, tail_v, scale, bias)
+        if use_kernel(q):
+            return selective_decode_attention(q, base.basis_k, base.factor_k, base.basis_v, base.factor_v,
+                                              base.cos[0, 0].T, base.sin[0, 0].T, index, tail_k, tail_v, scale, bias)
+        keys, values = rebuild_selected(base, index)                                   # (B, H_kv, K, d) each
+        return attend_chosen(q, keys.to(q.dtype), values.to(q.dtype), tail_k, tail_v, scale,
+                             chosen_bias(bias, index, self.length))
 
     def apply(self, probs: torch.Tensor) -> torch.Tensor:
         """``probs`` ``(B, H_kv, g·n, T_c)``, zero off each query's chosen tokens → ``(B, H_kv, g·n, d)``."""
-        if self.steps > 1:
-            return self.base.apply(probs)
-        index = probs.float().sum(-2).topk(self.chosen(), dim=-1, sorted=False).indices   # (B, H_kv, K)
-        _, values = rebuild_selected(self.base, index, keys=False)
-        return probs.gather(-1, index[..., None, :].expand(*probs.shape[:-1], -1)) @ values.to(probs.dtype)
+        return self.base.apply(probs)
 
 
 @dataclass(frozen=True)

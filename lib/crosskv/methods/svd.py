@@ -477,6 +477,10 @@ class FactoredPrefix(CompressedPrefix):
         keys_t = (self.factor_k.transpose(1, 2) @ self.basis_k.transpose(1, 2)).view(b, h_kv, d, -1)
         return (q @ rope.apply(keys_t.to(q.dtype), self.cos.to(q.dtype), self.sin.to(q.dtype), dim=-2)).float()
 
+    def fuses(self, q: torch.Tensor) -> bool:
+        """Where the factored kernel runs (:func:`~crosskv.cache.kernels.launch.use_kernel`)."""
+        return use_kernel(q)
+
     def decode(self, q, tail_k, tail_v, scale, bias):
         """The factored kernel: key tiles rebuilt in registers with RoPE, values absorbed (no K or V built)."""
         return factored_decode_attention(q, self.basis_k, self.factor_k, self.basis_v, self.factor_v,

@@ -4,8 +4,8 @@ One program per (batch, KV head, token split) reads all ``g`` query heads of its
 ``BLOCK_T`` tokens it unpacks the key codes (per-channel groups: a channel's ``K_GROUP`` consecutive
 tokens share a scale and zero) into a ``(d, BLOCK_T)`` tile in registers, scores ``q·Kᵀ``, and with an
 online softmax accumulates ``P·V`` from the value codes (per-token groups: ``V_GROUP`` consecutive
-channels share a scale and zero). Codes pack ``8/BITS`` values per byte, lowest bits first
-(:func:`crosskv.cache.quant.quantize`). Stores the program's partial softmax
+channels share a scale and zero). Codes pack ``8/BITS`` values per byte in planes: byte ``j`` of a group of
+``n`` values holds values ``j, j + n/PER, …`` from its lowest bits up (:func:`crosskv.cache.quant.quantize`). Stores the program's partial softmax
 (:mod:`crosskv.cache.kernels.combine`). Imported only when a kernel runs.
 """
 import triton
@@ -39,8 +39,8 @@ def kivi_kernel(
                 mask=mask_g[:, None] & mask_d[None, :], other=0.0)                  # (G, D)
     # value channels → (group, byte, shift): fixed for every token
     v_group = offs_d // V_GROUP
-    v_byte = (offs_d % V_GROUP) // PER
-    v_shift = ((offs_d % V_GROUP) % PER) * BITS
+    v_byte = (offs_d % V_GROUP) % (V_GROUP // PER)
+    v_shift = ((offs_d % V_GROUP) // (V_GROUP // PER)) * BITS
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
@@ -50,8 +50,8 @@ def kivi_kernel(
         offs_t = t0 + tl.arange(0, BLOCK_T)
         mask_t = offs_t < end
         k_group = offs_t // K_GROUP
-        k_byte = (offs_t % K_GROUP) // PER
-        k_shift = ((offs_t % K_GROUP) % PER) * BITS
+        k_byte = (offs_t % K_GROUP) % (K_GROUP // PER)
+        k_shift = ((offs_t % K_GROUP) // (K_GROUP // PER)) * BITS
         mask_dt = mask_d[:, None] & mask_t[None, :]
         k_base = b * skc_b + h * skc_h + offs_d[:, None] * skc_c + k_group[None, :] * skc_g
         packed = tl.load(KCodes + k_base + k_byte[None, :] * skc_y, mask=mask_dt, other=0).to(tl.int32)
