@@ -111,6 +111,10 @@ def test_fewer_tokens_attend_exactly_over_the_chosen_ones_and_the_tail():
     got, _ = crosskv_attention(_Module(), query, *compressed_kv(prefix, tail_k, tail_v), mask, scaling=0.3)
     assert torch.allclose(got.view(b, h_kv, g, d), want, atol=1e-5)
     assert torch.isinf(prefix.scores(q)).sum(-1).eq(40 - 11).all()
+    # the channel's two calls (a block's path) read the same step alike: -inf off the chosen tokens, factored values
+    channel = torch.cat([prefix.scores(q), q @ tail_k.transpose(-1, -2)], -1) * 0.3 + bias[:, None, None]
+    probs = channel.softmax(-1)
+    assert torch.allclose(prefix.apply(probs[..., :40]) + probs[..., 40:] @ tail_v, want, atol=1e-5)
 
 
 def test_unrotate_undoes_rope_at_the_query_position():
